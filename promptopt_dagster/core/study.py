@@ -1,0 +1,162 @@
+"""StudyConfig: what to optimize (data, seed prompt, metric) and when to stop, from YAML."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from promptopt_dagster.core.errors import StudyConfigError
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.storage import as_path, read_text
+
+Backend = Literal["local", "vertex", "fake"]
+
+
+class ModelConfig(BaseModel):
+    """A model for one role. Unset fields fall back to the settings (environment / .env)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Backend | None = Field(None, description="local (embedded GGUF), vertex (Gemini) or fake")
+    name: str | None = Field(None, description="model name, e.g. gemini-2.5-flash; local: a GGUF path")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(64, ge=1, le=8192)
+
+
+class SeedPrompt(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    system_prompt: str = Field("", description="system message; may be empty")
+    output_prompt: str = Field(
+        ..., description="user message template; {column} is replaced by the row's value"
+    )
+
+
+class Splits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: float = Field(0.4, gt=0.0, lt=1.0)
+    val: float = Field(0.3, gt=0.0, lt=1.0)
+    test: float = Field(0.3, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> Splits:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must be 1.0, got {total:g}")
+        return self
+
+
+class StudyConfig(BaseModel):
+    """One optimization study. Field names follow the seed document's flow parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="study id: lowercase letters, digits, '-' and '_'")
+    description: str = ""
+    dataset: str = Field(..., description="CSV, JSONL or Parquet; local path (relative to the study file) or gs:// URI")
+    input_columns: list[str] = Field(..., min_length=1, description="columns the prompt template uses")
+    reference_column: str = Field(..., description="column holding the expected output")
+    id_column: str | None = Field(None, description="stable row id; default: a hash of the inputs")
+    seed_prompt: SeedPrompt
+    primary_model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer_model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(temperature=0.7, max_tokens=512)
+    )
+    target_metric: str = Field("exact_match", description="metric the decisions use")
+    metrics: list[str] = Field(default_factory=list, description="extra metrics, reported only")
+    metric_options: dict[str, dict[str, bool | str | float]] = Field(
+        default_factory=dict,
+        description="per-metric options, e.g. exact_match: {ignore_case: true}",
+    )
+    target_threshold: float = Field(1.0, description="stop when validation score reaches this")
+    patience: int = Field(2, ge=1, description="stop after this many iterations without improvement")
+    max_iterations: int = Field(5, ge=1, description="stop after this many iterations")
+    candidates_per_iteration: int = Field(4, ge=1, le=32)
+    minibatch_size: int = Field(12, ge=1, description="train rows each candidate is screened on")
+    splits: Splits = Field(default_factory=Splits)
+    budget_calls: int | None = Field(None, ge=1, description="stop when this many LLM calls are spent")
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", v):
+            raise ValueError("use lowercase letters, digits, '-' and '_' (it names partitions and files)")
+        return v
+
+    @model_validator(mode="after")
+    def _template_uses_inputs(self) -> StudyConfig:
+        seed = self.seed_prompt_state()
+        unknown = seed.missing_columns(self.input_columns)
+        if unknown:
+            raise ValueError(
+                f"seed_prompt.output_prompt uses {unknown} which are not in input_columns "
+                f"{self.input_columns}"
+            )
+        if not seed.placeholders():
+            raise ValueError(
+                "seed_prompt.output_prompt must contain at least one {column} placeholder, "
+                f"e.g. {{{self.input_columns[0]}}}"
+            )
+        return self
+
+    def seed_prompt_state(self) -> PromptState:
+        return PromptState(
+            id=f"{self.name}-seed",
+            system_prompt=self.seed_prompt.system_prompt,
+            output_prompt=self.seed_prompt.output_prompt,
+            version=0,
+            metadata={"source": "seed"},
+        )
+
+    def all_metrics(self) -> list[str]:
+        return [self.target_metric, *[m for m in self.metrics if m != self.target_metric]]
+
+
+def _format_validation_error(path: str, exc: ValidationError) -> str:
+    lines = [f"{path} is not a valid study file:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see examples/*.yaml)"
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_study(text: str, source: str = "<study>", base_dir: str | None = None) -> StudyConfig:
+    """Parse YAML text. A relative dataset path is resolved against `base_dir`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise StudyConfigError(f"{source} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise StudyConfigError(f"{source} must be a YAML mapping of study fields, got {type(raw).__name__}")
+    try:
+        study = StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise StudyConfigError(_format_validation_error(source, exc)) from exc
+    if base_dir and "://" not in study.dataset and not os.path.isabs(study.dataset):
+        study = study.model_copy(update={"dataset": str(Path(base_dir) / study.dataset)})
+    return study
+
+
+def load_study(uri: str | os.PathLike[str]) -> StudyConfig:
+    """Load a study YAML from a local path or gs:// URI, with one clear error per problem."""
+    uri = str(uri)
+    if not as_path(uri).exists():
+        raise StudyConfigError(f"study file {uri} does not exist")
+    base = None if "://" in uri else str(Path(uri).resolve().parent)
+    return parse_study(read_text(uri), source=uri, base_dir=base)
+
+
+def dump_study(study: StudyConfig) -> str:
+    return yaml.safe_dump(study.model_dump(mode="json"), sort_keys=False)
