@@ -59,7 +59,11 @@ class PromptState(BaseModel):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def child(self, system_prompt: str, output_prompt: str, **metadata: Any) -> PromptState:
+        """A derived version. Its id is a function of parent and texts, so proposing the same
+        candidate again (re-materializing an iteration) gives the same id."""
+        key = f"{self.id}\x00{system_prompt}\x00{output_prompt}"
         return PromptState(
+            id=hashlib.sha256(key.encode()).hexdigest()[:12],
             system_prompt=system_prompt,
             output_prompt=output_prompt,
             parent_id=self.id,

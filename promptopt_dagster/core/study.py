@@ -59,15 +59,15 @@ class StudyConfig(BaseModel):
 
     name: str = Field(..., description="study id: lowercase letters, digits, '-' and '_'")
     description: str = ""
-    dataset: str = Field(..., description="CSV, JSONL or Parquet; local path (relative to the study file) or gs:// URI")
+    dataset: str = Field(
+        ..., description="CSV, JSONL or Parquet; local path (relative to the study file) or gs:// URI"
+    )
     input_columns: list[str] = Field(..., min_length=1, description="columns the prompt template uses")
     reference_column: str = Field(..., description="column holding the expected output")
     id_column: str | None = Field(None, description="stable row id; default: a hash of the inputs")
     seed_prompt: SeedPrompt
     primary_model: ModelConfig = Field(default_factory=ModelConfig)
-    optimizer_model: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(temperature=0.7, max_tokens=512)
-    )
+    optimizer_model: ModelConfig = Field(default_factory=lambda: ModelConfig(temperature=0.7, max_tokens=512))
     target_metric: str = Field("exact_match", description="metric the decisions use")
     metrics: list[str] = Field(default_factory=list, description="extra metrics, reported only")
     metric_options: dict[str, dict[str, bool | str | float]] = Field(

@@ -59,6 +59,7 @@ class ChatResponse(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    cost_usd: float = 0.0
     cached: bool = False
     error: str | None = None
 
@@ -96,6 +97,7 @@ class Usage:
             usage.prompt_tokens += r.prompt_tokens
             usage.completion_tokens += r.completion_tokens
             usage.seconds += r.seconds
+            usage.cost_usd += r.cost_usd
         return usage
 
     def __add__(self, other: Usage) -> Usage:
@@ -107,6 +109,19 @@ class Usage:
             completion_tokens=self.completion_tokens + other.completion_tokens,
             seconds=self.seconds + other.seconds,
             cost_usd=self.cost_usd + other.cost_usd,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, float]) -> Usage:
+        """Inverse of `as_dict`."""
+        return cls(
+            calls=int(data.get("calls", 0)),
+            cached_calls=int(data.get("cached_calls", 0)),
+            failed_calls=int(data.get("failed_calls", 0)),
+            prompt_tokens=int(data.get("prompt_tokens", 0)),
+            completion_tokens=int(data.get("completion_tokens", 0)),
+            seconds=float(data.get("llm_seconds", 0.0)),
+            cost_usd=float(data.get("cost_usd", 0.0)),
         )
 
     def as_dict(self) -> dict[str, float]:

@@ -1,0 +1,32 @@
+# The two commands a newcomer needs: `make run` (a full optimization on the embedded model)
+# and `make test`. Everything else is installed by them.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STUDY  ?= promptopt_dagster/examples/sentiment.yaml
+
+.PHONY: run test ui lint bench install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/promptopt run $(STUDY)
+
+test: install
+	$(BIN)/ruff check promptopt_dagster promptopt_dagster_tests benchmarks
+	$(BIN)/pytest
+
+ui: install
+	$(BIN)/promptopt ui
+
+bench: install
+	$(BIN)/python benchmarks/orchestration_overhead.py
+
+clean:
+	rm -rf .promptopt .pytest_cache

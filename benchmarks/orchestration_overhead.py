@@ -1,0 +1,130 @@
+"""Orchestration overhead of one iteration: Dagster wall time minus time inside LLM calls,
+next to the same work run as a plain Python loop over the same core functions.
+
+The LLM is the scripted fake with a fixed latency per call (default 0 ms), so what remains is
+the cost of orchestration: Dagster's event log, the IO manager's Parquet/JSON files and the
+per-asset study loading, against a loop that keeps everything in memory.
+
+    python benchmarks/orchestration_overhead.py [--repeats 3] [--latency-ms 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from promptopt_dagster.core.iteration import (
+    candidate_scores,
+    decide,
+    evaluator_for,
+    load_study_data,
+    propose_candidates,
+    run_prompt,
+    score_predictions,
+    screen_and_confirm,
+    usage_of,
+)
+from promptopt_dagster.core.prompt_store import PromptStore
+from promptopt_dagster.partitions import study_iteration_key
+from promptopt_dagster_tests.conftest import make_pipeline
+from promptopt_dagster_tests.support import scripted
+from promptopt_dagster_tests.test_pipeline import ITERATION_ASSETS
+
+
+def with_latency(responder, seconds: float):  # type: ignore[no-untyped-def]
+    def answer(request):  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        return responder(request)
+
+    return answer
+
+
+def plain_loop(folder: Path, latency: float) -> tuple[float, float]:
+    """One iteration as straight Python; returns (wall seconds, seconds inside LLM calls)."""
+    from promptopt_dagster.llm.fake import ScriptedLLM
+
+    study = scripted.scripted_study(folder)
+    store = PromptStore(str(folder / "store"))
+    store.register_study(study)
+    primary = ScriptedLLM(with_latency(scripted.primary_responder, latency))
+    optimizer = ScriptedLLM(with_latency(scripted.optimizer_responder, latency))
+    start = time.perf_counter()
+    data = load_study_data(study)
+    evaluator = evaluator_for(study)
+    incumbent = store.champion_before(study, 0)
+    base = run_prompt(primary, incumbent, data.iteration_rows(0), study.primary_model, study)
+    scored, agg = score_predictions(evaluator, base, study.target_metric, ["split"])
+    proposal = propose_candidates(optimizer, data, incumbent, scored, [], 0)
+    cand = screen_and_confirm(
+        primary, evaluator, data, proposal.candidates, agg["train"][study.target_metric], 0
+    )
+    _, cagg = score_predictions(evaluator, cand, study.target_metric, ["candidate_id", "split"])
+    scores = candidate_scores(proposal.candidates, cagg, study.target_metric)
+    usage = usage_of(base) + usage_of(cand) + proposal.usage
+    store.save_record(decide(study, 0, incumbent, agg, proposal.candidates, scores, [], usage))
+    return time.perf_counter() - start, usage.seconds
+
+
+def dagster_iteration(folder: Path, latency: float) -> tuple[float, float]:
+    with dg.instance_for_test() as instance:
+        p = make_pipeline(folder, instance)
+        p.llm.cache_enabled = False
+        p.store.register_study(p.study)
+        instance.add_dynamic_partitions("study", [p.study.name])
+        instance.add_dynamic_partitions("iteration", ["0000"])
+        for role, responder in (
+            ("primary", scripted.primary_responder),
+            ("optimizer", scripted.optimizer_responder),
+        ):
+            p.llm.inner(role).responder = with_latency(responder, latency)
+        start = time.perf_counter()
+        result = dg.materialize(
+            ITERATION_ASSETS,
+            partition_key=str(study_iteration_key(p.study.name, 0)),
+            instance=instance,
+            resources=p.resources(),
+        )
+        wall = time.perf_counter() - start
+        [mat] = result.asset_materializations_for_node("iteration_decision")
+        assert mat.metadata["accepted"].value is True
+        record = p.store.load_record(p.study.name, 0)
+        assert record is not None
+        return wall, record.llm_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args()
+    latency = args.latency_ms / 1000
+    rows: dict[str, list[tuple[float, float]]] = {"plain python loop": [], "dagster materialize": []}
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            rows["plain python loop"].append(plain_loop(Path(tmp), latency))
+        with tempfile.TemporaryDirectory() as tmp:
+            rows["dagster materialize"].append(dagster_iteration(Path(tmp), latency))
+    print(
+        f"one iteration of the scripted study, {args.repeats} repeats, "
+        f"LLM latency {args.latency_ms:g} ms/call"
+    )
+    print(f"{'':22s} {'wall s (median)':>16s} {'in LLM s':>10s} {'overhead s':>11s}")
+    overheads = {}
+    for name, samples in rows.items():
+        wall = statistics.median(s[0] for s in samples)
+        llm = statistics.median(s[1] for s in samples)
+        overheads[name] = wall - llm
+        print(f"{name:22s} {wall:16.3f} {llm:10.3f} {wall - llm:11.3f}")
+    extra = overheads["dagster materialize"] - overheads["plain python loop"]
+    print(f"Dagster adds {extra:.3f} s per iteration over the plain loop")
+
+
+if __name__ == "__main__":
+    main()

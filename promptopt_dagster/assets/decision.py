@@ -1,0 +1,68 @@
+"""Step 5 (second half): accept or reject, and apply the stop rules. The continuation sensor
+reads this asset's metadata."""
+
+import dagster as dg
+import pandas as pd
+
+from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
+from promptopt_dagster.core.iteration import decide, usage_of
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.records import Candidate, CandidateScore
+from promptopt_dagster.llm.base import Usage
+from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.resources import PromptStoreResource
+
+
+@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+def iteration_decision(
+    context: dg.AssetExecutionContext,
+    prompt_store: PromptStoreResource,
+    current_prompt: dict,
+    baseline_predictions: pd.DataFrame,
+    baseline_metrics: dict,
+    candidate_prompts: dict,
+    candidate_predictions: pd.DataFrame,
+    candidate_metrics: dict,
+) -> dict:
+    """The iteration's record; its champion is saved in the prompt store for iteration N+1."""
+    scope = scope_of(context, prompt_store)
+    store = prompt_store.store
+    usage = (
+        usage_of(baseline_predictions)
+        + usage_of(candidate_predictions)
+        + Usage.from_dict(candidate_prompts["usage"])
+    )
+    record = decide(
+        scope.study,
+        scope.iteration,
+        PromptState.model_validate(current_prompt),
+        baseline_metrics["aggregates"],
+        [Candidate.model_validate(c) for c in candidate_prompts["candidates"]],
+        [CandidateScore.model_validate(s) for s in candidate_metrics["scores"]],
+        store.records_before(scope.study.name, scope.iteration),
+        usage,
+        warnings=candidate_prompts.get("warnings", []),
+    )
+    store.save_record(record)
+    context.log.info(
+        f"{scope.study.name} iteration {scope.iteration}: "
+        f"{'accepted ' + str(record.accepted_id) if record.accepted else 'rejected all candidates'}; "
+        f"val {record.champion_val_score:.3f} (best {record.best_val_score:.3f}); {record.stop_message}"
+    )
+    context.add_output_metadata(
+        {
+            "accepted": record.accepted,
+            "champion_id": record.champion.id,
+            "incumbent_val_score": dg.MetadataValue.float(record.incumbent_val_score),
+            "val_score": dg.MetadataValue.float(record.champion_val_score),
+            "best_val_score": dg.MetadataValue.float(record.best_val_score),
+            "stop": record.stop,
+            "stop_reason": record.stop_reason or "",
+            "stop_message": record.stop_message,
+            "llm_calls": record.calls,
+            "llm_tokens": record.tokens,
+            "total_llm_calls": record.total_calls,
+            "champion": prompt_markdown(record.champion.system_prompt, record.champion.output_prompt),
+        }
+    )
+    return record.model_dump(mode="json")

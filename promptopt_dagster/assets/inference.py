@@ -1,0 +1,68 @@
+"""Steps 1 and 4: the primary LLM runs the incumbent, then the candidates."""
+
+import dagster as dg
+import pandas as pd
+
+from promptopt_dagster.assets.common import GROUP, scope_of, usage_metadata
+from promptopt_dagster.core.iteration import evaluator_for, run_prompt, screen_and_confirm, usage_of
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.records import Candidate
+from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.resources import LLMResource, PromptStoreResource
+
+
+@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"pandas"})
+def baseline_predictions(
+    context: dg.AssetExecutionContext,
+    llm: LLMResource,
+    prompt_store: PromptStoreResource,
+    current_prompt: dict,
+) -> pd.DataFrame:
+    """The incumbent's predictions on this iteration's train minibatch and on validation."""
+    scope = scope_of(context, prompt_store)
+    data = scope.data()
+    rows = data.iteration_rows(scope.iteration)
+    context.log.info(f"primary inference: {len(rows)} rows")
+    preds = run_prompt(
+        llm.primary(scope.study),
+        PromptState.model_validate(current_prompt),
+        rows,
+        scope.study.primary_model,
+        scope.study,
+    )
+    context.add_output_metadata(
+        {"rows": len(preds), "preview": dg.MetadataValue.md(preds.head(8).to_markdown(index=False))}
+        | usage_metadata(usage_of(preds).as_dict())
+    )
+    return preds
+
+
+@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"pandas"})
+def candidate_predictions(
+    context: dg.AssetExecutionContext,
+    llm: LLMResource,
+    prompt_store: PromptStoreResource,
+    candidate_prompts: dict,
+    baseline_metrics: dict,
+) -> pd.DataFrame:
+    """Every candidate on the train minibatch; the best that matches the incumbent there, on val."""
+    scope = scope_of(context, prompt_store)
+    candidates = [Candidate.model_validate(c) for c in candidate_prompts["candidates"]]
+    target = scope.study.target_metric
+    preds = screen_and_confirm(
+        llm.primary(scope.study),
+        evaluator_for(scope.study),
+        scope.data(),
+        candidates,
+        incumbent_train_score=baseline_metrics["aggregates"]["train"][target],
+        iteration=scope.iteration,
+        progress=context.log.info,
+    )
+    context.add_output_metadata(
+        {
+            "rows": len(preds),
+            "candidates_validated": int(preds.loc[preds["split"] == "val", "candidate_id"].nunique()),
+        }
+        | usage_metadata(usage_of(preds).as_dict())
+    )
+    return preds

@@ -1,0 +1,25 @@
+"""Step 0: the prompt an iteration starts from (the seed, or the previous champion)."""
+
+import dagster as dg
+
+from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
+from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.resources import PromptStoreResource
+
+
+@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+def current_prompt(context: dg.AssetExecutionContext, prompt_store: PromptStoreResource) -> dict:
+    """The incumbent prompt, loaded through the prompt store: iteration N+1 cannot depend on
+    iteration N as an asset (Dagster forbids the cycle), so lineage is kept by parent_id."""
+    scope = scope_of(context, prompt_store)
+    prompt = prompt_store.store.champion_before(scope.study, scope.iteration)
+    context.add_output_metadata(
+        {
+            "prompt": prompt_markdown(prompt.system_prompt, prompt.output_prompt),
+            "prompt_id": prompt.id,
+            "parent_id": prompt.parent_id or "",
+            "version": prompt.version,
+            "chars": len(prompt.system_prompt) + len(prompt.output_prompt),
+        }
+    )
+    return prompt.model_dump(mode="json")

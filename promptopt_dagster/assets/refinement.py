@@ -1,0 +1,50 @@
+"""Step 3: the optimizer proposes candidate prompts from the incumbent's failures."""
+
+import dagster as dg
+import pandas as pd
+
+from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
+from promptopt_dagster.core.iteration import propose_candidates
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.resources import LLMResource, PromptStoreResource
+
+
+@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+def candidate_prompts(
+    context: dg.AssetExecutionContext,
+    llm: LLMResource,
+    prompt_store: PromptStoreResource,
+    current_prompt: dict,
+    baseline_predictions: pd.DataFrame,
+    baseline_metrics: dict,
+) -> dict:
+    """Candidates from reflection (the optimizer LLM), data-inferred format rules, demonstrations
+    and edits, chosen by the strategy bandit."""
+    scope = scope_of(context, prompt_store)
+    scores = pd.DataFrame(baseline_metrics["rows"])[["row_id", "split", "score"]]
+    scored = baseline_predictions.merge(scores, on=["row_id", "split"], how="left")
+    result = propose_candidates(
+        llm.optimizer(scope.study),
+        scope.data(),
+        PromptState.model_validate(current_prompt),
+        scored,
+        prompt_store.store.records_before(scope.study.name, scope.iteration),
+        scope.iteration,
+    )
+    for warning in result.warnings:
+        context.log.warning(warning)
+    metadata: dict[str, dg.MetadataValue | str | int] = {
+        "count": len(result.candidates),
+        "strategies": ", ".join(c.strategy for c in result.candidates),
+        "optimizer_calls": result.usage.calls,
+        "optimizer_tokens": result.usage.tokens,
+    }
+    for i, cand in enumerate(result.candidates):
+        metadata[f"candidate_{i}"] = prompt_markdown(cand.prompt.system_prompt, cand.prompt.output_prompt)
+    context.add_output_metadata(metadata)
+    return {
+        "candidates": [c.model_dump(mode="json") for c in result.candidates],
+        "usage": result.usage.as_dict(),
+        "warnings": result.warnings,
+    }

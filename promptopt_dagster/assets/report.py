@@ -1,0 +1,35 @@
+"""The study report: the iteration table and the held-out test scores of seed and champion.
+The test split is scored here only, after the study stopped, and never feeds a decision."""
+
+import dagster as dg
+
+from promptopt_dagster.assets.common import prompt_markdown
+from promptopt_dagster.core.iteration import evaluator_for, load_study_data
+from promptopt_dagster.core.report import build_report
+from promptopt_dagster.partitions import study_partitions
+from promptopt_dagster.resources import LLMResource, PromptStoreResource
+
+
+@dg.asset(partitions_def=study_partitions, group_name="report", kinds={"python"})
+def study_report(
+    context: dg.AssetExecutionContext, llm: LLMResource, prompt_store: PromptStoreResource
+) -> dict:
+    store = prompt_store.store
+    study = store.load_study(context.partition_key)
+    records = store.records(study.name)
+    if not records:
+        raise dg.Failure(f"study {study.name!r} has no finished iteration yet; materialize iteration 0 first")
+    report = build_report(study, records, llm.primary(study), evaluator_for(study), load_study_data(study))
+    context.add_output_metadata(
+        {
+            "iterations": dg.MetadataValue.md(report.table_markdown()),
+            "seed_test_score": dg.MetadataValue.float(report.seed_test[study.target_metric]),
+            "final_test_score": dg.MetadataValue.float(report.final_test[study.target_metric]),
+            "stop_message": records[-1].stop_message,
+            "total_llm_calls": report.total_calls,
+            "final_prompt": prompt_markdown(
+                report.final_prompt.system_prompt, report.final_prompt.output_prompt
+            ),
+        }
+    )
+    return report.model_dump(mode="json")

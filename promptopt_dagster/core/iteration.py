@@ -1,0 +1,327 @@
+"""The five steps of one iteration as plain functions; the Dagster assets call these one each.
+
+1. primary inference     run_prompt(incumbent) on the train minibatch and the validation split
+2. evaluation            score_predictions
+3. refinement            propose_candidates (core.optimizer)
+4. refined inference     screen_and_confirm: every candidate on the minibatch, the best on val
+5. evaluation + decision decide
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from promptopt_dagster.core.dataset import load_dataset, minibatch, split_dataset
+from promptopt_dagster.core.errors import DatasetError
+from promptopt_dagster.core.explorer import StrategyBandit
+from promptopt_dagster.core.metrics import EvaluatorService
+from promptopt_dagster.core.optimizer import (
+    ALL_STRATEGIES,
+    HistoryEntry,
+    Optimizer,
+    ProposalContext,
+    ProposalResult,
+    choose_for_validation,
+    collect_failures,
+    pick_winner,
+)
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.records import Candidate, CandidateScore, IterationRecord
+from promptopt_dagster.core.stopping import decide_stop
+from promptopt_dagster.core.study import ModelConfig, StudyConfig
+from promptopt_dagster.llm.base import ChatRequest, GenerationParams, LLMClient, Usage
+
+Progress = Callable[[str], None]
+BANDIT_STRATEGIES = tuple(s for s in ALL_STRATEGIES if s != "reflect")
+
+
+@dataclass
+class StudyData:
+    study: StudyConfig
+    splits: dict[str, pd.DataFrame]
+
+    def iteration_rows(self, iteration: int) -> pd.DataFrame:
+        """The rows an incumbent is measured on: this iteration's train minibatch, and val."""
+        mb = minibatch(self.splits["train"], self.study.minibatch_size, self.study.seed, iteration)
+        return pd.concat(
+            [mb.assign(split="train"), self.splits["val"].assign(split="val")], ignore_index=True
+        )
+
+    def rows(self, split: str) -> pd.DataFrame:
+        return self.splits[split].assign(split=split)
+
+
+def load_study_data(study: StudyConfig) -> StudyData:
+    df = load_dataset(study.dataset, study.input_columns, study.reference_column, study.id_column)
+    splits = split_dataset(df, study.splits.train, study.splits.val, study.seed)
+    return StudyData(study=study, splits=splits)
+
+
+def evaluator_for(study: StudyConfig) -> EvaluatorService:
+    return EvaluatorService(study.all_metrics(), study.metric_options)
+
+
+def check_prompt_columns(prompt: PromptState, study: StudyConfig, columns: list[str]) -> None:
+    missing = prompt.missing_columns(columns)
+    if missing:
+        raise DatasetError(
+            f"prompt {prompt.id} uses {missing} but the dataset of study {study.name!r} has no such "
+            f"column; available columns: {sorted(columns)}"
+        )
+
+
+def run_prompt(
+    llm: LLMClient, prompt: PromptState, rows: pd.DataFrame, model: ModelConfig, study: StudyConfig
+) -> pd.DataFrame:
+    """One prediction per row; failed rows keep an `error` instead of raising."""
+    check_prompt_columns(prompt, study, list(rows.columns))
+    params = GenerationParams(temperature=model.temperature, max_tokens=model.max_tokens, seed=study.seed)
+    records = rows.to_dict(orient="records")
+    requests = [ChatRequest(messages=tuple(prompt.render(r)), params=params) for r in records]
+    responses = llm.generate(requests)
+    out = pd.DataFrame(
+        {
+            "row_id": rows["row_id"].astype(str).to_numpy(),
+            "split": rows["split"].to_numpy(),
+            "prediction": [r.text.strip() for r in responses],
+            "error": [r.error for r in responses],
+            "cached": [r.cached for r in responses],
+            "prompt_tokens": [r.prompt_tokens for r in responses],
+            "completion_tokens": [r.completion_tokens for r in responses],
+            "seconds": [r.seconds for r in responses],
+            "cost_usd": [r.cost_usd for r in responses],
+        }
+    )
+    out["reference"] = rows[study.reference_column].astype(str).to_numpy()
+    for col in study.input_columns:
+        out[col] = rows[col].to_numpy()
+    return out
+
+
+def usage_of(predictions: pd.DataFrame) -> Usage:
+    live = predictions[~predictions["cached"].astype(bool)]
+    return Usage(
+        calls=len(live),
+        cached_calls=int(predictions["cached"].astype(bool).sum()),
+        failed_calls=int(live["error"].notna().sum()),
+        prompt_tokens=int(live["prompt_tokens"].sum()),
+        completion_tokens=int(live["completion_tokens"].sum()),
+        seconds=float(live["seconds"].sum()),
+        cost_usd=float(live["cost_usd"].sum()) if "cost_usd" in live else 0.0,
+    )
+
+
+def score_predictions(
+    evaluator: EvaluatorService, predictions: pd.DataFrame, target_metric: str, group_by: list[str]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Per-row scores (one column per metric, `score` = the target metric) and aggregates per group."""
+    result = evaluator.evaluate(predictions["prediction"].tolist(), predictions["reference"].tolist())
+    scored = predictions.reset_index(drop=True).copy()
+    for col in result.per_row.columns:
+        scored[col] = result.per_row[col].to_numpy()
+    scored["score"] = scored[target_metric]
+    metric_cols = list(result.per_row.columns)
+    aggregates: dict[str, Any] = {}
+    for key, group in scored.groupby(group_by, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        node = aggregates
+        for part in key[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(key[-1])] = {m: float(group[m].mean()) for m in metric_cols} | {"n": len(group)}
+    return scored, aggregates
+
+
+def history_of(records: list[IterationRecord]) -> list[HistoryEntry]:
+    seen: set[str] = set()
+    out = []
+    for r in records:
+        if r.champion.id not in seen:
+            seen.add(r.champion.id)
+            out.append(HistoryEntry(system_prompt=r.champion.system_prompt, score=r.champion_val_score))
+    return out
+
+
+def bandit_from(records: list[IterationRecord], seed: int) -> StrategyBandit:
+    state = records[-1].bandit if records and records[-1].bandit else None
+    return StrategyBandit(BANDIT_STRATEGIES, seed=seed, state=state)
+
+
+def propose_candidates(
+    optimizer_llm: LLMClient,
+    data: StudyData,
+    incumbent: PromptState,
+    baseline_scored: pd.DataFrame,
+    records: list[IterationRecord],
+    iteration: int,
+) -> ProposalResult:
+    study = data.study
+    train_rows = baseline_scored[baseline_scored["split"] == "train"]
+    ctx = ProposalContext(
+        incumbent=incumbent,
+        metric=study.target_metric,
+        incumbent_score=float(train_rows["score"].mean()) if len(train_rows) else 0.0,
+        failures=collect_failures(train_rows, study.input_columns, "reference"),
+        history=history_of(records),
+        train=data.splits["train"],
+        minibatch_ids=set(train_rows["row_id"].astype(str)),
+        input_columns=study.input_columns,
+        reference_column=study.reference_column,
+        iteration=iteration,
+        seed=study.seed,
+    )
+    optimizer = Optimizer(
+        optimizer_llm,
+        temperature=study.optimizer_model.temperature,
+        max_tokens=study.optimizer_model.max_tokens,
+    )
+    return optimizer.propose(ctx, study.candidates_per_iteration, bandit_from(records, study.seed))
+
+
+def screen_and_confirm(
+    llm: LLMClient,
+    evaluator: EvaluatorService,
+    data: StudyData,
+    candidates: list[Candidate],
+    incumbent_train_score: float,
+    iteration: int,
+    confirm_top: int = 1,
+    progress: Progress | None = None,
+) -> pd.DataFrame:
+    """Every candidate on the train minibatch; those that match or beat the incumbent there, the
+    best `confirm_top`, on validation. Returns all predictions with a `candidate_id` column."""
+    study = data.study
+    rows = data.iteration_rows(iteration)
+    train = rows[rows["split"] == "train"]
+    val = rows[rows["split"] == "val"]
+    frames = []
+    scores = []
+    for i, cand in enumerate(candidates):
+        if progress:
+            progress(f"screening candidate {i + 1}/{len(candidates)} ({cand.strategy})")
+        preds = run_prompt(llm, cand.prompt, train, study.primary_model, study)
+        scored, agg = score_predictions(evaluator, preds, study.target_metric, ["split"])
+        frames.append(preds.assign(candidate_id=cand.prompt.id))
+        scores.append(
+            CandidateScore(
+                candidate_id=cand.prompt.id,
+                strategy=cand.strategy,
+                prompt_chars=len(cand.prompt.system_prompt + cand.prompt.output_prompt),
+                train_score=agg["train"][study.target_metric],
+            )
+        )
+    by_id = {c.prompt.id: c for c in candidates}
+    for chosen in choose_for_validation(scores, incumbent_train_score, confirm_top):
+        if progress:
+            progress(f"validating candidate {chosen.candidate_id} ({chosen.strategy})")
+        preds = run_prompt(llm, by_id[chosen.candidate_id].prompt, val, study.primary_model, study)
+        frames.append(preds.assign(candidate_id=chosen.candidate_id))
+    return pd.concat(frames, ignore_index=True)
+
+
+def candidate_scores(
+    candidates: list[Candidate], aggregates: dict[str, Any], target: str
+) -> list[CandidateScore]:
+    out = []
+    for cand in candidates:
+        agg = aggregates.get(cand.prompt.id, {})
+        out.append(
+            CandidateScore(
+                candidate_id=cand.prompt.id,
+                strategy=cand.strategy,
+                prompt_chars=len(cand.prompt.system_prompt + cand.prompt.output_prompt),
+                train_score=agg.get("train", {}).get(target, 0.0),
+                val_score=agg["val"][target] if "val" in agg else None,
+            )
+        )
+    return out
+
+
+def decide(
+    study: StudyConfig,
+    iteration: int,
+    incumbent: PromptState,
+    baseline_aggregates: dict[str, Any],
+    candidates: list[Candidate],
+    scores: list[CandidateScore],
+    records: list[IterationRecord],
+    usage: Usage,
+    bandit_state: dict | None = None,
+    warnings: list[str] | None = None,
+) -> IterationRecord:
+    """Accept the best validated candidate if it beats the incumbent on validation, reward the
+    bandit with each candidate's minibatch gain, and apply the stop rules."""
+    target = study.target_metric
+    inc_train = baseline_aggregates["train"][target]
+    inc_val = baseline_aggregates["val"][target]
+    winner = pick_winner(scores, inc_val)
+    by_id = {c.prompt.id: c for c in candidates}
+    champion = by_id[winner.candidate_id].prompt if winner else incumbent
+    champion_val = winner.val_score if winner and winner.val_score is not None else inc_val
+    previous_best = max([r.best_val_score for r in records] + [inc_val])
+    improved = champion_val > previous_best + 1e-9
+    best = max(previous_best, champion_val)
+    streak = 0 if improved else (records[-1].iterations_without_improvement + 1 if records else 1)
+    total_calls = (records[-1].total_calls if records else 0) + usage.calls
+    total_tokens = (records[-1].total_tokens if records else 0) + usage.tokens
+
+    bandit = StrategyBandit(
+        BANDIT_STRATEGIES, seed=study.seed, state=bandit_state or (records[-1].bandit if records else None)
+    )
+    for s in scores:
+        if s.strategy in BANDIT_STRATEGIES:
+            bandit.update(s.strategy, s.train_score - inc_train)
+
+    stop = decide_stop(
+        best_score=best,
+        iterations_done=iteration + 1,
+        iterations_without_improvement=streak,
+        calls_spent=total_calls,
+        target_threshold=study.target_threshold,
+        patience=study.patience,
+        max_iterations=study.max_iterations,
+        budget_calls=study.budget_calls,
+    )
+    return IterationRecord(
+        study=study.name,
+        iteration=iteration,
+        incumbent_id=incumbent.id,
+        incumbent_train_score=inc_train,
+        incumbent_val_score=inc_val,
+        candidates=scores,
+        accepted=winner is not None,
+        accepted_id=winner.candidate_id if winner else None,
+        champion=champion,
+        champion_val_score=champion_val,
+        best_val_score=best,
+        iterations_without_improvement=streak,
+        calls=usage.calls,
+        tokens=usage.tokens,
+        llm_seconds=usage.seconds,
+        cost_usd=usage.cost_usd,
+        total_calls=total_calls,
+        total_tokens=total_tokens,
+        stop=stop.stop,
+        stop_reason=stop.reason,
+        stop_message=stop.message,
+        bandit=bandit.to_dict(),
+        warnings=warnings or [],
+    )
+
+
+def evaluate_prompt(
+    llm: LLMClient, evaluator: EvaluatorService, data: StudyData, prompt: PromptState, split: str
+) -> tuple[dict[str, float], Usage]:
+    """Score a prompt on a whole split (the test split only for reporting)."""
+    preds = run_prompt(llm, prompt, data.rows(split), data.study.primary_model, data.study)
+    _, agg = score_predictions(evaluator, preds, data.study.target_metric, ["split"])
+    return agg[split], usage_of(preds)
+
+
+def timed() -> Callable[[], float]:
+    start = time.perf_counter()
+    return lambda: time.perf_counter() - start

@@ -1,0 +1,52 @@
+"""Stop rules: target reached, patience exhausted, max iterations, budget spent."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+StopReason = Literal["target_reached", "patience", "max_iterations", "budget"]
+
+REASON_TEXT: dict[str, str] = {
+    "target_reached": "target reached",
+    "patience": "no improvement for {patience} iterations",
+    "max_iterations": "max_iterations ({max_iterations}) reached",
+    "budget": "budget of {budget_calls} LLM calls spent",
+}
+
+
+class StopDecision(BaseModel):
+    stop: bool
+    reason: StopReason | None = None
+    message: str = "continue"
+
+
+def decide_stop(
+    *,
+    best_score: float,
+    iterations_done: int,
+    iterations_without_improvement: int,
+    calls_spent: int,
+    target_threshold: float,
+    patience: int,
+    max_iterations: int,
+    budget_calls: int | None,
+) -> StopDecision:
+    """Check the rules in a fixed order, so the reason reported is the most informative one."""
+    params = {"patience": patience, "max_iterations": max_iterations, "budget_calls": budget_calls}
+    reason: StopReason | None = None
+    if best_score >= target_threshold:
+        reason = "target_reached"
+    elif iterations_without_improvement >= patience:
+        reason = "patience"
+    elif iterations_done >= max_iterations:
+        reason = "max_iterations"
+    elif budget_calls is not None and calls_spent >= budget_calls:
+        reason = "budget"
+    if reason is None:
+        return StopDecision(stop=False)
+    message = REASON_TEXT[reason].format(**params)
+    if reason == "target_reached":
+        message = f"target reached: {best_score:.3f} >= {target_threshold:.3f}"
+    return StopDecision(stop=True, reason=reason, message=message)

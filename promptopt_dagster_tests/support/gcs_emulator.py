@@ -1,0 +1,246 @@
+"""A real Google Cloud Storage emulator (`gcp-storage-emulator`) for tests, on 127.0.0.1.
+
+Usage::
+
+    with GcsEmulator(bucket="promptopt-test") as emu:
+        os.environ.update(emu.env())
+        ...  # gs://promptopt-test/... now goes to the emulator
+
+or, in a test module, ``from promptopt_dagster_tests.support.gcs_emulator import gcs_emulator``
+(a session-scoped fixture that sets the environment for the whole session and yields the
+`GcsEmulator`).
+
+How clients reach the emulator anonymously (checked with gcsfs 2026.10 and
+google-cloud-storage 3.17):
+
+- Both read ``STORAGE_EMULATOR_HOST``; it must include the scheme (``http://127.0.0.1:PORT``).
+  gcsfs reads it on every request, google-cloud-storage when the ``Client`` is built.
+- gcsfs: ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` must be set *before* the first
+  ``import gcsfs`` in the process (importing this module sets it if unset), else
+  ``gcsfs.GCSFileSystem`` is the experimental zonal/HNS class and every call first waits 60 s on
+  a gRPC path the emulator lacks. ``gcsfs.core.GCSFileSystem`` is never the experimental class.
+  gcsfs does not switch to anonymous access by itself when the emulator variable is set: pass
+  ``token="anon"`` (``gcsfs.GCSFileSystem(token="anon")``, ``UPath("gs://b/k", token="anon")``,
+  ``pd.read_csv(uri, storage_options={"token": "anon"})``); without it
+  gcsfs tries application-default credentials and the GCE metadata server first, which is
+  slow or fails on a laptop. ``promptopt_dagster.core.storage`` passes ``token="anon"``
+  whenever ``STORAGE_EMULATOR_HOST`` is set.
+- google-cloud-storage: ``storage.Client(project="test", credentials=AnonymousCredentials())``
+  (``from google.auth.credentials import AnonymousCredentials``). With the variable set, a bare
+  ``Client()`` also falls back to anonymous credentials, but being explicit avoids any lookup
+  of application-default credentials.
+- gcsfs caches filesystem instances (and their HTTP sessions) per class and arguments; clear
+  them (``GCSFileSystem.clear_instance_cache()``) when the endpoint changes, as the fixture does.
+
+By default data is kept in memory (``--in-memory``): `restart()` brings the server back on the
+same port with only the default bucket, empty. Pass ``data_dir=`` (a folder) to keep objects on
+disk instead, so they survive `restart()`: that is how a test shows what an outage left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+
+# Must precede the first `import gcsfs` (see above); harmless if the caller already set it.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 30.0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: on Linux, get SIGTERM when the thread that started the
+    emulator dies, so a killed pytest (CI timeout) leaves no orphan. Start it from a thread that
+    lives as long as it should (pytest's main thread does). Elsewhere, only stop() ends it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _emulator_executable() -> str:
+    """The console script next to the running interpreter (the project's .venv/bin)."""
+    candidate = Path(sys.executable).parent / "gcp-storage-emulator"
+    if candidate.exists():
+        return str(candidate)
+    raise FileNotFoundError(
+        f"gcp-storage-emulator not found next to {sys.executable}; "
+        "install the dev extras: pip install -e '.[dev]'"
+    )
+
+
+class GcsEmulator:
+    """One `gcp-storage-emulator` process with a default bucket, started in its own session."""
+
+    def __init__(
+        self,
+        bucket: str = "promptopt-test",
+        port: int | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
+        self.port = port or _free_port()
+        self.endpoint = f"http://{HOST}:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="gcs-emulator-", suffix=".log", delete=False)  # noqa: SIM115
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("the emulator is not running; call start() first")
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> GcsEmulator:
+        if self.running:
+            return self
+        storage = ["--in-memory"] if self.data_dir is None else []
+        cmd = [
+            _emulator_executable(),
+            *([] if self.data_dir is None else [f"--data-dir={self.data_dir}"]),
+            "start",
+            f"--host={HOST}",
+            f"--port={self.port}",
+            *storage,
+            f"--default-bucket={self.bucket}",
+            "--quiet",
+        ]
+        # Own session: the emulator does not inherit our signals, and we stop it by its pid.
+        self._proc = subprocess.Popen(
+            cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # only a prctl call: safe between fork and exec
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        """Poll the bucket URL until it answers 200; fail fast if the process dies."""
+        url = f"{self.endpoint}/storage/v1/b/{self.bucket}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"gcp-storage-emulator exited with code {self._proc.returncode} on port {self.port}; "
+                    f"log: {self.log_text()[-2000:]}"
+                )
+            try:
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"gcp-storage-emulator did not answer on {url} within {START_TIMEOUT_S:.0f} s")
+
+    def stop(self) -> None:
+        """Terminate the process by its pid (SIGKILL after 5 s) and wait for it."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    def restart(self) -> GcsEmulator:
+        """Stop and start again on the same port. In-memory data is lost (only the empty default
+        bucket exists afterwards) unless the emulator was created with `data_dir`."""
+        self.stop()
+        return self.start()
+
+    def log_text(self) -> str:
+        return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
+
+    def __enter__(self) -> GcsEmulator:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- client configuration ------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """Environment a client process needs to use this emulator (gcsfs and google-cloud-storage)."""
+        return {
+            "STORAGE_EMULATOR_HOST": self.endpoint,
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
+
+    def uri(self, *parts: str) -> str:
+        """gs:// URI in the default bucket, e.g. ``emu.uri("runs", "a.json")``."""
+        return "/".join([f"gs://{self.bucket}", *parts])
+
+
+def clear_gcsfs_cache() -> None:
+    """Forget cached gcsfs filesystems (and subclasses'), so the next one uses the current env."""
+    import gcsfs.core
+
+    pending: list[type] = [gcsfs.core.GCSFileSystem]
+    while pending:
+        cls = pending.pop()
+        cls.clear_instance_cache()  # type: ignore[attr-defined]
+        pending.extend(cls.__subclasses__())
+
+
+@contextlib.contextmanager
+def emulator_environment(emulator: GcsEmulator) -> Iterator[GcsEmulator]:
+    """Point clients at `emulator` for the duration of the block, then restore the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in emulator.env().items():
+            mp.setenv(key, value)
+        clear_gcsfs_cache()
+        try:
+            yield emulator
+        finally:
+            clear_gcsfs_cache()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator() -> Iterator[GcsEmulator]:
+    """A session-wide emulator with bucket "promptopt-test"; the environment points at it while
+    the session runs. Tests that stop or restart an emulator should start their own instead."""
+    with GcsEmulator() as emulator, emulator_environment(emulator):
+        yield emulator

@@ -1,0 +1,544 @@
+"""A local HTTP server that speaks the Vertex AI REST protocol the google-genai client uses.
+
+What google-genai 2.34 sends in Vertex mode with ``http_options.base_url`` set to this server
+(checked by recording it):
+
+- ``POST /v1beta1/projects/{p}/locations/{l}/publishers/google/models/{model}:generateContent``
+  with ``{"contents": [...], "systemInstruction": {...}, "generationConfig": {"temperature",
+  "maxOutputTokens", "responseMimeType", "responseSchema"}}`` and ``Authorization: Bearer ...``;
+  the sync client (httpx) and the async one (``client.aio``, aiohttp) send the same.
+- ``POST /v1beta1/projects/{p}/locations/{l}/batchPredictionJobs`` with ``{"model":
+  "publishers/google/models/{model}", "inputConfig": {"instancesFormat": "jsonl", "gcsSource":
+  {"uris": [...]}}, "outputConfig": {"predictionsFormat": "jsonl", "gcsDestination":
+  {"outputUriPrefix": ...}}, "displayName": ...}``; ``GET .../batchPredictionJobs/{id}``.
+- Errors: a non-200 status with ``{"error": {"code", "message", "status"}}`` becomes
+  ``google.genai.errors.ClientError`` (4xx) or ``ServerError`` (5xx) whose ``.response.headers``
+  carries ``Retry-After``.
+
+Usage (tests)::
+
+    with VertexServer(responder=lambda body: "yes") as server:
+        server.inject(Fault("status", status=429, retry_after=0.2, times=2))
+        client = genai.Client(vertexai=True, project="p", location="l",
+                              credentials=Credentials(token="test-token"),
+                              http_options=types.HttpOptions(base_url=server.base_url))
+        ...
+        assert len(server.generate_requests()) == 3
+
+The server runs an aiohttp application on its own event loop in a daemon thread (one thread, no
+thread per connection, so hundreds of requests in flight stay cheap), bound to 127.0.0.1 on a free
+port. `stop()` wakes any request held by a "hang" fault and joins the thread.
+``python -m promptopt_dagster_tests.support.vertex_server --latency-ms 100`` runs it as a
+process (see `VertexServerProcess`), for benchmarks that must not share the client's GIL.
+
+Batch jobs read their input from GCS and write predictions to GCS with google-cloud-storage and
+anonymous credentials, so ``STORAGE_EMULATOR_HOST`` must point at a GCS emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Literal
+
+from aiohttp import web
+
+HOST = "127.0.0.1"
+Responder = Callable[[dict[str, Any]], str]
+Latency = float | Callable[[dict[str, Any]], float]
+
+_GENERATE = re.compile(r"^/(?P<version>v1[^/]*)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+                       r"/publishers/google/models/(?P<model>[^/:]+):generateContent$")
+_BATCHES = re.compile(r"^/(?P<version>v1[^/]*)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+                      r"/batchPredictionJobs(?:/(?P<job>[^/]+))?$")
+
+
+def user_text(body: dict[str, Any]) -> str:
+    """The text of the last user turn of a generateContent body."""
+    for content in reversed(body.get("contents", [])):
+        if content.get("role", "user") == "user":
+            return "".join(part.get("text", "") for part in content.get("parts", []))
+    return ""
+
+
+def system_text(body: dict[str, Any]) -> str:
+    instruction = body.get("systemInstruction") or {}
+    return "".join(part.get("text", "") for part in instruction.get("parts", []))
+
+
+def wants_json(body: dict[str, Any]) -> bool:
+    return (body.get("generationConfig") or {}).get("responseMimeType") == "application/json"
+
+
+def echo_responder(body: dict[str, Any]) -> str:
+    """Default replies: ``{"answer": <user text>}`` in JSON mode, else ``echo: <user text>``."""
+    text = user_text(body)
+    return json.dumps({"answer": text}) if wants_json(body) else f"echo: {text}"
+
+
+def count_tokens(text: str) -> int:
+    """The server's stand-in for a tokenizer: one token per 4 characters, at least 1."""
+    return max(1, math.ceil(len(text) / 4))
+
+
+@dataclass
+class Fault:
+    """One injected failure, applied to the next `times` generateContent requests that match
+    `when` (all requests if None; `times=None` means forever).
+
+    kind: ``status`` (reply `status` with `message`, and ``Retry-After: retry_after`` if set; a
+    ``{authorization}`` in `message` is replaced by the request's Authorization header, to act as a
+    server that reflects credentials), ``hang`` (hold the request until `hang_s` passes or the
+    server stops), ``malformed_json`` (200 with a truncated JSON body), ``non_json_reply`` (200,
+    but the model's text is prose even when JSON was asked).
+    """
+
+    kind: Literal["status", "hang", "malformed_json", "non_json_reply"] = "status"
+    status: int = 500
+    message: str = "injected fault"
+    retry_after: float | None = None
+    times: int | None = 1
+    when: Callable[[dict[str, Any]], bool] | None = None
+    hang_s: float = 30.0
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    started: float
+    finished: float = 0.0
+    status: int = 0
+    auth_scheme: str = ""  # "Bearer" when a token came; the token itself is not kept
+
+    @property
+    def kind(self) -> str:
+        if _GENERATE.match(self.path):
+            return "generate"
+        return "batch" if _BATCHES.match(self.path) else "other"
+
+
+@dataclass
+class BatchJob:
+    name: str
+    model: str
+    display_name: str
+    input_uris: list[str]
+    output_prefix: str
+    state: str = "JOB_STATE_PENDING"
+    polls: int = 0
+    done: bool = False
+    output_dir: str = ""
+    error: dict[str, Any] | None = None
+    succeeded: int = 0
+    failed: int = 0
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    def resource(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "displayName": self.display_name,
+            "model": self.model,
+            "state": self.state,
+            "createTime": self.created,
+            "inputConfig": {"instancesFormat": "jsonl", "gcsSource": {"uris": self.input_uris}},
+            "outputConfig": {"predictionsFormat": "jsonl",
+                             "gcsDestination": {"outputUriPrefix": self.output_prefix}},
+        }
+        if self.state == "JOB_STATE_SUCCEEDED":
+            out["outputInfo"] = {"gcsOutputDirectory": self.output_dir}
+            out["completionStats"] = {"successfulCount": str(self.succeeded), "failedCount": str(self.failed)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _split_gs(uri: str) -> tuple[str, str]:
+    if not uri.startswith("gs://"):
+        raise ValueError(f"not a gs:// URI: {uri}")
+    bucket, _, name = uri[5:].partition("/")
+    return bucket, name
+
+
+def _storage_client() -> Any:
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    if not os.environ.get("STORAGE_EMULATOR_HOST"):
+        raise RuntimeError("batch jobs need a GCS emulator: set STORAGE_EMULATOR_HOST")
+    return storage.Client(project="test", credentials=AnonymousCredentials())
+
+
+class VertexServer:
+    """The fake Vertex endpoint; see the module docstring. `responder(body) -> text` makes the
+    model's reply; raising in it fails that request (500 online, an error line in a batch)."""
+
+    def __init__(
+        self,
+        responder: Responder = echo_responder,
+        latency: Latency = 0.0,
+        batch_polls_before_done: int = 2,
+        port: int = 0,
+    ) -> None:
+        self.responder = responder
+        self.latency = latency
+        self.batch_polls_before_done = batch_polls_before_done
+        # Set to a message to make every batch job fail as a whole (JOB_STATE_FAILED).
+        self.fail_batch_jobs_with: str | None = None
+        self._port = port
+        self.requests: list[RecordedRequest] = []
+        self.jobs: dict[str, BatchJob] = {}
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.max_in_flight = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping: asyncio.Event | None = None
+        self._job_counter = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self._port}"
+
+    def start(self) -> VertexServer:
+        if self._thread is not None:
+            return self
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as exc:  # reported to start()
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._shutdown())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="vertex-server", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout=30):
+            raise TimeoutError("the fake Vertex server did not start within 30 s")
+        if failure:
+            self._thread = None
+            raise RuntimeError(f"the fake Vertex server failed to start: {failure[0]!r}")
+        return self
+
+    async def _serve(self) -> None:
+        self._stopping = asyncio.Event()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, HOST, self._port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._port = int(self._runner.addresses[0][1])
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def stop(self) -> None:
+        """Release held requests, close the listener and join the thread."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        if self._stopping is not None:
+            loop.call_soon_threadsafe(self._stopping.set)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        self._thread = None
+
+    def __enter__(self) -> VertexServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # --- test controls -------------------------------------------------------------------------
+
+    def inject(self, *faults: Fault) -> None:
+        with self._lock:
+            self._faults.extend(faults)
+
+    def clear(self) -> None:
+        """Forget recorded requests, faults and the in-flight maximum."""
+        with self._lock:
+            self.requests.clear()
+            self._faults.clear()
+            self.max_in_flight = 0
+
+    def generate_requests(self) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if r.kind == "generate"]
+
+    def _take_fault(self, body: dict[str, Any]) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault.times is not None and fault.times <= 0:
+                    continue
+                if fault.when is not None and not fault.when(body):
+                    continue
+                if fault.times is not None:
+                    fault.times -= 1
+                return fault
+        return None
+
+    # --- HTTP ----------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            body = None
+        auth = request.headers.get("Authorization", "")
+        record = RecordedRequest(request.method, request.path, body, time.monotonic(),
+                                 auth_scheme=auth.split(" ", 1)[0] if auth else "")
+        with self._lock:
+            self.requests.append(record)
+        try:
+            response = await self._route(request, body or {}, auth)
+        except Exception as exc:  # a bug here must show up as a 500 the test can read
+            response = _error(500, f"fake server error: {exc!r}", "INTERNAL")
+        record.finished = time.monotonic()
+        record.status = response.status
+        return response
+
+    async def _route(self, request: web.Request, body: dict[str, Any], auth: str) -> web.StreamResponse:
+        if request.method == "POST" and (m := _GENERATE.match(request.path)):
+            return await self._generate(m.group("model"), body, auth)
+        if m := _BATCHES.match(request.path):
+            if request.method == "POST" and not m.group("job"):
+                return await self._create_job(m, body)
+            if request.method == "GET" and m.group("job"):
+                return self._get_job(m)
+        return _error(404, f"no such endpoint: {request.method} {request.path}", "NOT_FOUND")
+
+    async def _generate(self, model: str, body: dict[str, Any], auth: str) -> web.StreamResponse:
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            delay = self.latency(body) if callable(self.latency) else self.latency
+            if delay > 0:
+                await asyncio.sleep(delay)
+            fault = self._take_fault(body)
+            if fault is not None and fault.kind == "hang":
+                assert self._stopping is not None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), fault.hang_s)
+                return _error(503, "released from a hang", "UNAVAILABLE")
+            if fault is not None and fault.kind == "status":
+                headers = {"Retry-After": _format_seconds(fault.retry_after)} if fault.retry_after else {}
+                message = fault.message.replace("{authorization}", auth)
+                return _error(fault.status, message, _STATUS_NAMES.get(fault.status, "UNKNOWN"), headers)
+            if fault is not None and fault.kind == "malformed_json":
+                return web.Response(text='{"candidates": [{"content": {"parts": [{"te',
+                                    content_type="application/json")
+            try:
+                text = self.responder(body)
+            except Exception as exc:
+                return _error(500, f"responder failed: {exc}", "INTERNAL")
+            if fault is not None and fault.kind == "non_json_reply":
+                text = "Sure! Here is my answer, in prose rather than JSON."
+            return web.json_response(_reply(model, body, text))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    async def _create_job(self, match: re.Match[str], body: dict[str, Any]) -> web.StreamResponse:
+        try:
+            uris = list(body["inputConfig"]["gcsSource"]["uris"])
+            prefix = body["outputConfig"]["gcsDestination"]["outputUriPrefix"]
+        except (KeyError, TypeError):
+            return _error(400, "batch job needs inputConfig.gcsSource.uris and "
+                               "outputConfig.gcsDestination.outputUriPrefix", "INVALID_ARGUMENT")
+        with self._lock:
+            self._job_counter += 1
+            job_id = str(1000 + self._job_counter)
+        project, location = match.group("project"), match.group("location")
+        name = f"projects/{project}/locations/{location}/batchPredictionJobs/{job_id}"
+        job = BatchJob(name=name, model=body.get("model", ""), display_name=body.get("displayName", ""),
+                       input_uris=uris, output_prefix=prefix)
+        self.jobs[job_id] = job
+        loop = asyncio.get_running_loop()
+        loop.run_in_executor(None, self._run_job, job)
+        return web.json_response(job.resource())
+
+    def _get_job(self, match: re.Match[str]) -> web.StreamResponse:
+        job = self.jobs.get(match.group("job") or "")
+        if job is None:
+            return _error(404, f"batch job {match.group('job')} not found", "NOT_FOUND")
+        job.polls += 1
+        if job.error:
+            job.state = "JOB_STATE_FAILED"
+        elif job.done and job.polls >= self.batch_polls_before_done:
+            job.state = "JOB_STATE_SUCCEEDED"
+        else:
+            job.state = "JOB_STATE_RUNNING"
+        return web.json_response(job.resource())
+
+    def _run_job(self, job: BatchJob) -> None:
+        """Read every input line, answer it with the responder, write predictions.jsonl."""
+        try:
+            if self.fail_batch_jobs_with:
+                raise RuntimeError(self.fail_batch_jobs_with)
+            client = _storage_client()
+            lines: list[str] = []
+            for uri in job.input_uris:
+                bucket, name = _split_gs(uri)
+                lines.extend(client.bucket(bucket).blob(name).download_as_text().splitlines())
+            out_lines = []
+            model = job.model.rsplit("/", 1)[-1]
+            for line in filter(str.strip, lines):
+                instance = json.loads(line)
+                request = instance.get("request", {})
+                result: dict[str, Any] = {k: v for k, v in instance.items() if k != "request"}
+                result.update(request=request, processed_time=datetime.now(UTC).isoformat())
+                try:
+                    result.update(status="", response=_reply(model, request, self.responder(request)))
+                    job.succeeded += 1
+                except Exception as exc:
+                    result["status"] = f"Bad Request: {exc}"
+                    job.failed += 1
+                out_lines.append(json.dumps(result))
+            stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S%f")
+            job.output_dir = f"{job.output_prefix.rstrip('/')}/prediction-model-{stamp}"
+            bucket, name = _split_gs(f"{job.output_dir}/predictions.jsonl")
+            client.bucket(bucket).blob(name).upload_from_string("\n".join(out_lines) + "\n")
+        except Exception as exc:
+            job.error = {"code": 3, "message": f"batch job failed: {exc}"}
+        job.done = True
+
+
+_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def _format_seconds(seconds: float) -> str:
+    return str(int(seconds)) if float(seconds).is_integer() else f"{seconds:g}"
+
+
+def _error(status: int, message: str, name: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": status, "message": message, "status": name}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _reply(model: str, body: dict[str, Any], text: str) -> dict[str, Any]:
+    prompt = system_text(body) + "".join(
+        part.get("text", "") for c in body.get("contents", []) for part in c.get("parts", []))
+    prompt_tokens, completion_tokens = count_tokens(prompt), count_tokens(text)
+    return {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}],
+        "usageMetadata": {"promptTokenCount": prompt_tokens, "candidatesTokenCount": completion_tokens,
+                          "totalTokenCount": prompt_tokens + completion_tokens},
+        "modelVersion": model,
+    }
+
+
+# --- as a separate process ---------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class VertexServerProcess:
+    """`VertexServer` with the echo responder in a child process (own session), stopped by pid."""
+
+    def __init__(self, latency_ms: float = 0.0, port: int | None = None) -> None:
+        self.latency_ms = latency_ms
+        self.port = port or _free_port()
+        self.base_url = f"http://{HOST}:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("the server process is not running")
+        return self._proc.pid
+
+    def start(self) -> VertexServerProcess:
+        cmd = [sys.executable, "-m", "promptopt_dagster_tests.support.vertex_server",
+               "--port", str(self.port), "--latency-ms", str(self.latency_ms)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"the fake Vertex server exited with code {self._proc.returncode}")
+            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"the fake Vertex server did not listen on port {self.port} within 30 s")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+    def __enter__(self) -> VertexServerProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake Vertex AI REST server (echo responder) on 127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    signal.signal(signal.SIGINT, lambda *_: stopped.set())
+    with VertexServer(latency=args.latency_ms / 1000.0, port=args.port):
+        stopped.wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Dataset loading (CSV / JSONL / Parquet, local and gs://), checks, splits and minibatches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from promptopt_dagster.core import storage
+from promptopt_dagster.core.dataset import ROW_ID, load_dataset, minibatch, split_dataset
+from promptopt_dagster.core.errors import DatasetError
+from promptopt_dagster_tests.support.gcs_emulator import (
+    GcsEmulator,
+    gcs_emulator,  # noqa: F401
+)
+
+ROWS = [{"question": f"What is {i} + 1?", "answer": str(i + 1), "id": f"q{i:03d}"} for i in range(40)]
+
+
+def write(path: Path, rows: list[dict[str, object]]) -> Path:
+    df = pd.DataFrame(rows)
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif path.suffix in (".jsonl", ".ndjson"):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.jsonl", "data.ndjson", "data.parquet"])
+def test_each_format_loads_with_the_same_row_ids(tmp_path: Path, name: str) -> None:
+    df = load_dataset(write(tmp_path / name, ROWS), ["question"], "answer")
+    assert list(df.columns)[0] == ROW_ID
+    assert len(df) == 40
+    assert df["answer"].tolist() == [str(i + 1) for i in range(40)]
+    assert df[ROW_ID].is_unique
+    # Hashed ids depend on the values only, not on the file format.
+    reference = load_dataset(write(tmp_path / "ref.csv", ROWS), ["question"], "answer")
+    assert df[ROW_ID].tolist() == reference[ROW_ID].tolist()
+
+
+@pytest.mark.parametrize("name", ["data.csv", "data.jsonl", "data.parquet"])
+def test_loads_from_gcs(tmp_path: Path, name: str, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
+    local = write(tmp_path / name, ROWS)
+    uri = gcs_emulator.uri("datasets", tmp_path.name, name)
+    storage.write_bytes(uri, local.read_bytes())
+    df = load_dataset(uri, ["question"], "answer", id_column="id")
+    assert df[ROW_ID].tolist() == [f"q{i:03d}" for i in range(40)]
+    assert df["answer"].tolist() == [str(i + 1) for i in range(40)]
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(gcs_emulator.uri("datasets", tmp_path.name, "missing.csv"), ["question"], "answer")
+
+
+def test_numeric_references_in_jsonl_become_strings(tmp_path: Path) -> None:
+    rows = [{"question": f"q{i}", "answer": i} for i in range(5)]
+    df = load_dataset(write(tmp_path / "d.jsonl", rows), ["question"], "answer")
+    assert df["answer"].tolist() == ["0", "1", "2", "3", "4"]
+
+
+def test_id_column_gives_the_row_ids(tmp_path: Path) -> None:
+    df = load_dataset(write(tmp_path / "d.csv", ROWS), ["question"], "answer", id_column="id")
+    assert df[ROW_ID].tolist() == [f"q{i:03d}" for i in range(40)]
+    assert "id" in df.columns
+
+
+def test_csv_keeps_values_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("id,text,code\n007,hello,01\n008,bye,02\n")
+    df = load_dataset(path, ["text"], "code", id_column="id")
+    assert df[ROW_ID].tolist() == ["007", "008"]
+    assert df["code"].tolist() == ["01", "02"]
+
+
+def test_repeated_rows_get_distinct_stable_ids(tmp_path: Path) -> None:
+    rows = [{"q": "same", "a": "x"}, {"q": "other", "a": "y"}, {"q": "same", "a": "x"}]
+    ids = load_dataset(write(tmp_path / "d.csv", rows), ["q"], "a")[ROW_ID].tolist()
+    assert len(set(ids)) == 3
+    assert ids[2] == f"{ids[0]}-2"
+    more = load_dataset(write(tmp_path / "e.csv", [*rows, {"q": "same", "a": "x"}]), ["q"], "a")
+    assert more[ROW_ID].tolist()[:3] == ids
+    assert more[ROW_ID].tolist()[3] == f"{ids[0]}-3"
+
+
+def test_missing_input_values_become_empty_strings(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,ref\nx,,1\n,y,2\n")
+    df = load_dataset(path, ["a", "b"], "ref")
+    assert df["a"].tolist() == ["x", ""]
+    assert df["b"].tolist() == ["", "y"]
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"does not exist.*relative to the study file"):
+        load_dataset(tmp_path / "nope.csv", ["question"], "answer")
+
+
+def test_unsupported_extension(tmp_path: Path) -> None:
+    path = tmp_path / "data.xlsx"
+    path.write_text("whatever")
+    with pytest.raises(DatasetError, match=r"unsupported extension '\.xlsx'.*\.csv.*\.jsonl.*\.parquet"):
+        load_dataset(path, ["question"], "answer")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "kind"),
+    [
+        ("bad.jsonl", b'{"question": "a", "answer": "b"}\n{not json\n', "JSON Lines"),
+        ("bad.parquet", b"this is not parquet", "Parquet"),
+        ("bad.csv", b'question,answer\n"unterminated,1\n', "CSV"),
+    ],
+)
+def test_malformed_file(tmp_path: Path, name: str, content: bytes, kind: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=rf"could not read dataset .* as {kind}"):
+        load_dataset(path, ["question"], "answer")
+
+
+@pytest.mark.parametrize(
+    ("name", "content"), [("e.csv", ""), ("h.csv", "question,answer\n"), ("e.jsonl", "\n")]
+)
+def test_empty_dataset(tmp_path: Path, name: str, content: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DatasetError, match="empty|no data rows"):
+        load_dataset(path, ["question"], "answer")
+
+
+def test_missing_column_suggests_the_closest_name(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", ROWS)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(path, ["questoin"], "answer")
+    message = str(info.value)
+    assert "'questoin'" in message and "Did you mean 'question'?" in message
+    assert "['question', 'answer', 'id']" in message and "input_columns" in message
+    with pytest.raises(DatasetError, match=r"reference column 'answers'.*Did you mean 'answer'"):
+        load_dataset(path, ["question"], "answers")
+    with pytest.raises(DatasetError, match=r"id column 'uid'.*id_column"):
+        load_dataset(path, ["question"], "answer", id_column="uid")
+
+
+def test_empty_references_name_the_rows(tmp_path: Path) -> None:
+    rows = [{"question": f"q{i}", "answer": "" if i in (2, 5, 6, 7, 8, 9, 11) else "a"} for i in range(12)]
+    rows[3]["answer"] = "   "
+    with pytest.raises(DatasetError) as info:
+        load_dataset(write(tmp_path / "d.csv", rows), ["question"], "answer")
+    message = str(info.value)
+    assert "empty in 8 row(s)" in message
+    assert "data rows 3, 4, 6, 7, 8, ... (8 in all)" in message
+
+
+def test_null_references_in_jsonl(tmp_path: Path) -> None:
+    rows = [{"question": "a", "answer": "x"}, {"question": "b", "answer": None}]
+    with pytest.raises(DatasetError, match=r"empty in 1 row\(s\) \(data rows 2,"):
+        load_dataset(write(tmp_path / "d.jsonl", rows), ["question"], "answer")
+
+
+def test_duplicate_and_missing_ids(tmp_path: Path) -> None:
+    rows = [{"id": "a", "q": "1", "r": "x"}, {"id": "b", "q": "2", "r": "y"}, {"id": "a", "q": "3", "r": "z"}]
+    with pytest.raises(DatasetError, match=r"not unique: \['a'\] repeat \(data rows 1, 3\)"):
+        load_dataset(write(tmp_path / "d.csv", rows), ["q"], "r", id_column="id")
+    rows[2]["id"] = ""
+    with pytest.raises(DatasetError, match=r"id_column 'id' .* empty in data rows 3"):
+        load_dataset(write(tmp_path / "e.csv", rows), ["q"], "r", id_column="id")
+
+
+def test_existing_row_id_column_needs_to_be_named(tmp_path: Path) -> None:
+    rows = [{"row_id": f"r{i}", "q": str(i), "r": "x"} for i in range(3)]
+    path = write(tmp_path / "d.csv", rows)
+    with pytest.raises(DatasetError, match="id_column: row_id"):
+        load_dataset(path, ["q"], "r")
+    df = load_dataset(path, ["q"], "r", id_column="row_id")
+    assert df[ROW_ID].tolist() == ["r0", "r1", "r2"]
+    assert list(df.columns) == ["row_id", "q", "r"]
+
+
+# --- splits and minibatches ------------------------------------------------------------------------
+
+
+def frame(n: int, start: int = 0) -> pd.DataFrame:
+    return pd.DataFrame({ROW_ID: [f"row{i}" for i in range(start, start + n)], "x": range(start, start + n)})
+
+
+def test_split_is_deterministic_disjoint_and_complete() -> None:
+    df = frame(200)
+    a = split_dataset(df, 0.5, 0.25, seed=1)
+    b = split_dataset(df.sample(frac=1.0, random_state=3), 0.5, 0.25, seed=1)
+    assert set(a) == {"train", "val", "test"}
+    for name in a:
+        assert set(a[name][ROW_ID]) == set(b[name][ROW_ID])
+    ids = [set(part[ROW_ID]) for part in a.values()]
+    assert sum(len(s) for s in ids) == 200 and len(set.union(*ids)) == 200
+    assert 80 <= len(a["train"]) <= 120 and 30 <= len(a["val"]) <= 70
+    other_seed = split_dataset(df, 0.5, 0.25, seed=2)
+    assert set(other_seed["train"][ROW_ID]) != set(a["train"][ROW_ID])
+
+
+def test_split_is_stable_when_rows_are_appended() -> None:
+    before = split_dataset(frame(60), 0.4, 0.3, seed=0)
+    after = split_dataset(pd.concat([frame(60), frame(40, start=60)], ignore_index=True), 0.4, 0.3, seed=0)
+    for name in before:
+        assert set(before[name][ROW_ID]) <= set(after[name][ROW_ID])
+
+
+def test_split_gives_every_split_a_row_with_three_rows() -> None:
+    for seed in range(30):
+        parts = split_dataset(frame(3), 0.8, 0.1, seed=seed)
+        assert [len(parts[s]) for s in ("train", "val", "test")] == [1, 1, 1]
+    parts = split_dataset(frame(5), 0.9, 0.05, seed=0)
+    assert all(len(p) >= 1 for p in parts.values()) and sum(len(p) for p in parts.values()) == 5
+
+
+def test_split_errors() -> None:
+    with pytest.raises(DatasetError, match="at least 3"):
+        split_dataset(frame(2), 0.4, 0.3, seed=0)
+    with pytest.raises(DatasetError, match="train \\+ val below 1"):
+        split_dataset(frame(10), 0.7, 0.3, seed=0)
+    with pytest.raises(DatasetError, match="load_dataset"):
+        split_dataset(pd.DataFrame({"x": [1, 2, 3]}), 0.4, 0.3, seed=0)
+
+
+def test_minibatch_is_deterministic_per_iteration_and_varies_across() -> None:
+    df = frame(50)
+    first = minibatch(df, 10, seed=0, iteration=0)
+    assert len(first) == 10
+    assert first[ROW_ID].tolist() == minibatch(df, 10, seed=0, iteration=0)[ROW_ID].tolist()
+    # the same rows whatever order the train split arrives in, kept in the frame's order
+    shuffled = minibatch(df.iloc[::-1], 10, seed=0, iteration=0)
+    assert set(shuffled[ROW_ID]) == set(first[ROW_ID])
+    assert first["x"].is_monotonic_increasing
+    batches = [set(minibatch(df, 10, seed=0, iteration=i)[ROW_ID]) for i in range(4)]
+    assert len({frozenset(b) for b in batches}) == 4
+    assert set(minibatch(df, 10, seed=1, iteration=0)[ROW_ID]) != batches[0]
+
+
+def test_minibatch_larger_than_data_returns_all_rows() -> None:
+    df = frame(5)
+    assert minibatch(df, 8, seed=0, iteration=3)[ROW_ID].tolist() == df[ROW_ID].tolist()
+    with pytest.raises(DatasetError, match="at least 1"):
+        minibatch(df, 0, seed=0, iteration=0)

@@ -1,0 +1,383 @@
+"""VertexLLM against a local server speaking the Vertex REST protocol (and the GCS emulator for
+batch jobs): request shape, retries, Retry-After, rejection, ordering, concurrency and rate
+bounds, partial failure with checkpoints, JSON mode, usage and cost, batch jobs, secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import re
+import sqlite3
+import time
+import traceback
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+from google.oauth2.credentials import Credentials
+
+from promptopt_dagster.core.errors import DatasetError, ModelError
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.storage import list_files, read_text
+from promptopt_dagster.llm.base import ChatRequest, ChatResponse, LLMClient
+from promptopt_dagster.llm.ratelimit import SlidingWindowLimiter
+from promptopt_dagster.llm.vertex import BatchProgress, VertexLLM, estimate_cost, retry_after_seconds
+from promptopt_dagster_tests.support.gcs_emulator import (
+    GcsEmulator,
+    gcs_emulator,  # noqa: F401
+)
+from promptopt_dagster_tests.support.vertex_server import Fault, VertexServer, count_tokens, user_text
+
+TOKEN = "test-token-5ecret-b1d3"
+MODEL = "gemini-2.0-flash"
+
+
+@pytest.fixture
+def server() -> Iterator[VertexServer]:
+    with VertexServer() as srv:
+        yield srv
+
+
+def make_llm(server: VertexServer, **options: Any) -> VertexLLM:
+    defaults: dict[str, Any] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
+    defaults.update(options)
+    return VertexLLM(MODEL, project="proj", location="us-central1", credentials=Credentials(token=TOKEN),
+                     base_url=server.base_url, **defaults)
+
+
+def ask(text: str, **params: Any) -> ChatRequest:
+    return ChatRequest.of([{"role": "user", "content": text}], **params)
+
+
+def test_request_shape_usage_and_cost(server: VertexServer) -> None:
+    llm = make_llm(server, prices={MODEL: (1.0, 2.0)})
+    assert isinstance(llm, LLMClient) and llm.backend == "vertex" and llm.model == MODEL
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    request = ChatRequest.of(messages, temperature=0.3, max_tokens=17)
+    [reply] = llm.generate([request])
+    assert reply.ok and reply.text == "echo: hello"
+    [seen] = server.generate_requests()
+    prefix = "/v1beta1/projects/proj/locations/us-central1/publishers/google/models"
+    assert seen.path == f"{prefix}/{MODEL}:generateContent"
+    assert seen.auth_scheme == "Bearer"
+    assert seen.body is not None
+    assert seen.body["systemInstruction"]["parts"][0]["text"] == "Be brief."
+    assert seen.body["contents"] == [{"role": "user", "parts": [{"text": "hello"}]}]
+    assert seen.body["generationConfig"] == {"temperature": 0.3, "maxOutputTokens": 17}
+    # tokens from usage_metadata, cost from the price table
+    assert reply.prompt_tokens == count_tokens("Be brief.hello")
+    assert reply.completion_tokens == count_tokens("echo: hello")
+    assert reply.seconds > 0
+    usage = llm.usage([reply])
+    expected = (reply.prompt_tokens * 1.0 + reply.completion_tokens * 2.0) / 1e6
+    assert usage.calls == 1 and usage.cost_usd == pytest.approx(expected)
+    million = 1_000_000
+    versioned = "publishers/google/models/gemini-2.0-flash-001"
+    assert estimate_cost(versioned, million, million) == pytest.approx(0.75)
+    assert estimate_cost("unknown-model", 10, 10) == 0.0
+
+
+def test_rest_transport_sends_what_the_sdk_sends(server: VertexServer) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}, "n": {"type": "integer"}},
+              "required": ["answer"]}
+    requests = [
+        ChatRequest.of([{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                        {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}],
+                       temperature=0.7, max_tokens=33, seed=5),
+        ask("j", json_schema=schema),
+    ]
+    rest = make_llm(server, transport="rest").generate(requests)
+    sdk = make_llm(server, transport="sdk").generate(requests)
+    def essentials(replies: list[ChatResponse]) -> list[tuple[str, int, int, str | None]]:
+        return [(r.text, r.prompt_tokens, r.completion_tokens, r.error) for r in replies]
+
+    assert essentials(rest) == essentials(sdk) and all(r.ok for r in rest)
+    seen = server.generate_requests()
+    assert [r.path for r in seen[:2]] == [r.path for r in seen[2:]]
+    # The SDK writes the schema's "property_ordering" in snake case; the API takes both spellings.
+    assert [camel(r.body) for r in seen[:2]] == [camel(r.body) for r in seen[2:]]
+
+
+def camel(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {re.sub(r"_([a-z])", lambda m: m.group(1).upper(), k): camel(v) for k, v in value.items()}
+    return [camel(v) for v in value] if isinstance(value, list) else value
+
+
+def test_json_mode_sends_schema_and_retries_prose(server: VertexServer) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+    llm = make_llm(server, max_attempts=3)
+    server.inject(Fault("non_json_reply", times=1))
+    [reply] = llm.generate([ask("2+2", json_schema=schema)])
+    assert json.loads(reply.text) == {"answer": "2+2"}
+    requests = server.generate_requests()
+    assert len(requests) == 2  # the prose reply was retried once
+    config = requests[0].body["generationConfig"]  # type: ignore[index]
+    assert config["responseMimeType"] == "application/json"
+    assert config["responseSchema"]["properties"]["answer"]["type"] == "STRING"
+
+    server.clear()
+    server.inject(Fault("non_json_reply", times=None))
+    [bad] = llm.generate([ask("3+3", json_schema=schema)])
+    assert not bad.ok and "non-JSON" in (bad.error or "") and bad.text == ""
+    assert len(server.generate_requests()) == 3
+
+
+def test_transient_errors_are_retried_until_success(server: VertexServer) -> None:
+    server.inject(Fault(status=429), Fault(status=500), Fault(status=503), Fault("malformed_json"))
+    [reply] = make_llm(server, max_attempts=5).generate([ask("x")])
+    assert reply.ok and reply.text == "echo: x"
+    assert [r.status for r in server.generate_requests()] == [429, 500, 503, 200, 200]
+
+
+def test_retries_run_out_into_a_row_error(server: VertexServer) -> None:
+    server.inject(Fault(status=503, message="backend overloaded", times=None))
+    [reply] = make_llm(server, max_attempts=3).generate([ask("x")])
+    assert not reply.ok and "gave up after 3 attempt(s)" in (reply.error or "")
+    assert "backend overloaded" in (reply.error or "")
+    assert len(server.generate_requests()) == 3
+
+
+def test_timeout_is_retried(server: VertexServer) -> None:
+    server.inject(Fault("hang", hang_s=10))
+    started = time.monotonic()
+    [reply] = make_llm(server, timeout_s=0.3).generate([ask("x")])
+    assert reply.ok
+    assert 0.3 <= time.monotonic() - started < 5
+    assert len(server.generate_requests()) == 2
+
+
+def test_retry_after_is_honoured(server: VertexServer) -> None:
+    server.inject(Fault(status=429, retry_after=1.0))
+    started = time.monotonic()
+    [reply] = make_llm(server).generate([ask("x")])
+    elapsed = time.monotonic() - started
+    assert reply.ok
+    first, second = server.generate_requests()
+    assert second.started - first.finished >= 0.9  # backoff alone would be ~0.01-0.05 s
+    assert elapsed < 4.0
+
+
+def test_retry_after_parsing() -> None:
+    class Response:
+        def __init__(self, value: str) -> None:
+            self.headers = {"Retry-After": value}
+
+    class Err(Exception):
+        def __init__(self, value: str) -> None:
+            self.response = Response(value)
+
+    assert retry_after_seconds(Err("2.5")) == 2.5
+    assert retry_after_seconds(Err("Wed, 21 Oct 2015 07:28:00 GMT")) == 0.0  # a date in the past
+    assert retry_after_seconds(Err("soon")) is None
+    assert retry_after_seconds(ValueError()) is None
+
+
+def test_non_retryable_4xx_raises_with_the_server_message(server: VertexServer) -> None:
+    server.inject(Fault(status=400, message="Unable to submit request because responseSchema is invalid"))
+    with pytest.raises(ModelError) as caught:
+        make_llm(server).generate([ask("x")])
+    assert "responseSchema is invalid" in str(caught.value) and "400" in str(caught.value)
+    assert "Fix:" in str(caught.value)
+    assert len(server.generate_requests()) == 1
+
+    server.clear()
+    server.inject(Fault(status=404, message="model not found", when=lambda b: user_text(b) == "b"))
+    replies = make_llm(server, raise_on_client_error=False).generate([ask("a"), ask("b"), ask("c")])
+    assert [r.ok for r in replies] == [True, False, True]
+    assert "model not found" in (replies[1].error or "")
+
+
+def test_order_is_kept_under_random_latency(server: VertexServer) -> None:
+    rng = random.Random(7)
+    server.latency = lambda body: rng.uniform(0.0, 0.05)
+    texts = [f"q{i}" for i in range(60)]
+    replies = make_llm(server, concurrency=16).generate([ask(t) for t in texts])
+    assert [r.text for r in replies] == [f"echo: {t}" for t in texts]
+    arrival = [user_text(r.body or {}) for r in server.generate_requests()]
+    finish = [user_text(r.body or {}) for r in sorted(server.generate_requests(), key=lambda r: r.finished)]
+    assert sorted(arrival) == sorted(texts) and finish != texts  # they did finish out of order
+
+
+def test_concurrency_bound_is_respected(server: VertexServer) -> None:
+    server.latency = 0.05
+    replies = make_llm(server, concurrency=4).generate([ask(f"q{i}") for i in range(24)])
+    assert all(r.ok for r in replies)
+    assert server.max_in_flight == 4
+
+
+def test_requests_per_window_are_limited(server: VertexServer) -> None:
+    window, limit, n = 0.5, 5, 12
+    started = time.monotonic()
+    replies = make_llm(server, concurrency=12, requests_per_minute=limit, rate_window_s=window).generate(
+        [ask(f"q{i}") for i in range(n)])
+    elapsed = time.monotonic() - started
+    assert all(r.ok for r in replies)
+    assert elapsed >= (-(-n // limit) - 1) * window * 0.95  # 3 windows' worth: at least 2 full waits
+    # The limiter times sends; arrival adds a variable delay (the first calls also open their
+    # connections), so the server-side check leaves slack, but an unlimited client sends all 12 at once.
+    starts = sorted(r.started for r in server.generate_requests())
+    for i, t in enumerate(starts):
+        in_window = [s for s in starts[i:] if s < t + window * 0.6]
+        assert len(in_window) <= limit
+
+
+def test_token_limiter_corrects_its_estimate() -> None:
+    async def scenario() -> tuple[float, bool]:
+        limiter = SlidingWindowLimiter(limit=100, window_s=30)
+        charge = await limiter.acquire(80)
+        limiter.correct(charge, 10)  # the reply used far fewer tokens than estimated
+        await asyncio.wait_for(limiter.acquire(85), timeout=1)  # fits only after the correction
+        used = limiter.used
+        try:  # now full: another charge must wait for the window (30 s), so it times out
+            await asyncio.wait_for(limiter.acquire(10), timeout=0.2)
+            waited = False
+        except TimeoutError:
+            waited = True
+        return used, waited
+
+    assert asyncio.run(scenario()) == (95, True)
+
+
+def test_partial_failure_keeps_good_rows_and_checkpoint_resends_only_missing(
+    server: VertexServer, tmp_path: Path
+) -> None:
+    failing = {"q3", "q7"}
+    server.inject(Fault(status=503, times=None, when=lambda b: user_text(b) in failing))
+    checkpoint = tmp_path / "checkpoint.sqlite"
+    llm = make_llm(server, max_attempts=2, checkpoint_path=checkpoint)
+    requests = [ask(f"q{i}") for i in range(10)]
+    first = llm.generate(requests)
+    assert [r.ok for r in first] == [f"q{i}" not in failing for i in range(10)]
+    assert all("503" in (r.error or "") for r in first if not r.ok)
+    assert len(server.generate_requests()) == 8 + 2 * 2
+
+    server.clear()  # the outage is over
+    second = llm.generate(requests)
+    assert [r.text for r in second] == [f"echo: q{i}" for i in range(10)]
+    assert sorted(user_text(r.body or {}) for r in server.generate_requests()) == ["q3", "q7"]
+    assert sum(r.cached for r in second) == 8
+
+
+def test_seed_interface_generate_response_and_batch_predict(server: VertexServer) -> None:
+    llm = make_llm(server)
+    text = llm.generate_response(MODEL, "hi", system_content="sys", response_mime_type="application/json")
+    assert json.loads(text) == {"answer": "hi"}
+    config = server.generate_requests()[-1].body["generationConfig"]  # type: ignore[index]
+    assert config["responseMimeType"] == "application/json" and "responseSchema" not in config
+
+    server.clear()
+    server.inject(Fault(status=400, message="bad", when=lambda b: "boom" in user_text(b), times=None))
+    df = pd.DataFrame({"question": ["one", "boom", "three"], "label": ["a", "b", "c"]})
+    state = PromptState(system_prompt="Answer.", output_prompt="Q: {question}")
+    lenient = make_llm(server, raise_on_client_error=False)
+    out = lenient.batch_predict(df, state, model_name="gemini-2.5-flash")
+    assert list(out["prediction"]) == ["echo: Q: one", "", "echo: Q: three"]
+    assert out["error"].isna().tolist() == [True, False, True]
+    assert "gemini-2.5-flash:generateContent" in server.generate_requests()[0].path
+    with pytest.raises(DatasetError, match="nope"):
+        llm.batch_predict(df, PromptState(system_prompt="", output_prompt="{nope}"))
+    with pytest.raises(ModelError, match="bad"):
+        llm.generate_response(MODEL, "boom")
+
+
+def test_generate_works_inside_a_running_event_loop(server: VertexServer) -> None:
+    llm = make_llm(server)
+
+    async def inside() -> str:
+        return llm.generate([ask("loop")])[0].text
+
+    assert asyncio.run(inside()) == "echo: loop"
+
+
+def test_factory_builds_vertex_from_settings(server: VertexServer) -> None:
+    from promptopt_dagster.llm.factory import build_client
+
+    llm = build_client(backend="vertex", model_name=MODEL, model_cache_dir="unused", response_cache_path=None,
+                       vertex_project="proj", vertex_api_endpoint=server.base_url, vertex_access_token=TOKEN)
+    assert llm.generate([ask("f")])[0].text == "echo: f"
+    with pytest.raises(ModelError, match="VERTEX_PROJECT_ID"):
+        VertexLLM(MODEL, project=None)
+
+
+def test_token_never_in_errors_logs_or_stored_rows(
+    server: VertexServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    # A server that reflects the Authorization header into its error messages.
+    server.inject(Fault(status=400, message="denied for {authorization}"))
+    with pytest.raises(ModelError) as caught:
+        make_llm(server).generate([ask("x")])
+    assert server.generate_requests()[0].auth_scheme == "Bearer"
+    checkpoint = tmp_path / "c.sqlite"
+    server.inject(Fault(status=503, message="overloaded, token {authorization}", times=2),
+                  Fault(status=403, message="forbidden {authorization}", times=1))
+    llm = make_llm(server, max_attempts=2, raise_on_client_error=False, checkpoint_path=checkpoint)
+    replies = llm.generate([ask("y"), ask("z")])
+    shown = "".join(traceback.format_exception(caught.value))  # what a logged traceback would print
+    seen = [shown, str(caught.value), repr(llm), *(r.error or "" for r in replies),
+            *(record.getMessage() for record in caplog.records), checkpoint.read_bytes().decode("latin-1")]
+    assert any("***" in s for s in seen)  # the reflected token was there, and was masked
+    for text in seen:
+        assert TOKEN not in text
+    with sqlite3.connect(checkpoint) as conn:
+        assert all(TOKEN not in str(row) for row in conn.execute("SELECT * FROM responses"))
+
+
+# --- batch prediction jobs ----------------------------------------------------------------------
+
+
+def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
+    def responder(body: dict[str, Any]) -> str:
+        text = user_text(body)
+        if text == "q2":
+            raise ValueError("content blocked for row q2")
+        return f"batch: {text}"
+
+    server.responder = responder
+    prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])
+    progress: list[BatchProgress] = []
+    llm = make_llm(server, batch_threshold=4, batch_gcs_prefix=prefix, batch_poll_s=0.05,
+                   progress=progress.append, prices={MODEL: (1.0, 1.0)})
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    requests = [ask(f"q{i}") for i in range(5)] + [ask("json", json_schema=schema)]
+    replies = llm.generate(requests)
+
+    assert [r.text for r in replies[:5]] == ["batch: q0", "batch: q1", "", "batch: q3", "batch: q4"]
+    assert "content blocked for row q2" in (replies[2].error or "")
+    assert replies[5].text == "batch: json"
+    assert all(r.prompt_tokens > 0 for r in replies if r.ok)
+    assert not server.generate_requests()  # nothing went online
+    # the job: input written to GCS, created with src/dest, polled to a terminal state
+    [job_request] = [r for r in server.requests if r.method == "POST" and r.kind == "batch"]
+    src = job_request.body["inputConfig"]["gcsSource"]["uris"][0]  # type: ignore[index]
+    assert src.startswith(prefix) and src.endswith("/requests.jsonl")
+    lines = [json.loads(line) for line in read_text(src).splitlines()]
+    assert [line["key"] for line in lines] == [f"row-{i:07d}" for i in range(6)]
+    assert lines[5]["request"]["generationConfig"]["responseMimeType"] == "application/json"
+    assert list_files(job_request.body["outputConfig"]["gcsDestination"]["outputUriPrefix"], "**/*.jsonl")  # type: ignore[index]
+    states = [p.state for p in progress]
+    assert states[0] == "JOB_STATE_PENDING" and "JOB_STATE_RUNNING" in states
+    assert states[-1] == "JOB_STATE_SUCCEEDED"
+    assert progress[-1].completed == 5 and progress[-1].failed == 1
+    usage = llm.usage(replies, batch=True)
+    assert usage.cost_usd == pytest.approx(usage.tokens / 1e6 * 0.5)
+
+    # below the threshold the same client goes online
+    assert llm.generate([ask("small")])[0].text == "batch: small"
+    assert len(server.generate_requests()) == 1
+
+
+def test_batch_job_that_fails_as_a_whole_raises(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
+    server.fail_batch_jobs_with = "quota for batch prediction exceeded"
+    prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])
+    llm = make_llm(server, mode="batch", batch_gcs_prefix=prefix, batch_poll_s=0.05)
+    with pytest.raises(ModelError, match="JOB_STATE_FAILED: .*quota for batch prediction exceeded"):
+        llm.generate([ask("a")])
+    with pytest.raises(ModelError, match="batch_gcs_prefix"):
+        make_llm(server, mode="batch")

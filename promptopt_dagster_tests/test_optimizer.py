@@ -1,0 +1,134 @@
+"""The optimizer: proposal sources, JSON parsing and retries, selection rules."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from promptopt_dagster.core.errors import OptimizerError
+from promptopt_dagster.core.explorer import StrategyBandit
+from promptopt_dagster.core.optimizer import (
+    Failure,
+    HistoryEntry,
+    Optimizer,
+    ProposalContext,
+    choose_for_validation,
+    infer_format_rule,
+    parse_proposals,
+    pick_winner,
+    reflection_messages,
+    shorten,
+)
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.records import CandidateScore
+from promptopt_dagster.llm.base import ChatRequest
+from promptopt_dagster.llm.fake import ScriptedLLM
+
+TRAIN = pd.DataFrame(
+    {
+        "row_id": [f"r{i}" for i in range(10)],
+        "text": [f"text {i}" for i in range(10)],
+        "label": ["SPORT", "TECH"] * 5,
+    }
+)
+
+
+def ctx(**kw: object) -> ProposalContext:
+    args: dict[str, object] = dict(
+        incumbent=PromptState(system_prompt="", output_prompt="{text}"),
+        metric="exact_match",
+        incumbent_score=0.2,
+        failures=[Failure(inputs={"text": "text 1"}, expected="TECH", got="It is about technology.")],
+        history=[HistoryEntry(system_prompt="Classify.", score=0.1)],
+        train=TRAIN,
+        minibatch_ids={"r0", "r1"},
+        input_columns=["text"],
+        reference_column="label",
+        iteration=0,
+        seed=0,
+    )
+    args.update(kw)
+    return ProposalContext(**args)  # type: ignore[arg-type]
+
+
+def good_reply(request: ChatRequest) -> str:
+    return json.dumps({"candidates": [{"system_prompt": "Give the topic code.", "rationale": "be direct"}]})
+
+
+def test_format_rule_is_inferred_from_labels_numbers_and_short_answers() -> None:
+    assert "exactly one of: SPORT, TECH" in (infer_format_rule(["SPORT", "TECH"] * 4) or "")
+    assert "only the final number" in (infer_format_rule(["12", "-3", "40", "7", "2"]) or "")
+    assert "at most 2 words" in (infer_format_rule([f"paris {i}" for i in range(9)] + ["x"]) or "")
+    assert infer_format_rule([" ".join(["word"] * 30) + str(i) for i in range(5)]) is None
+
+
+def test_parse_proposals_accepts_fenced_and_bare_shapes_and_rejects_garbage() -> None:
+    fenced = '```json\n{"candidates": [{"system_prompt": "A", "rationale": "b"}]}\n```'
+    assert parse_proposals(fenced)[0].system_prompt == "A"
+    assert parse_proposals('Sure! {"system_prompt": "B"}')[0].system_prompt == "B"
+    assert parse_proposals('[{"system_prompt": "C"}]')[0].system_prompt == "C"
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_proposals("no json here")
+    with pytest.raises(ValueError, match="wrong shape"):
+        parse_proposals('{"candidates": []}')
+
+
+def test_reflection_meta_prompt_shows_failures_history_and_asks_for_json() -> None:
+    c = ctx()
+    [system, user] = reflection_messages(c.incumbent, c.metric, 0.2, c.failures, c.history, 2)
+    assert "JSON" in system.content
+    assert "Expected: TECH" in user.content and "Got: It is about technology." in user.content
+    assert "score 0.10: Classify." in user.content and "Write 2 new" in user.content
+
+
+def test_propose_combines_reflection_with_data_driven_strategies() -> None:
+    llm = ScriptedLLM(good_reply)
+    result = Optimizer(llm).propose(ctx(), 4, StrategyBandit(["add_format_rule", "add_examples", "shorten"]))
+    strategies = [c.strategy for c in result.candidates]
+    assert strategies[0] == "reflect" and len(result.candidates) >= 3
+    assert "add_format_rule" in strategies and "add_examples" in strategies
+    reflect = result.candidates[0].prompt
+    assert reflect.system_prompt.startswith("Give the topic code.")
+    assert "exactly one of: SPORT, TECH" in reflect.system_prompt  # the data rule rides along
+    examples = next(c for c in result.candidates if c.strategy == "add_examples").prompt.system_prompt
+    assert "Output: SPORT" in examples and "Output: TECH" in examples
+    assert "text 0" not in examples and "text 1" not in examples  # never the screening minibatch
+    assert all(c.prompt.parent_id == ctx().incumbent.id or c.prompt.parent_id for c in result.candidates)
+    assert result.usage.calls == 1
+
+
+def test_optimizer_retries_with_a_new_seed_then_gives_a_clear_error() -> None:
+    replies = iter(["not json", good_reply(None)])  # type: ignore[arg-type]
+    llm = ScriptedLLM(lambda r: next(replies))
+    result = Optimizer(llm, strategies=["reflect"]).propose(ctx(), 1, StrategyBandit(["shorten"]))
+    assert len(result.candidates) == 1 and result.usage.calls == 2
+    seeds = {r.params.seed for r in llm.requests}
+    assert len(seeds) == 2  # a cached bad reply would otherwise come back
+
+    bad = ScriptedLLM(lambda r: "I am not able to produce JSON.")
+    with pytest.raises(OptimizerError) as info:
+        Optimizer(bad, strategies=["reflect"]).propose(ctx(), 1, StrategyBandit(["shorten"]))
+    assert "no usable JSON in 3 attempts" in str(info.value)
+    assert "stronger optimizer_model" in str(info.value)
+
+
+def test_shorten_drops_repeats_and_the_longest_sentence() -> None:
+    text = "Be brief. Be brief. Answer with a label. This sentence is long and says very little at all."
+    assert shorten(text) == "Be brief. Answer with a label."
+    assert shorten("Be brief.") is None
+
+
+def test_selection_validates_only_candidates_that_hold_up_and_accepts_only_improvements() -> None:
+    s = [
+        CandidateScore(candidate_id="a", strategy="x", prompt_chars=50, train_score=0.8),
+        CandidateScore(candidate_id="b", strategy="x", prompt_chars=20, train_score=0.8),
+        CandidateScore(candidate_id="c", strategy="x", prompt_chars=10, train_score=0.1),
+    ]
+    chosen = choose_for_validation(s, incumbent_train=0.5, top=1)
+    assert [c.candidate_id for c in chosen] == ["b"]  # tie on score: the shorter prompt
+    assert choose_for_validation(s, incumbent_train=0.9, top=2) == []
+    s[1].val_score = 0.6
+    assert pick_winner(s, incumbent_val=0.6) is None  # equal is not an improvement
+    assert pick_winner(s, incumbent_val=0.5).candidate_id == "b"  # type: ignore[union-attr]

@@ -1,0 +1,149 @@
+"""The iteration asset graph and its sensors, on an ephemeral instance with scripted LLMs."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pandas as pd
+
+from promptopt_dagster.definitions import ASSETS
+from promptopt_dagster.driver import drive
+from promptopt_dagster.partitions import study_iteration_key
+from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
+from promptopt_dagster_tests.conftest import Pipeline
+
+ITERATION_ASSETS = [a for a in ASSETS if a.key.path[-1] != "study_report"]
+
+
+def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
+    ctx = dg.build_sensor_context(
+        instance=p.instance, resources={"prompt_store": p.defs.resources["prompt_store"]}
+    )
+    result = sensor(ctx)
+    for req in result.dynamic_partitions_requests or []:
+        p.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+    return result
+
+
+def materialize_iteration(
+    p: Pipeline, iteration: int, raise_on_error: bool = True
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        ITERATION_ASSETS,
+        partition_key=str(study_iteration_key(p.study.name, iteration)),
+        instance=p.instance,
+        resources=p.resources(),
+        raise_on_error=raise_on_error,
+    )
+
+
+def decision_metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
+    [mat] = result.asset_materializations_for_node("iteration_decision")
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def calls_in(result: dg.ExecuteInProcessResult, node: str) -> int:
+    [mat] = result.asset_materializations_for_node(node)
+    return int(mat.metadata["llm_calls"].value)
+
+
+def test_sensors_start_continue_and_stop_for_the_right_reason(pipeline: Pipeline) -> None:
+    p = pipeline
+    assert tick(p, new_study_sensor).skip_reason is not None  # nothing registered yet
+    p.store.register_study(p.study)
+
+    first = tick(p, new_study_sensor)
+    [req] = first.run_requests
+    assert req.partition_key == study_iteration_key("scripted", 0)
+    assert p.instance.get_dynamic_partitions("study") == ["scripted"]
+    assert tick(p, new_study_sensor).skip_reason is not None  # registered once only
+
+    r0 = materialize_iteration(p, 0)
+    meta0 = decision_metadata(r0)
+    assert meta0["accepted"] is True and meta0["stop"] is False
+    assert meta0["val_score"] > meta0["incumbent_val_score"]
+    champion = p.store.load_record("scripted", 0).champion
+    assert "one of:" in champion.system_prompt
+
+    [req1] = tick(p, continue_study_sensor).run_requests
+    assert req1.partition_key == study_iteration_key("scripted", 1)
+    assert "0001" in p.instance.get_dynamic_partitions("iteration")
+
+    r1 = materialize_iteration(p, 1)
+    meta1 = decision_metadata(r1)
+    # iteration 1 starts from iteration 0's champion, through the prompt store
+    [prompt_mat] = r1.asset_materializations_for_node("current_prompt")
+    assert prompt_mat.metadata["prompt_id"].value == champion.id
+    assert meta1["stop"] is True and meta1["stop_reason"] == "patience"
+
+    after = tick(p, continue_study_sensor)
+    [report_req] = after.run_requests
+    assert report_req.job_name == "report_job" and report_req.partition_key == "scripted"
+
+
+def test_rematerializing_an_iteration_makes_no_new_llm_calls(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    tick(p, new_study_sensor)
+    first = materialize_iteration(p, 0)
+    primary = p.llm.inner("primary")
+    calls_before = primary.calls
+    assert calls_in(first, "iteration_decision") > 0
+    again = materialize_iteration(p, 0)
+    assert primary.calls == calls_before
+    assert calls_in(again, "iteration_decision") == 0
+    assert calls_in(again, "baseline_predictions") == 0
+    assert decision_metadata(again)["champion_id"] == decision_metadata(first)["champion_id"]
+
+
+def test_driver_runs_the_study_to_its_report_and_resumes_as_a_no_op(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    result = drive(p.defs, p.instance, "scripted")
+    jobs = [r.job for r in result.runs]
+    assert jobs == ["iteration_job", "iteration_job", "report_job"]
+    report = p.defs.load_asset_value("study_report", partition_key="scripted", instance=p.instance)
+    assert report["final_test"]["exact_match"] > report["seed_test"]["exact_match"]
+    assert [r["iteration"] for r in report["rows"]] == [0, 1]
+    # a second drive of a finished study runs nothing
+    assert drive(p.defs, p.instance, "scripted").runs == []
+
+
+def test_stored_assets_are_readable_files(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    tick(p, new_study_sensor)
+    materialize_iteration(p, 0)
+    files = sorted(f.relative_to(p.root / "assets").as_posix() for f in (p.root / "assets").rglob("*.*"))
+    assert any(f.startswith("baseline_predictions/") and f.endswith(".parquet") for f in files), files
+    assert any(f.startswith("iteration_decision/") and f.endswith(".json") for f in files), files
+    assert not any(f.endswith((".pkl", ".pickle")) for f in files)
+
+
+def test_missing_column_fails_the_run_and_leaves_no_half_written_iteration(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    tick(p, new_study_sensor)
+    df = pd.read_csv(p.study.dataset).drop(columns=["review"])
+    df.to_csv(p.study.dataset, index=False)
+    result = materialize_iteration(p, 0, raise_on_error=False)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    cause = failure.event_specific_data.error.cause
+    assert cause.cls_name == "DatasetError" and "review" in cause.message
+    assert p.store.load_record("scripted", 0) is None
+    assert not p.instance.get_materialized_partitions(dg.AssetKey("iteration_decision"))
+
+
+def test_optimizer_garbage_is_reported_and_the_other_strategies_carry_the_iteration(
+    pipeline: Pipeline,
+) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    tick(p, new_study_sensor)
+    p.llm.inner("optimizer").responder = lambda request: "I cannot do JSON, sorry"
+    result = materialize_iteration(p, 0)
+    record = p.store.load_record("scripted", 0)
+    assert record is not None and record.accepted
+    assert any("no usable JSON" in w for w in record.warnings)
+    assert "reflect" not in [c.strategy for c in record.candidates]
+    assert result.success
