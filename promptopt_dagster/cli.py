@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
@@ -41,6 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     _prepare_home(settings)
+    logging.getLogger("dagster").setLevel(logging.WARNING)  # our own progress lines instead
     study = load_study(args.study)
     data = load_study_data(study)  # validates columns and splits before anything runs
     console.print(

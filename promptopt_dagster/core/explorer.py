@@ -6,10 +6,12 @@ small model "add_format_rule" usually beats "add_reasoning"). The optimizer maps
 to an edit operator; the bandit only picks names and learns from measured improvements.
 
 Default policy: Gaussian Thompson sampling. Rewards are score gains (often 0, sometimes +-0.1),
-whose scale UCB1's fixed exploration bonus ignores, so over the ~20 pulls of a study UCB1 stays
-almost uniform. The Gaussian posterior learns the scale from the data. UCB1 is available as
-``method="ucb1"``. Sampling is seeded by (seed, number of selections so far), so a run
-restored from `to_dict()` makes the same choices as one that never stopped.
+which is small next to the clipping range [-1, 1]; a UCB1 bonus scaled to that range keeps
+exploring almost uniformly over the ~20 pulls of a study. The Gaussian posterior learns the
+scale from the data. UCB1 is available as ``method="ucb1"``, with its bonus scaled to the
+observed spread of rewards for the same reason. Sampling is seeded by (seed, number of
+selections so far), so a bandit restored from `to_dict()` makes the same choices as one that
+never stopped.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class StrategyBandit:
         method: "thompson" (Gaussian posterior per arm) or "ucb1".
         reward_range: rewards are clipped into it; a gain of a score in [0, 1] lies in [-1, 1].
         prior_std: prior spread of an arm's mean reward (Thompson), in reward units.
-        exploration: UCB1 bonus factor, multiplied by the width of ``reward_range``.
+        exploration: UCB1 bonus factor, multiplied by the observed spread of rewards.
     """
 
     def __init__(
@@ -57,7 +59,7 @@ class StrategyBandit:
         method: Method = "thompson",
         reward_range: tuple[float, float] = (-1.0, 1.0),
         prior_std: float = 0.1,
-        exploration: float = 0.5,
+        exploration: float = 1.0,
     ) -> None:
         names = list(dict.fromkeys(strategies))
         if not names:
@@ -94,7 +96,9 @@ class StrategyBandit:
         }
 
     @classmethod
-    def from_dict(cls, state: Mapping[str, Any], strategies: Sequence[str] | None = None, **kwargs: Any) -> StrategyBandit:
+    def from_dict(
+        cls, state: Mapping[str, Any], strategies: Sequence[str] | None = None, **kwargs: Any
+    ) -> StrategyBandit:
         """Restore a bandit; its arms are those of `state` unless `strategies` is given."""
         names = list(strategies) if strategies is not None else list(state.get("arms", {}))
         kwargs.setdefault("method", state.get("method", "thompson"))
@@ -105,12 +109,16 @@ class StrategyBandit:
     def _load(self, state: Mapping[str, Any]) -> None:
         version = state.get("version", STATE_VERSION)
         if version != STATE_VERSION:
-            raise OptimizerError(f"bandit state version {version} is not supported (expected {STATE_VERSION})")
+            raise OptimizerError(
+                f"bandit state version {version} is not supported (expected {STATE_VERSION})"
+            )
         try:
             self.selects = int(state.get("selects", 0))
             for name, arm in dict(state.get("arms", {})).items():
                 self._arms[str(name)] = {
-                    "pulls": int(arm["pulls"]), "sum": float(arm["sum"]), "sum_sq": float(arm["sum_sq"])
+                    "pulls": int(arm["pulls"]),
+                    "sum": float(arm["sum"]),
+                    "sum_sq": float(arm["sum_sq"]),
                 }
         except (KeyError, TypeError, ValueError) as exc:
             raise OptimizerError(f"bandit state is malformed ({exc!r}); start fresh with state=None") from exc
@@ -137,15 +145,25 @@ class StrategyBandit:
         arm = self._arms[name]
         n, mean = arm["pulls"], arm["sum"] / arm["pulls"]
         if self.method == "ucb1":
-            total = sum(a["pulls"] for s, a in self._arms.items() if s in self.strategies)
-            width = self.reward_range[1] - self.reward_range[0]
-            return mean + self.exploration * width * math.sqrt(2.0 * math.log(max(total, 1)) / n)
+            arms = [a for s, a in self._arms.items() if s in self.strategies and a["pulls"]]
+            total = sum(a["pulls"] for a in arms)
+            return mean + self.exploration * self._reward_scale(arms) * math.sqrt(
+                2.0 * math.log(max(total, 1)) / n
+            )
         # Normal-Normal with a pseudo-observation of the prior: the posterior of the mean narrows
         # as 1/sqrt(n) around the sample mean, with the spread learnt from the rewards.
         var = max(arm["sum_sq"] / n - mean * mean, 0.0)
         spread = math.sqrt((self.prior_std**2 + n * var) / (n + 1))
         post_mean = arm["sum"] / (n + 1)  # prior mean 0 counts as one observation
         return float(rng.normal(post_mean, spread / math.sqrt(n + 1)))
+
+    def _reward_scale(self, arms: list[dict[str, float]]) -> float:
+        """Spread of the observed rewards (pooled over arms), at least `prior_std`/10: scales the
+        UCB bonus to the rewards actually seen instead of the (much wider) clipping range."""
+        n = sum(a["pulls"] for a in arms)
+        mean = sum(a["sum"] for a in arms) / n
+        var = max(sum(a["sum_sq"] for a in arms) / n - mean * mean, 0.0)
+        return max(math.sqrt(var), self.prior_std / 10)
 
     def update(self, strategy: str, reward: float) -> None:
         """Record a measured improvement for `strategy` (clipped into ``reward_range``; NaN ignored)."""

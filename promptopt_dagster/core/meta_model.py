@@ -1,0 +1,319 @@
+"""The meta-model: predicts a candidate prompt's validation score from its text, before it costs
+LLM calls, so the optimizer can screen many proposals and evaluate only the promising ones.
+
+It is a plain scikit-learn Pipeline: TF-IDF over the prompt text plus hand-made numeric cues
+(`prompt_features`: lengths, format and constraint words, examples, the parent's score), then a
+Ridge regression (small histories; a random forest is an option). It is only trusted when its
+cross-validated rank correlation says so (`is_useful`): with a few dozen rows it often is not,
+and then the optimizer should ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from promptopt_dagster.core.errors import OptimizerError
+
+if TYPE_CHECKING:
+    from promptopt_dagster.core.tracking import MlflowTracker
+
+MIN_ROWS = 8  # below this, cross-validation says "not enough data"
+REQUIRED_COLUMNS = ("system_prompt", "output_prompt", "score")
+
+# Cue name -> pattern (case-insensitive). Counted, not just flagged: "only ... only" is a stronger rule.
+CUES: dict[str, str] = {
+    "only": r"\bonly\b",
+    "exactly": r"\bexactly\b",
+    "one_of": r"\bone of\b",
+    "reply": r"\b(?:reply|respond|answer)\b",
+    "json": r"\bjson\b",
+    "format": r"\bformat\b",
+    "must": r"\b(?:must|always|never)\b",
+    "negation": r"\b(?:do not|don't|no)\b",
+    "nothing_else": r"\bnothing else\b|\bno (?:explanation|other text)\b",
+    "single": r"\b(?:single|one word|one line)\b",
+    "number": r"\b(?:number|digits?|integer)\b",
+    "step_by_step": r"\bstep[- ]by[- ]step\b|\bthink\b|\breason",
+    "example": r"\bexamples?\b",
+    "input_output": r"^\s*(?:input|output|q|a)\s*:",
+}
+_COMPILED = {name: re.compile(p, re.IGNORECASE | re.MULTILINE) for name, p in CUES.items()}
+_LABEL_TOKEN = re.compile(r"\b[A-Z][A-Z0-9_]{1,}\b|\"[^\"\n]{1,30}\"|'[^'\n]{1,30}'")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def prompt_features(
+    system_prompt: str, output_prompt: str, study_features: Mapping[str, Any] | None = None
+) -> dict[str, float]:
+    """Numeric cues of one prompt. `study_features` may carry ``parent_score`` and any numeric
+    facts about the study (prefixed ``study_`` in the result), e.g. number of labels."""
+    text = f"{system_prompt}\n{output_prompt}"
+    words = text.split()
+    feats: dict[str, float] = {
+        "system_chars": float(len(system_prompt)),
+        "output_chars": float(len(output_prompt)),
+        "log_chars": math.log1p(len(text)),
+        "words": float(len(words)),
+        "lines": float(len([ln for ln in text.splitlines() if ln.strip()])),
+        "has_system": float(bool(system_prompt.strip())),
+        "placeholders": float(len(set(_PLACEHOLDER.findall(output_prompt)))),
+        "label_tokens": float(len(set(_LABEL_TOKEN.findall(text)))),
+        "examples": float(bool(_COMPILED["example"].search(text) or _COMPILED["input_output"].search(text))),
+    }
+    for name, pattern in _COMPILED.items():
+        feats[f"cue_{name}"] = float(len(pattern.findall(text)))
+    study_features = dict(study_features or {})
+    parent = study_features.pop("parent_score", None)
+    known = parent is not None and not (isinstance(parent, float) and math.isnan(parent))
+    feats["has_parent_score"] = float(known)
+    feats["parent_score"] = float(parent) if known else 0.0
+    for key, value in study_features.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("score", "study"):
+            feats[f"study_{key}"] = float(value)
+    return feats
+
+
+def _as_text(system_prompt: str, output_prompt: str) -> str:
+    return f"{system_prompt}\n{output_prompt}"
+
+
+class MetaModel:
+    """Predicts a candidate's validation score. Fit on the history of scored prompts.
+
+    History columns: system_prompt, output_prompt, score (required); study, parent_score and any
+    numeric study facts (optional; the same keys go into `predict`'s candidate dicts).
+    """
+
+    def __init__(
+        self, estimator: Literal["ridge", "forest"] = "ridge", seed: int = 0, min_rows: int = MIN_ROWS
+    ) -> None:
+        if estimator not in ("ridge", "forest"):
+            raise OptimizerError(f"unknown meta-model estimator {estimator!r}; use 'ridge' or 'forest'")
+        self.estimator = estimator
+        self.seed = seed
+        self.min_rows = min_rows
+        self.pipeline: Any = None
+        self.feature_columns: list[str] = []
+        self.history: pd.DataFrame | None = None
+        self.cv_result: dict[str, Any] | None = None
+
+    # --- data ------------------------------------------------------------------------------------
+
+    def _frame(self, rows: Sequence[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+        records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else list(rows)
+        out = []
+        for rec in records:
+            extra = {
+                k: v for k, v in rec.items() if k not in ("system_prompt", "output_prompt", "score", "study")
+            }
+            feats = prompt_features(
+                str(rec.get("system_prompt") or ""), str(rec.get("output_prompt") or ""), extra
+            )
+            feats["text"] = _as_text(str(rec.get("system_prompt") or ""), str(rec.get("output_prompt") or ""))
+            out.append(feats)
+        frame = pd.DataFrame(out)
+        for col in self.feature_columns:  # predict: same columns as in fit, missing ones = 0
+            if col not in frame:
+                frame[col] = 0.0
+        return frame
+
+    def _build(self) -> Any:
+        from sklearn.compose import ColumnTransformer
+        from sklearn.ensemble import RandomForestRegressor
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        columns = ColumnTransformer(
+            [
+                ("text", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=5000), "text"),
+                ("num", StandardScaler(), self.feature_columns),
+            ]
+        )
+        model = (
+            Ridge(alpha=1.0)
+            if self.estimator == "ridge"
+            else RandomForestRegressor(n_estimators=200, min_samples_leaf=2, random_state=self.seed, n_jobs=1)
+        )
+        return Pipeline([("features", columns), ("model", model)])
+
+    # --- fit / predict ---------------------------------------------------------------------------
+
+    def fit(self, history: pd.DataFrame) -> MetaModel:
+        missing = [c for c in REQUIRED_COLUMNS if c not in history.columns]
+        if missing:
+            raise OptimizerError(
+                f"meta-model history lacks column(s) {missing}; it needs {list(REQUIRED_COLUMNS)} "
+                "(plus optional study, parent_score)"
+            )
+        history = history.dropna(subset=["score"]).reset_index(drop=True)
+        if history.empty:
+            raise OptimizerError(
+                "meta-model history has no scored rows yet; fit it after the first evaluation"
+            )
+        self.history = history
+        frame = self._frame(history)
+        self.feature_columns = sorted(c for c in frame.columns if c != "text")
+        self.pipeline = self._build().fit(
+            frame[["text", *self.feature_columns]], history["score"].astype(float)
+        )
+        self.cv_result = None
+        return self
+
+    def predict(self, candidates: Sequence[Mapping[str, Any]]) -> list[float]:
+        """Predicted scores; each candidate has system_prompt, output_prompt and optionally
+        parent_score and the study facts the history had."""
+        if self.pipeline is None:
+            raise OptimizerError("the meta-model is not fitted; call fit(history) or load(path) first")
+        if not candidates:
+            return []
+        frame = self._frame(candidates)
+        return [float(x) for x in self.pipeline.predict(frame[["text", *self.feature_columns]])]
+
+    def rank(self, candidates: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Candidate indices, best predicted first; ties go to the shorter prompt."""
+        preds = self.predict(candidates)
+        lengths = [
+            len(str(c.get("system_prompt") or "")) + len(str(c.get("output_prompt") or ""))
+            for c in candidates
+        ]
+        return sorted(range(len(candidates)), key=lambda i: (-round(preds[i], 9), lengths[i], i))
+
+    # --- quality -----------------------------------------------------------------------------------
+
+    def cross_validate(self) -> dict[str, Any]:
+        """Out-of-fold Spearman correlation and MAE. GroupKFold by study when the history holds
+        several studies (does it generalize to an unseen study?), else shuffled KFold."""
+        from scipy.stats import spearmanr
+        from sklearn.model_selection import GroupKFold, KFold
+
+        if self.history is None:
+            if self.cv_result is not None:
+                return self.cv_result
+            raise OptimizerError("the meta-model has no history; call fit(history) first")
+        history = self.history
+        n = len(history)
+        if n < self.min_rows:
+            self.cv_result = {
+                "status": "not enough data",
+                "n_rows": n,
+                "min_rows": self.min_rows,
+                "spearman": None,
+                "mae": None,
+            }
+            return self.cv_result
+        groups = history["study"].astype(str) if "study" in history else pd.Series(["study"] * n)
+        n_groups = groups.nunique()
+        if n_groups >= 2:
+            splitter: Any = GroupKFold(n_splits=min(5, n_groups))
+            scheme = "GroupKFold(study)"
+        else:
+            splitter = KFold(n_splits=min(5, n // 2), shuffle=True, random_state=self.seed)
+            scheme = "KFold"
+        frame = self._frame(history)  # only for the splitters' length checks
+        y = history["score"].astype(float).to_numpy()
+        oof = np.zeros(n)
+        split = splitter.split(frame, y, groups) if n_groups >= 2 else splitter.split(frame, y)
+        for train_idx, test_idx in split:
+            model = MetaModel(self.estimator, self.seed, self.min_rows)
+            model.fit(history.iloc[train_idx])
+            oof[test_idx] = model.predict(history.iloc[test_idx].to_dict("records"))
+        rho = spearmanr(oof, y).statistic if np.ptp(oof) > 0 and np.ptp(y) > 0 else 0.0
+        within = []
+        for group in groups.unique():
+            pos = np.flatnonzero(groups.to_numpy() == group)
+            if len(pos) >= 3 and np.ptp(oof[pos]) > 0 and np.ptp(y[pos]) > 0:
+                within.append(float(spearmanr(oof[pos], y[pos]).statistic))
+        self.cv_result = {
+            "status": "ok",
+            "n_rows": n,
+            "n_studies": int(n_groups),
+            "scheme": scheme,
+            "spearman": float(rho),
+            "spearman_within_study": float(np.mean(within)) if within else None,
+            "mae": float(np.mean(np.abs(oof - y))),
+            "mae_mean_baseline": float(np.mean(np.abs(y - y.mean()))),
+        }
+        return self.cv_result
+
+    def is_useful(self, threshold: float = 0.3) -> bool:
+        """Whether its cross-validated rank correlation reaches `threshold` (False on too little data)."""
+        result = self.cv_result or self.cross_validate()
+        return result.get("spearman") is not None and result["spearman"] >= threshold
+
+    # --- persistence -------------------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "estimator": self.estimator,
+            "seed": self.seed,
+            "min_rows": self.min_rows,
+            "feature_columns": self.feature_columns,
+            "cv_result": self.cv_result,
+            "n_rows": 0 if self.history is None else len(self.history),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """A skops file (safe to load: no arbitrary pickle) plus ``<path>.json`` with the metadata."""
+        import skops.io as sio
+
+        if self.pipeline is None:
+            raise OptimizerError("nothing to save: the meta-model is not fitted")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sio.dump(self.pipeline, path)
+        path.with_name(path.name + ".json").write_text(json.dumps(self._meta(), indent=2), encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> MetaModel:
+        import skops.io as sio
+
+        path = Path(path)
+        meta_path = path.with_name(path.name + ".json")
+        if not path.exists() or not meta_path.exists():
+            raise OptimizerError(
+                f"no meta-model at {path} (expected it and {meta_path.name}); fit and save one first"
+            )
+        untrusted = sio.get_untrusted_types(file=path)
+        unexpected = [t for t in untrusted if not t.startswith(("sklearn.", "numpy.", "scipy."))]
+        if unexpected:
+            raise OptimizerError(f"{path} holds unexpected types {unexpected}; refusing to load it")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        model = cls(meta["estimator"], meta["seed"], meta["min_rows"])
+        model.pipeline = sio.load(path, trusted=untrusted)
+        model.feature_columns = list(meta["feature_columns"])
+        model.cv_result = meta.get("cv_result")
+        return model
+
+    def log_to_mlflow(self, tracker: MlflowTracker, run_id: str, name: str = "meta_model") -> None:
+        """Log the fitted pipeline (`mlflow.sklearn.log_model` on the tracker's URI, explicit pip
+        requirements), its CV quality as metrics and its settings as params."""
+        if self.pipeline is None:
+            raise OptimizerError("nothing to log: the meta-model is not fitted")
+        result = self.cv_result or (self.cross_validate() if self.history is not None else {})
+        tracker.log_params(
+            run_id,
+            {
+                f"{name}.estimator": self.estimator,
+                f"{name}.n_rows": self._meta()["n_rows"],
+                f"{name}.cv": result.get("scheme", result.get("status", "none")),
+            },
+        )
+        metrics = {
+            f"{name}.{k}": v
+            for k, v in result.items()
+            if k in ("spearman", "spearman_within_study", "mae", "mae_mean_baseline") and v is not None
+        }
+        if metrics:
+            tracker.log_metrics(run_id, metrics, step=0)
+        tracker.log_sklearn_model(run_id, self.pipeline, name=name)
