@@ -135,7 +135,7 @@ def shorten(system_prompt: str) -> str | None:
     return text if text and len(text) < len(system_prompt.strip()) else None
 
 
-def format_examples(prompt: PromptState, rows: pd.DataFrame, input_columns: list[str], reference: str) -> str:
+def format_examples(rows: pd.DataFrame, input_columns: list[str], reference: str) -> str:
     lines = ["Examples:"]
     for _, row in rows.iterrows():
         shown = "; ".join(str(row[c]) for c in input_columns)
@@ -341,13 +341,13 @@ class Optimizer:
     def _child(
         self, ctx: ProposalContext, system: str, strategy: str, rationale: str, output: str | None = None
     ) -> Candidate:
+        """A candidate derived from the incumbent. A proposed output template is used only if it
+        keeps at least one placeholder and names no unknown column."""
         out = ctx.incumbent.output_prompt
-        if (
-            output
-            and not PromptState(system_prompt="", output_prompt=output).missing_columns(ctx.input_columns)
-            and PromptState(system_prompt="", output_prompt=output).placeholders()
-        ):
-            out = output
+        if output:
+            proposed = PromptState(system_prompt="", output_prompt=output)
+            if proposed.placeholders() and not proposed.missing_columns(ctx.input_columns):
+                out = output
         prompt = ctx.incumbent.child(
             system[:MAX_PROMPT_CHARS], out, strategy=strategy, rationale=rationale, iteration=ctx.iteration
         )
@@ -356,26 +356,9 @@ class Optimizer:
     def _make(
         self, strategy: str, ctx: ProposalContext, format_rule: str | None, room: int, result: ProposalResult
     ) -> list[Candidate]:
-        inc = ctx.incumbent.system_prompt
         if strategy in LLM_STRATEGIES:
-            if strategy == "reflect":
-                messages = reflection_messages(
-                    ctx.incumbent, ctx.metric, ctx.incumbent_score, ctx.failures, ctx.history, min(room, 2)
-                )
-            else:
-                messages = restate_messages(ctx.incumbent, format_rule)
-            proposals, usage = ask_optimizer(
-                self.llm, messages, self.temperature, self.max_tokens, seed=ctx.seed + ctx.iteration
-            )
-            result.usage = result.usage + usage
-            made = []
-            for p in proposals[:room]:
-                system = p.system_prompt.strip()
-                # The data-derived format rule rides along: measurement decides if it helps.
-                if format_rule and format_rule not in system:
-                    system = _append(system, format_rule)
-                made.append(self._child(ctx, system, strategy, p.rationale or strategy, p.output_prompt))
-            return made
+            return self._from_llm(strategy, ctx, format_rule, room, result)
+        inc = ctx.incumbent.system_prompt
         if strategy == "add_format_rule":
             if not format_rule or format_rule in inc:
                 return []
@@ -383,20 +366,7 @@ class Optimizer:
                 self._child(ctx, _append(inc, format_rule), strategy, "output format inferred from the data")
             ]
         if strategy == "add_examples":
-            if "Examples:" in inc:
-                return []
-            demos = pick_demonstrations(
-                ctx.train,
-                ctx.minibatch_ids,
-                ctx.reference_column,
-                self.demonstrations,
-                ctx.seed + ctx.iteration,
-            )
-            if demos.empty:
-                return []
-            block = format_examples(ctx.incumbent, demos, ctx.input_columns, ctx.reference_column)
-            system = _append(inc, format_rule) if format_rule and format_rule not in inc else inc
-            return [self._child(ctx, _append(system, block), strategy, f"{len(demos)} train examples")]
+            return self._with_examples(ctx, format_rule)
         if strategy == "shorten":
             short = shorten(inc)
             return (
@@ -406,6 +376,41 @@ class Optimizer:
             line = "Think about the task carefully, but write only the final answer."
             return [] if line in inc else [self._child(ctx, _append(inc, line), strategy, "asks for care")]
         return []
+
+    def _from_llm(
+        self, strategy: str, ctx: ProposalContext, format_rule: str | None, room: int, result: ProposalResult
+    ) -> list[Candidate]:
+        if strategy == "reflect":
+            messages = reflection_messages(
+                ctx.incumbent, ctx.metric, ctx.incumbent_score, ctx.failures, ctx.history, min(room, 2)
+            )
+        else:
+            messages = restate_messages(ctx.incumbent, format_rule)
+        proposals, usage = ask_optimizer(
+            self.llm, messages, self.temperature, self.max_tokens, seed=ctx.seed + ctx.iteration
+        )
+        result.usage = result.usage + usage
+        made = []
+        for p in proposals[:room]:
+            system = p.system_prompt.strip()
+            # The data-derived format rule rides along: measurement decides if it helps.
+            if format_rule and format_rule not in system:
+                system = _append(system, format_rule)
+            made.append(self._child(ctx, system, strategy, p.rationale or strategy, p.output_prompt))
+        return made
+
+    def _with_examples(self, ctx: ProposalContext, format_rule: str | None) -> list[Candidate]:
+        inc = ctx.incumbent.system_prompt
+        if "Examples:" in inc:
+            return []
+        demos = pick_demonstrations(
+            ctx.train, ctx.minibatch_ids, ctx.reference_column, self.demonstrations, ctx.seed + ctx.iteration
+        )
+        if demos.empty:
+            return []
+        block = format_examples(demos, ctx.input_columns, ctx.reference_column)
+        system = _append(inc, format_rule) if format_rule and format_rule not in inc else inc
+        return [self._child(ctx, _append(system, block), "add_examples", f"{len(demos)} train examples")]
 
 
 # ---------------------------------------------------------------------------------------------
