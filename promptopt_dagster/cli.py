@@ -18,7 +18,7 @@ from promptopt_dagster.core.errors import PromptoptError
 from promptopt_dagster.settings import Settings, get_settings
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _prepare_home(settings: Settings) -> None:
@@ -34,7 +34,7 @@ def _prepare_home(settings: Settings) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from promptopt_dagster.core.iteration import load_study_data
+    from promptopt_dagster.core.iteration import evaluator_for, load_study_data
     from promptopt_dagster.core.study import load_study
     from promptopt_dagster.definitions import build_definitions
     from promptopt_dagster.driver import ITERATION_JOB, RunOutcome, drive, forget_study
@@ -44,7 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _prepare_home(settings)
     logging.getLogger("dagster").setLevel(logging.WARNING)  # our own progress lines instead
     study = load_study(args.study)
-    data = load_study_data(study)  # validates columns and splits before anything runs
+    # Validate data, columns, splits and metrics before anything is registered or run.
+    data = load_study_data(study)
+    evaluator_for(study)
     console.print(
         f"[bold]{study.name}[/]: {sum(len(v) for v in data.splits.values())} rows "
         f"(train {len(data.splits['train'])}, val {len(data.splits['val'])}, "

@@ -11,9 +11,15 @@ from dataclasses import dataclass, field
 import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 
+from promptopt_dagster.core.errors import PromptoptError
 from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB
 from promptopt_dagster.partitions import parse_key, study_iteration_key
 from promptopt_dagster.sensors import REPORT, continue_study_sensor, latest_decisions, new_study_sensor
+
+
+class RunFailedError(PromptoptError):
+    """A run failed; the study resumes at the same iteration when run again."""
+
 
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -62,11 +68,24 @@ def execute(
         partition_key=str(partition_key),
         tags=tags,
         run_config=QUIET_LOGS if quiet else None,
-        raise_on_error=True,
+        raise_on_error=False,
     )
+    if not result.success:
+        raise RunFailedError(f"{job_name} for {partition_key} failed: {failure_summary(result)}")
     return RunOutcome(
         job_name, str(partition_key), tags.get(RUN_KEY_TAG), time.perf_counter() - start, result.success
     )
+
+
+def failure_summary(result: dg.ExecuteInProcessResult) -> str:
+    """The failing step and the innermost error message, without Dagster's wrapping."""
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE":
+            error = event.event_specific_data.error  # type: ignore[union-attr]
+            while error.cause is not None:
+                error = error.cause
+            return f"step {event.step_key}: {error.cls_name}: {error.message.strip()}"
+    return "the run failed before any step ran (see the run in the Dagster UI)"
 
 
 def drive(
