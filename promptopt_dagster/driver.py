@@ -4,6 +4,8 @@ history and run keys."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,7 +108,8 @@ def drive(
         for sensor in (new_study_sensor, continue_study_sensor):
             resources = {"prompt_store": prompt_store}
             context = dg.build_sensor_context(instance=instance, resources=resources, definitions=defs)
-            tick: dg.SensorResult = sensor(context)  # type: ignore[assignment]
+            with contextlib.redirect_stderr(io.StringIO()):  # the tick's log lines are for the UI
+                tick: dg.SensorResult = sensor(context)  # type: ignore[assignment]
             for req in tick.dynamic_partitions_requests or []:
                 instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
             if tick.skip_reason:

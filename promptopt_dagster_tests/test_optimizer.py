@@ -132,3 +132,15 @@ def test_selection_validates_only_candidates_that_hold_up_and_accepts_only_impro
     s[1].val_score = 0.6
     assert pick_winner(s, incumbent_val=0.6) is None  # equal is not an improvement
     assert pick_winner(s, incumbent_val=0.5).candidate_id == "b"  # type: ignore[union-attr]
+
+
+def test_proposals_that_paste_a_training_case_are_dropped_with_a_warning() -> None:
+    def copying(request: ChatRequest) -> str:
+        return json.dumps(
+            {"candidates": [{"system_prompt": "What about text 1? Answer TECH.", "rationale": ""}]}
+        )
+
+    result = Optimizer(ScriptedLLM(copying)).propose(ctx(), 3, StrategyBandit(["add_format_rule"]))
+    assert "reflect" not in [c.strategy for c in result.candidates]
+    assert any("copies a training case" in w for w in result.warnings)
+    assert [c.strategy for c in result.candidates] == ["add_format_rule"]

@@ -237,6 +237,18 @@ def parse_proposals(text: str) -> list[ProposedPrompt]:
         raise ValueError(f"JSON of the wrong shape: {exc.errors()[0]['msg']}") from exc
 
 
+def copied_case(text: str, failures: Sequence[Failure], min_chars: int = 6) -> str | None:
+    """An input of a shown case that a proposal pasted in verbatim (small models do): such a
+    prompt overfits one row and leaks training data into the instruction."""
+    lowered = text.lower()
+    for f in failures:
+        for value in f.inputs.values():
+            value = " ".join(str(value).split()).lower()
+            if len(value) >= min_chars and value in lowered:
+                return value
+    return None
+
+
 def ask_optimizer(
     llm: LLMClient, messages: list[Message], temperature: float, max_tokens: int, seed: int
 ) -> tuple[list[ProposedPrompt], Usage]:
@@ -393,6 +405,12 @@ class Optimizer:
         made = []
         for p in proposals[:room]:
             system = p.system_prompt.strip()
+            copied = copied_case(system, ctx.failures)
+            if copied:
+                result.warnings.append(
+                    f"{strategy}: dropped a proposal that copies a training case ({copied!r})"
+                )
+                continue
             # The data-derived format rule rides along: measurement decides if it helps.
             if format_rule and format_rule not in system:
                 system = _append(system, format_rule)
