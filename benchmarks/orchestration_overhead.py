@@ -72,8 +72,7 @@ def plain_loop(folder: Path, latency: float) -> tuple[float, float]:
 
 def dagster_iteration(folder: Path, latency: float) -> tuple[float, float]:
     with dg.instance_for_test() as instance:
-        p = make_pipeline(folder, instance)
-        p.llm.cache_enabled = False
+        p = make_pipeline(folder, instance, cache_enabled=False)
         p.store.register_study(p.study)
         instance.add_dynamic_partitions("study", [p.study.name])
         instance.add_dynamic_partitions("iteration", ["0000"])

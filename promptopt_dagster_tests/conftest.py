@@ -32,10 +32,14 @@ class Pipeline:
         return dict(self.defs.resources)
 
 
-def make_pipeline(tmp_path: Path, instance: dg.DagsterInstance, **study_overrides: object) -> Pipeline:
+def make_pipeline(
+    tmp_path: Path, instance: dg.DagsterInstance, cache_enabled: bool = True, **study_overrides: object
+) -> Pipeline:
     root = tmp_path / "store"
     llm = ScriptedLLMResource(
-        model_cache_dir=str(tmp_path / "models"), response_cache_path=str(tmp_path / "cache.sqlite")
+        model_cache_dir=str(tmp_path / "models"),
+        response_cache_path=str(tmp_path / "cache.sqlite"),
+        cache_enabled=cache_enabled,
     )
     store_resource = PromptStoreResource(root=str(root))
     defs = dg.Definitions(
