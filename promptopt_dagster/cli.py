@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -102,7 +103,7 @@ def _print_report(defs, instance, study_name: str, wall: dict[int, float]) -> in
         return 1
     report = StudyReport.model_validate(raw)
     table = Table(title=f"{report.study}: {report.metric} by iteration")
-    for col in ("iteration", "val score", "accepted", "LLM calls", "tokens", "wall s"):
+    for col in ("iteration", "val score", "accepted", "LLM calls", "tokens", "cost $", "wall s"):
         table.add_column(col, justify="right")
     for row in report.rows:
         seconds = wall.get(row.iteration, row.wall_seconds)
@@ -112,6 +113,7 @@ def _print_report(defs, instance, study_name: str, wall: dict[int, float]) -> in
             "yes" if row.accepted else "no",
             str(row.llm_calls),
             str(row.tokens),
+            f"{row.cost_usd:.4f}",
             f"{seconds:.0f}" if seconds is not None else "-",
         )
     console.print(table)
@@ -125,9 +127,53 @@ def _print_report(defs, instance, study_name: str, wall: dict[int, float]) -> in
         f"final {report.final_test[metric]:.3f} "
         f"(n={int(report.final_test.get('n', 0))}); validation: seed {report.seed_val:.3f} -> "
         f"final {report.final_val:.3f}; {report.total_calls} LLM calls, {report.total_tokens} tokens "
-        f"(+{report.test_calls} for the test report)"
+        f"(+{report.test_calls} for the test report); "
+        f"cost ${report.total_cost_usd + report.test_cost_usd:.4f}"
     )
     return 0
+
+
+def _start_mlflow_ui(settings: Settings) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """MLflow's UI over the project's SQLite store, on 127.0.0.1 in its own session (so it can be
+    stopped as a group). With MLFLOW_TRACKING_URI set, that server already is the UI."""
+    if settings.MLFLOW_TRACKING_URI:
+        return None, settings.MLFLOW_TRACKING_URI
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or "mlflow"
+    settings.PROMPTOPT_HOME.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        mlflow,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(settings.MLFLOW_UI_PORT),
+        "--backend-store-uri",
+        settings.mlflow_uri,
+        "--artifacts-destination",
+        str(settings.PROMPTOPT_HOME / "mlartifacts"),
+        "--workers",
+        "1",
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner workers
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
+    return proc, f"http://127.0.0.1:{settings.MLFLOW_UI_PORT}"
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM to the process group, SIGKILL if it is still there after 15 s."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -144,13 +190,21 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "-w",
         str(Path(__file__).parent.parent / "workspace.yaml"),
     ]
+    from promptopt_dagster.core.tracking import scrub
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM stops both UIs, like Ctrl-C
+    mlflow_proc, mlflow_url = _start_mlflow_ui(settings)
     console.print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
+    console.print(f"MLflow UI:  {mlflow_url}  (tracking {scrub(settings.mlflow_uri)})")
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        os.killpg(proc.pid, signal.SIGTERM)
-        return proc.wait()
+        return _stop_group(proc)
+    finally:
+        _stop_group(proc)
+        if mlflow_proc is not None:
+            _stop_group(mlflow_proc)
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
@@ -173,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("study", help="study YAML file")
     run.add_argument("--fresh", action="store_true", help="forget earlier iterations of this study first")
     run.set_defaults(func=cmd_run)
-    ui = sub.add_parser("ui", help="start the Dagster UI (and daemon) on this project's instance")
+    ui = sub.add_parser("ui", help="start the Dagster UI (and daemon) and the MLflow UI on this project")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)

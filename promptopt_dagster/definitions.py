@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import dagster as dg
 
+from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
 from promptopt_dagster.assets.decision import iteration_decision
 from promptopt_dagster.assets.evaluation import baseline_metrics, candidate_metrics
 from promptopt_dagster.assets.inference import baseline_predictions, candidate_predictions
+from promptopt_dagster.assets.launch import start_study_job
+from promptopt_dagster.assets.meta_model import meta_model
 from promptopt_dagster.assets.prompt import current_prompt
 from promptopt_dagster.assets.refinement import candidate_prompts
 from promptopt_dagster.assets.report import study_report
+from promptopt_dagster.assets.tracking import iteration_tracking
 from promptopt_dagster.io_managers import PromptoptIOManager
-from promptopt_dagster.jobs import iteration_job, report_job
-from promptopt_dagster.resources import LLMResource, PromptStoreResource
-from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
+from promptopt_dagster.jobs import comparison_job, evaluation_job, iteration_job, report_job
+from promptopt_dagster.resources import (
+    LLMResource,
+    MetaModelResource,
+    MlflowTrackerResource,
+    PromptStoreResource,
+)
+from promptopt_dagster.sensors import (
+    continue_study_sensor,
+    evaluation_comparison_sensor,
+    new_dataset_sensor,
+    new_prompt_version_sensor,
+    new_study_sensor,
+)
 from promptopt_dagster.settings import Settings, get_settings
 
 ASSETS = [
@@ -26,6 +41,23 @@ ASSETS = [
     iteration_decision,
     study_report,
 ]
+# MLflow logging and the meta-model: steps of the iteration job (group "iteration") that need the
+# `mlflow` and `meta_model_policy` resources; kept apart so a graph without tracking stays valid.
+TRACKING_ASSETS = [iteration_tracking, meta_model]
+
+
+def build_tracking_resources(settings: Settings) -> dict[str, object]:
+    return {
+        "mlflow": MlflowTrackerResource(
+            tracking_uri=settings.mlflow_uri,
+            ui_url=None if settings.MLFLOW_TRACKING_URI else f"http://127.0.0.1:{settings.MLFLOW_UI_PORT}",
+        ),
+        "meta_model_policy": MetaModelResource(
+            min_spearman=settings.META_MODEL_MIN_SPEARMAN,
+            overgenerate=settings.META_MODEL_OVERGENERATE,
+            keep_fraction=settings.META_MODEL_KEEP_FRACTION,
+        ),
+    }
 
 
 def build_resources(settings: Settings) -> dict[str, object]:
@@ -46,15 +78,40 @@ def build_resources(settings: Settings) -> dict[str, object]:
             vertex_access_token=dg.EnvVar("VERTEX_ACCESS_TOKEN") if settings.VERTEX_ACCESS_TOKEN else None,
             primary_model_name=settings.PRIMARY_MODEL_NAME,
             optimizer_model_name=settings.OPTIMIZER_MODEL_NAME,
+            vertex_concurrency=settings.VERTEX_CONCURRENCY,
+            vertex_requests_per_minute=settings.VERTEX_REQUESTS_PER_MINUTE,
+            vertex_tokens_per_minute=settings.VERTEX_TOKENS_PER_MINUTE,
+            vertex_max_attempts=settings.VERTEX_MAX_ATTEMPTS,
+            vertex_backoff_initial_s=settings.VERTEX_BACKOFF_INITIAL_S,
+            vertex_timeout_s=settings.VERTEX_TIMEOUT_S,
+            vertex_batch_mode=settings.VERTEX_BATCH_MODE,
+            vertex_batch_threshold=settings.VERTEX_BATCH_THRESHOLD,
+            vertex_batch_gcs_prefix=settings.batch_gcs_prefix,
+            vertex_batch_poll_s=settings.VERTEX_BATCH_POLL_S,
+            vertex_prices=(
+                {k: list(v) for k, v in settings.VERTEX_PRICES.items()} if settings.VERTEX_PRICES else None
+            ),
+        ),
+        **build_tracking_resources(settings),
+        "datasets": DatasetsResource(
+            uri=settings.datasets_uri,
+            auto_evaluate=settings.BACKFILL_AUTO_EVALUATE,
+            chunk_rows=settings.EVALUATION_CHUNK_ROWS,
         ),
     }
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
-        assets=ASSETS,
-        jobs=[iteration_job, report_job],
-        sensors=[new_study_sensor, continue_study_sensor],
+        assets=[*ASSETS, *TRACKING_ASSETS, *BACKFILL_ASSETS],
+        jobs=[iteration_job, report_job, evaluation_job, comparison_job, start_study_job],
+        sensors=[
+            new_study_sensor,
+            continue_study_sensor,
+            new_dataset_sensor,
+            new_prompt_version_sensor,
+            evaluation_comparison_sensor,
+        ],
         resources=build_resources(settings or get_settings()),
     )
 

@@ -79,13 +79,26 @@ def execute(
     )
 
 
+def _our_error_names() -> set[str]:
+    """Our error classes carry the actionable message; a library's cause below them does not."""
+    names, todo = set(), [PromptoptError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo.extend(cls.__subclasses__())
+    return names
+
+
 def failure_summary(result: dg.ExecuteInProcessResult) -> str:
-    """The failing step and the innermost error message, without Dagster's wrapping."""
+    """The failing step and the innermost of our errors (else the innermost error), without
+    Dagster's wrapping."""
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE":
-            error = event.event_specific_data.error  # type: ignore[union-attr]
-            while error.cause is not None:
-                error = error.cause
+            chain = [event.event_specific_data.error]  # type: ignore[union-attr]
+            while chain[-1].cause is not None or chain[-1].context is not None:
+                chain.append(chain[-1].cause or chain[-1].context)
+            ours = [e for e in chain if e.cls_name in _our_error_names()]
+            error = ours[-1] if ours else chain[-1]
             return f"step {event.step_key}: {error.cls_name}: {error.message.strip()}"
     return "the run failed before any step ran (see the run in the Dagster UI)"
 

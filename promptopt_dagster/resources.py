@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from typing import Literal
 
@@ -10,8 +11,9 @@ from pydantic import PrivateAttr
 
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import ModelConfig, StudyConfig
+from promptopt_dagster.core.tracking import MlflowTracker
 from promptopt_dagster.llm.base import LLMClient
-from promptopt_dagster.llm.factory import build_client
+from promptopt_dagster.llm.factory import VertexOptions, build_client
 
 
 class PromptStoreResource(dg.ConfigurableResource):
@@ -39,6 +41,18 @@ class LLMResource(dg.ConfigurableResource):
     vertex_access_token: str | None = None
     primary_model_name: str = "gemini-2.5-flash"
     optimizer_model_name: str = "gemini-2.5-pro"
+    # VertexLLM options (settings VERTEX_*; see llm/vertex.py for what each does).
+    vertex_concurrency: int = 16
+    vertex_requests_per_minute: float | None = None
+    vertex_tokens_per_minute: float | None = None
+    vertex_max_attempts: int = 5
+    vertex_backoff_initial_s: float = 1.0
+    vertex_timeout_s: float = 120.0
+    vertex_batch_mode: Literal["auto", "online", "batch"] = "auto"
+    vertex_batch_threshold: int | None = None
+    vertex_batch_gcs_prefix: str | None = None
+    vertex_batch_poll_s: float = 30.0
+    vertex_prices: dict[str, list[float]] | None = None
 
     _clients: dict[tuple, LLMClient] = PrivateAttr(default_factory=dict)
 
@@ -57,6 +71,19 @@ class LLMResource(dg.ConfigurableResource):
                 vertex_location=self.vertex_location,
                 vertex_api_endpoint=self.vertex_api_endpoint,
                 vertex_access_token=self.vertex_access_token,
+                vertex_options=VertexOptions(
+                    concurrency=self.vertex_concurrency,
+                    requests_per_minute=self.vertex_requests_per_minute,
+                    tokens_per_minute=self.vertex_tokens_per_minute,
+                    max_attempts=self.vertex_max_attempts,
+                    backoff_initial_s=self.vertex_backoff_initial_s,
+                    timeout_s=self.vertex_timeout_s,
+                    mode=self.vertex_batch_mode,
+                    batch_threshold=self.vertex_batch_threshold,
+                    batch_gcs_prefix=self.vertex_batch_gcs_prefix,
+                    batch_poll_s=self.vertex_batch_poll_s,
+                    prices=self.vertex_prices,
+                ),
             )
         return self._clients[key]
 
@@ -65,3 +92,37 @@ class LLMResource(dg.ConfigurableResource):
 
     def optimizer(self, study: StudyConfig) -> LLMClient:
         return self.client(study.optimizer_model, "optimizer")
+
+
+class MlflowTrackerResource(dg.ConfigurableResource):
+    """MLflow through `MlflowClient` with explicit run ids (no process-global active run, unlike
+    dagster-mlflow); writes made while the server is down wait in an outbox (core/tracking.py)."""
+
+    tracking_uri: str
+    registry_uri: str | None = None
+    ui_url: str | None = None  # the MLflow UI serving a local store, to make run links absolute
+    outbox_path: str | None = None
+
+    @cached_property
+    def tracker(self) -> MlflowTracker:
+        if self.tracking_uri.startswith(("http://", "https://")):
+            # Fail over to the outbox in seconds, not MLflow's minutes of retries (core/tracking.py).
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        return MlflowTracker(self.tracking_uri, self.registry_uri, outbox_path=self.outbox_path)
+
+    def run_link(self, run_id: str) -> str | None:
+        """An absolute link to the run in the MLflow UI, or None while the run is queued."""
+        url = self.tracker.run_url(run_id)
+        if url and url.startswith("#") and self.ui_url:
+            return f"{self.ui_url.rstrip('/')}/{url}"
+        return url
+
+
+class MetaModelResource(dg.ConfigurableResource):
+    """When the optimizer trusts the meta-model, and how it uses it (settings META_MODEL_*)."""
+
+    min_spearman: float = 0.3  # cross-validated rank correlation needed before it is used
+    overgenerate: int = 2  # propose this many times candidates_per_iteration ...
+    keep_fraction: float = 0.5  # ... and screen only this share of candidates_per_iteration
+    estimator: Literal["ridge", "forest"] = "ridge"

@@ -1,11 +1,24 @@
 """Sensors: start iteration 0 of a newly registered study, and carry a study on iteration after
 iteration until its decision says stop (then request its report)."""
 
+import json
+
 import dagster as dg
 
+from promptopt_dagster.assets.backfill import DatasetsResource
+from promptopt_dagster.core import backfill
+from promptopt_dagster.core.errors import PromptoptError
 from promptopt_dagster.core.prompt_store import PromptStore, iteration_key
-from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB, iteration_job, report_job
-from promptopt_dagster.partitions import parse_key, study_iteration_key
+from promptopt_dagster.jobs import (
+    EVALUATION_JOB,
+    ITERATION_JOB,
+    REPORT_JOB,
+    comparison_job,
+    evaluation_job,
+    iteration_job,
+    report_job,
+)
+from promptopt_dagster.partitions import evaluation_key, parse_key, study_iteration_key
 from promptopt_dagster.resources import PromptStoreResource
 
 DECISION = dg.AssetKey("iteration_decision")
@@ -113,4 +126,138 @@ def continue_study_sensor(
         dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest("iteration", new_keys)]
         if new_keys
         else [],
+    )
+
+
+# --- Evaluations over other datasets (assets/backfill.py) ------------------------------------
+# A dataset file dropped in the datasets location and a new prompt version (a study's seed or an
+# accepted prompt) each become a partition of prompt_evaluation; the user backfills from the UI
+# (or, with BACKFILL_AUTO_EVALUATE, these sensors request the compatible evaluations).
+
+EVALUATION = dg.AssetKey("prompt_evaluation")
+
+
+def _evaluation_requests(
+    pairs: list[tuple[str, str]], signatures: dict[str, str]
+) -> list[dg.RunRequest]:
+    """Idempotent: one run per prompt version x dataset x version of the dataset file."""
+    return [
+        dg.RunRequest(
+            job_name=EVALUATION_JOB,
+            partition_key=evaluation_key(version, dataset),
+            run_key=f"evaluate/{version}/{dataset}/{signatures.get(dataset, '')}",
+            tags={"prompt_version": version, "dataset": dataset},
+        )
+        for version, dataset in pairs
+    ]
+
+
+def _compatible(store: PromptStore, version: str, info: backfill.DatasetInfo) -> list[str]:
+    """Columns `info` lacks for `version` ([] when it can be evaluated there)."""
+    study, prompt_id = backfill.parse_prompt_version(version)
+    return backfill.missing_columns(store.load_prompt(study, prompt_id), store.load_study(study), info)
+
+
+@dg.sensor(
+    jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def new_dataset_sensor(
+    context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
+) -> dg.SensorResult:
+    """Registers each new or changed dataset file that some prompt version can be evaluated on;
+    a malformed file, or one no prompt version fits, is reported on the tick and skipped (and
+    looked at again when it changes or new prompt versions appear)."""
+    store = prompt_store.store
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    seen: dict[str, str] = cursor.get("files", {})
+    versions = backfill.prompt_versions(store)
+    versions_stamp = str(len(versions)) + ":" + (versions[-1] if versions else "")
+    registered = set(context.instance.get_dynamic_partitions("dataset"))
+    new: list[str] = []
+    problems: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    signatures: dict[str, str] = {}
+    for name, uri in datasets.files().items():
+        try:
+            sig = backfill.signature(uri)
+            if seen.get(name) == sig and (name in registered or cursor.get("versions") == versions_stamp):
+                continue
+            seen[name] = sig
+            info = datasets.inspect(name)
+        except PromptoptError as exc:
+            problems.append(f"skipped {name}: {exc}")
+            continue
+        fits = {v: _compatible(store, v, info) for v in versions}
+        ok = [v for v, missing in fits.items() if not missing]
+        if not ok:
+            needs = "; ".join(f"{v} needs {m}" for v, m in fits.items()) or "no study is registered yet"
+            problems.append(f"skipped {name}: no prompt version can be evaluated on it ({needs})")
+            continue
+        signatures[name] = info.signature
+        if name not in registered:
+            new.append(name)
+        pairs.extend((v, name) for v in ok)
+        context.log.info(f"dataset {name}: fits {len(ok)} prompt version(s): {', '.join(ok)}")
+    for line in problems:
+        context.log.warning(line)
+    new_cursor = json.dumps({"files": seen, "versions": versions_stamp}, sort_keys=True)
+    requests = _evaluation_requests(pairs, signatures) if datasets.auto_evaluate else []
+    if not new and not requests:
+        reason = "; ".join(problems) or f"no new dataset in {datasets.uri} ({len(registered)} registered)"
+        return dg.SensorResult(skip_reason=reason, cursor=new_cursor)
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest("dataset", new)] if new else [],
+        cursor=new_cursor,
+    )
+
+
+@dg.sensor(
+    jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def new_prompt_version_sensor(
+    context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
+) -> dg.SensorResult:
+    """Registers every study's seed and each newly accepted prompt as a prompt version, to be
+    evaluated over the registered datasets."""
+    store = prompt_store.store
+    registered = set(context.instance.get_dynamic_partitions("prompt_version"))
+    new = [v for v in backfill.prompt_versions(store) if v not in registered]
+    if not new:
+        return dg.SensorResult(skip_reason=f"no new prompt version ({len(registered)} registered)")
+    requests: list[dg.RunRequest] = []
+    if datasets.auto_evaluate:
+        pairs: list[tuple[str, str]] = []
+        signatures: dict[str, str] = {}
+        for name in context.instance.get_dynamic_partitions("dataset"):
+            try:
+                info = datasets.inspect(name)
+            except PromptoptError as exc:
+                context.log.warning(f"dataset {name} not evaluated: {exc}")
+                continue
+            signatures[name] = info.signature
+            pairs.extend((v, name) for v in new if not _compatible(store, v, info))
+        requests = _evaluation_requests(pairs, signatures)
+    context.log.info(f"new prompt version(s): {', '.join(new)}")
+    return dg.SensorResult(
+        run_requests=requests,
+        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest("prompt_version", new)],
+    )
+
+
+@dg.sensor(
+    job=comparison_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
+)
+def evaluation_comparison_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    """Refreshes evaluation_comparison once new evaluations have landed (cursor: the storage id of
+    the latest prompt_evaluation materialization it has seen)."""
+    after = int(context.cursor) if context.cursor else 0
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=EVALUATION, after_storage_id=after), limit=1000
+    ).records
+    if not records:
+        return dg.SensorResult(skip_reason="no new evaluation")
+    latest = max(r.storage_id for r in records)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"comparison/{latest}")], cursor=str(latest)
     )

@@ -32,6 +32,7 @@ def iteration_decision(
         + usage_of(candidate_predictions)
         + Usage.from_dict(candidate_prompts["usage"])
     )
+    previous = store.records_before(scope.study.name, scope.iteration)
     record = decide(
         scope.study,
         scope.iteration,
@@ -39,10 +40,12 @@ def iteration_decision(
         baseline_metrics["aggregates"],
         [Candidate.model_validate(c) for c in candidate_prompts["candidates"]],
         [CandidateScore.model_validate(s) for s in candidate_metrics["scores"]],
-        store.records_before(scope.study.name, scope.iteration),
+        previous,
         usage,
         warnings=candidate_prompts.get("warnings", []),
     )
+    for cand in candidate_prompts["candidates"]:  # every text, for the meta-model's history
+        store.save_prompt(scope.study.name, PromptState.model_validate(cand["prompt"]))
     store.save_record(record)
     context.log.info(
         f"{scope.study.name} iteration {scope.iteration}: "
@@ -62,6 +65,8 @@ def iteration_decision(
             "llm_calls": record.calls,
             "llm_tokens": record.tokens,
             "total_llm_calls": record.total_calls,
+            "llm_cost_usd": dg.MetadataValue.float(record.cost_usd),
+            "total_llm_cost_usd": dg.MetadataValue.float(sum(r.cost_usd for r in previous) + record.cost_usd),
             "champion": prompt_markdown(record.champion.system_prompt, record.champion.output_prompt),
         }
     )

@@ -5,6 +5,7 @@ import pandas as pd
 
 from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
 from promptopt_dagster.core.iteration import propose_candidates
+from promptopt_dagster.core.meta_model import ranking_plan
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
@@ -24,6 +25,13 @@ def candidate_prompts(
     scope = scope_of(context, prompt_store)
     scores = pd.DataFrame(baseline_metrics["rows"])[["row_id", "split", "score"]]
     scored = baseline_predictions.merge(scores, on=["row_id", "split"], how="left")
+    # The meta-model (meta_model asset), only when its cross-validated quality cleared the bar.
+    plan = ranking_plan(
+        prompt_store.store.root,
+        float(scored.loc[scored["split"] == "train", "score"].mean()),
+        scope.study.candidates_per_iteration,
+    )
+    context.log.info(plan.note)
     result = propose_candidates(
         llm.optimizer(scope.study),
         scope.data(),
@@ -31,14 +39,17 @@ def candidate_prompts(
         scored,
         prompt_store.store.records_before(scope.study.name, scope.iteration),
         scope.iteration,
+        **plan.kwargs(),
     )
     for warning in result.warnings:
         context.log.warning(warning)
     metadata: dict[str, dg.MetadataValue | str | int] = {
         "count": len(result.candidates),
         "strategies": ", ".join(c.strategy for c in result.candidates),
+        "meta_model": plan.note,
         "optimizer_calls": result.usage.calls,
         "optimizer_tokens": result.usage.tokens,
+        "optimizer_cost_usd": dg.MetadataValue.float(result.usage.cost_usd),
     }
     for i, cand in enumerate(result.candidates):
         metadata[f"candidate_{i}"] = prompt_markdown(cand.prompt.system_prompt, cand.prompt.output_prompt)

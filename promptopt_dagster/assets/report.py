@@ -27,6 +27,7 @@ def study_report(
             "final_test_score": dg.MetadataValue.float(report.final_test[study.target_metric]),
             "stop_message": records[-1].stop_message,
             "total_llm_calls": report.total_calls,
+            "total_llm_cost_usd": dg.MetadataValue.float(report.total_cost_usd + report.test_cost_usd),
             "final_prompt": prompt_markdown(
                 report.final_prompt.system_prompt, report.final_prompt.output_prompt
             ),

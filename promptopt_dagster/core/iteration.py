@@ -26,6 +26,7 @@ from promptopt_dagster.core.optimizer import (
     Optimizer,
     ProposalContext,
     ProposalResult,
+    Ranker,
     choose_for_validation,
     collect_failures,
     pick_winner,
@@ -158,7 +159,14 @@ def propose_candidates(
     baseline_scored: pd.DataFrame,
     records: list[IterationRecord],
     iteration: int,
+    ranker: Ranker | None = None,
+    overgenerate: int = 1,
+    keep: int | None = None,
 ) -> ProposalResult:
+    """The optimizer's candidates. With a `ranker` (the meta-model, when it is trusted) it
+    proposes `overgenerate` times as many, and only the `keep` best predicted (default: as
+    many as without a ranker) go on to screening; each keeps its prediction in
+    ``prompt.metadata["predicted_score"]``. Without one, the default path is unchanged."""
     study = data.study
     train_rows = baseline_scored[baseline_scored["split"] == "train"]
     ctx = ProposalContext(
@@ -179,7 +187,20 @@ def propose_candidates(
         temperature=study.optimizer_model.temperature,
         max_tokens=study.optimizer_model.max_tokens,
     )
-    return optimizer.propose(ctx, study.candidates_per_iteration, bandit_from(records, study.seed))
+    k = study.candidates_per_iteration
+    if ranker is None:
+        return optimizer.propose(ctx, k, bandit_from(records, study.seed))
+    result = optimizer.propose(ctx, k * max(1, overgenerate), bandit_from(records, study.seed))
+    predicted = ranker(result.candidates)
+    order = sorted(
+        range(len(result.candidates)),
+        key=lambda i: (-round(predicted[i], 9), len(result.candidates[i].prompt.system_prompt), i),
+    )[: max(1, keep or k)]
+    for i in order:
+        result.candidates[i].prompt.metadata["predicted_score"] = float(predicted[i])
+    result.candidates = [result.candidates[i] for i in order]
+    result.strategies = [result.strategies[i] for i in order] if result.strategies else []
+    return result
 
 
 def screen_and_confirm(

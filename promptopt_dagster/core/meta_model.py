@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,6 +24,8 @@ import pandas as pd
 from promptopt_dagster.core.errors import OptimizerError
 
 if TYPE_CHECKING:
+    from promptopt_dagster.core.prompt_store import PromptStore
+    from promptopt_dagster.core.records import Candidate
     from promptopt_dagster.core.tracking import MlflowTracker
 
 MIN_ROWS = 8  # below this, cross-validation says "not enough data"
@@ -295,16 +298,19 @@ class MetaModel:
         model.cv_result = meta.get("cv_result")
         return model
 
-    def log_to_mlflow(self, tracker: MlflowTracker, run_id: str, name: str = "meta_model") -> None:
+    def log_to_mlflow(
+        self, tracker: MlflowTracker, run_id: str, name: str = "meta_model", step: int = 0
+    ) -> None:
         """Log the fitted pipeline (`mlflow.sklearn.log_model` on the tracker's URI, explicit pip
         requirements), its CV quality as metrics and its settings as params."""
         if self.pipeline is None:
             raise OptimizerError("nothing to log: the meta-model is not fitted")
         result = self.cv_result or (self.cross_validate() if self.history is not None else {})
-        tracker.log_params(
+        tracker.log_params(run_id, {f"{name}.estimator": self.estimator})
+        # Tags, not params: a refit in the same run (re-materialization) may see more rows.
+        tracker.set_tags(
             run_id,
             {
-                f"{name}.estimator": self.estimator,
                 f"{name}.n_rows": self._meta()["n_rows"],
                 f"{name}.cv": result.get("scheme", result.get("status", "none")),
             },
@@ -315,5 +321,148 @@ class MetaModel:
             if k in ("spearman", "spearman_within_study", "mae", "mae_mean_baseline") and v is not None
         }
         if metrics:
-            tracker.log_metrics(run_id, metrics, step=0)
+            tracker.log_metrics(run_id, metrics, step=step)
         tracker.log_sklearn_model(run_id, self.pipeline, name=name)
+
+
+# --- the history it learns from, where it is kept, and how the optimizer uses it ---------------
+
+HISTORY_COLUMNS = (
+    "study",
+    "iteration",
+    "prompt_id",
+    "strategy",
+    "system_prompt",
+    "output_prompt",
+    "parent_score",
+    "score",
+)
+STORE_DIR = "meta_model"
+MODEL_FILE = "model.skops"
+INFO_FILE = "model.json"
+
+
+def history_from_store(store: PromptStore, studies: Sequence[str] | None = None) -> pd.DataFrame:
+    """Every screened candidate of every iteration of every study: its texts, its minibatch score
+    (``score``) and the incumbent's score on the same minibatch (``parent_score``). The minibatch
+    score is the one every candidate has (only the best go on to validation), and it is exactly
+    what the meta-model stands in for. Candidates whose text was not saved are skipped."""
+    rows: list[dict[str, Any]] = []
+    for study in studies if studies is not None else store.studies():
+        for record in store.records(study):
+            for cand in record.candidates:
+                try:
+                    prompt = store.load_prompt(study, cand.candidate_id)
+                except FileNotFoundError:
+                    continue
+                rows.append(
+                    {
+                        "study": study,
+                        "iteration": record.iteration,
+                        "prompt_id": cand.candidate_id,
+                        "strategy": cand.strategy,
+                        "system_prompt": prompt.system_prompt,
+                        "output_prompt": prompt.output_prompt,
+                        "parent_score": record.incumbent_train_score,
+                        "score": cand.train_score,
+                    }
+                )
+    return pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+
+
+def training_frame(history: pd.DataFrame) -> pd.DataFrame:
+    """The columns `MetaModel.fit` learns from (ids, iteration and strategy are bookkeeping)."""
+    return history[["study", "system_prompt", "output_prompt", "parent_score", "score"]]
+
+
+def save_to_store(model: MetaModel, root: str, info: Mapping[str, Any]) -> str:
+    """The fitted pipeline (skops) and `info` (CV quality, whether it is trusted, the optimizer
+    policy) under ``<root>/meta_model/``, local or gs://, for the next iteration's optimizer."""
+    import skops.io as sio
+
+    from promptopt_dagster.core.storage import join, write_bytes, write_text
+
+    if model.pipeline is None:
+        raise OptimizerError("nothing to save: the meta-model is not fitted")
+    folder = join(root, STORE_DIR)
+    write_bytes(join(folder, MODEL_FILE), sio.dumps(model.pipeline))
+    write_text(join(folder, INFO_FILE), json.dumps({**model._meta(), **dict(info)}, indent=2, default=str))
+    return folder
+
+
+def load_from_store(root: str) -> tuple[MetaModel, dict[str, Any]] | None:
+    """The saved meta-model and its info, or None when none was trained yet."""
+    import skops.io as sio
+
+    from promptopt_dagster.core.storage import exists, join, read_bytes, read_text
+
+    folder = join(root, STORE_DIR)
+    if not exists(join(folder, INFO_FILE)) or not exists(join(folder, MODEL_FILE)):
+        return None
+    info = json.loads(read_text(join(folder, INFO_FILE)))
+    data = read_bytes(join(folder, MODEL_FILE))
+    untrusted = sio.get_untrusted_types(data=data)
+    unexpected = [t for t in untrusted if not t.startswith(("sklearn.", "numpy.", "scipy."))]
+    if unexpected:
+        raise OptimizerError(f"{folder} holds unexpected types {unexpected}; refusing to load it")
+    model = MetaModel(info["estimator"], info["seed"], info["min_rows"])
+    model.pipeline = sio.loads(data, trusted=untrusted)
+    model.feature_columns = list(info["feature_columns"])
+    model.cv_result = info.get("cv_result")
+    return model, info
+
+
+def ranker_for(model: MetaModel, parent_score: float) -> Callable[[list[Candidate]], list[float]]:
+    """A `core.optimizer.Ranker`: predicted minibatch scores of candidates derived from an
+    incumbent that scored `parent_score` on this iteration's minibatch."""
+
+    def rank(candidates: list[Candidate]) -> list[float]:
+        return model.predict(
+            [
+                {
+                    "system_prompt": c.prompt.system_prompt,
+                    "output_prompt": c.prompt.output_prompt,
+                    "parent_score": parent_score,
+                }
+                for c in candidates
+            ]
+        )
+
+    return rank
+
+
+@dataclass
+class RankingPlan:
+    """How the optimizer uses the meta-model this iteration (`propose_candidates` keywords)."""
+
+    ranker: Callable[[list[Candidate]], list[float]] | None = None
+    overgenerate: int = 1
+    keep: int | None = None
+    note: str = "no meta-model yet"
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"ranker": self.ranker, "overgenerate": self.overgenerate, "keep": self.keep}
+
+
+def ranking_plan(root: str, parent_score: float, candidates_per_iteration: int) -> RankingPlan:
+    """Use the saved meta-model only if it was trusted when trained (its CV rank correlation
+    cleared the threshold the meta_model asset applied); else the default path, unchanged."""
+    loaded = load_from_store(root)
+    if loaded is None:
+        return RankingPlan()
+    model, info = loaded
+    cv = info.get("cv_result") or {}
+    quality = f"CV spearman {cv.get('spearman')}, {cv.get('n_rows', 0)} rows"
+    if not info.get("useful"):
+        return RankingPlan(note=f"meta-model not trusted ({quality}; needs {info.get('min_spearman')})")
+    overgenerate = max(1, int(info.get("overgenerate", 2)))
+    keep = max(1, math.ceil(candidates_per_iteration * float(info.get("keep_fraction", 0.5))))
+    return RankingPlan(
+        ranker=ranker_for(model, parent_score),
+        overgenerate=overgenerate,
+        keep=keep,
+        note=(
+            f"meta-model ranks {overgenerate}x{candidates_per_iteration} proposals, "
+            f"screens {keep} ({quality})"
+        ),
+    )

@@ -21,6 +21,7 @@ class IterationRow(BaseModel):
     tokens: int
     llm_seconds: float
     wall_seconds: float | None = None
+    cost_usd: float = 0.0
 
 
 class StudyReport(BaseModel):
@@ -37,6 +38,8 @@ class StudyReport(BaseModel):
     total_tokens: int
     test_calls: int
     stop_message: str
+    total_cost_usd: float = 0.0  # the iterations' LLM calls, from the price table (0 on local models)
+    test_cost_usd: float = 0.0  # the test-split scoring of this report
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([r.model_dump() for r in self.rows])
@@ -66,6 +69,7 @@ def build_report(
             tokens=r.tokens,
             llm_seconds=round(r.llm_seconds, 1),
             wall_seconds=(wall_seconds or {}).get(r.iteration),
+            cost_usd=r.cost_usd,
         )
         for r in records
     ]
@@ -83,4 +87,6 @@ def build_report(
         total_tokens=records[-1].total_tokens,
         test_calls=u1.calls + u2.calls,
         stop_message=records[-1].stop_message,
+        total_cost_usd=sum(r.cost_usd for r in records),
+        test_cost_usd=u1.cost_usd + u2.cost_usd,
     )

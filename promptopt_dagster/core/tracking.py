@@ -63,6 +63,8 @@ TAG_STUDY = "promptopt.study"
 TAG_ITERATION = "promptopt.iteration"
 TAG_CANDIDATE = "promptopt.candidate"
 TAG_KIND = "promptopt.kind"
+TAG_KEY = "promptopt.key"
+TAG_PROMPT_ID = "promptopt.prompt_id"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
 
 # MLflow's own limits (mlflow.utils.validation); repeated so importing this module stays light.
@@ -112,7 +114,7 @@ class TrackingError(StorageError):
 def is_secret_key(key: str) -> bool:
     """True when a key's name suggests its value is a credential (token, key, secret, password...)."""
     lowered = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
-    if lowered.startswith("mlflow.") or lowered in _SAFE_KEYS:
+    if lowered.startswith("mlflow.") or lowered.rsplit(".", 1)[-1] in _SAFE_KEYS:
         return False
     words = [w for w in re.split(r"[^a-z0-9]+", lowered) if w]
     return any(w in _SECRET_WORDS or w.endswith(_SECRET_SUFFIXES) for w in words)
@@ -505,6 +507,25 @@ class MlflowTracker:
         }
         return self._call("candidate_run", args, create_key=[self.resolve(parent_run_id), candidate_id])
 
+    def keyed_run(
+        self,
+        study: str,
+        key: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A top-level run named `key` in `study`'s experiment (created once, found by tag after),
+        for what is neither an iteration nor a candidate, e.g. a meta-model fit."""
+        _check_id("study", study)
+        _check_id("key", key)
+        args = {
+            "study": study,
+            "key": key,
+            "params": safe_items(params, MAX_PARAM_VAL_LENGTH),
+            "tags": safe_items(tags, MAX_TAG_VAL_LENGTH),
+        }
+        return self._call("keyed_run", args, create_key=[study, key])
+
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         values = {str(k): float(v) for k, v in metrics.items() if not is_secret_key(str(k))}
         self._call(
@@ -579,18 +600,42 @@ class MlflowTracker:
         commit_message: str | None = None,
         tags: Mapping[str, Any] | None = None,
         champion: bool = False,
+        run_id: str | None = None,
     ) -> int | None:
         """A new prompt version; returns its number, or None if it was queued during an outage
-        (pass ``champion=True`` to alias it in the same step, which also works when queued)."""
+        (pass ``champion=True`` to alias it in the same step, which also works when queued).
+        With `run_id` the version is linked to that run (the run page lists its prompts)."""
         args = {
             "study": study,
             "system_prompt": redact(system_prompt),
             "output_prompt": redact(output_prompt),
-            "commit_message": commit_message,
+            "commit_message": redact(commit_message) if commit_message else commit_message,
             "tags": safe_items(tags, MAX_TAG_VAL_LENGTH),
             "champion": champion,
+            "run_id": run_id,
         }
         return self._call("register_prompt", args)
+
+    def prompt_version_of(self, study: str, prompt_id: str) -> int | None:
+        """The registry version holding PromptState `prompt_id` (tag ``promptopt.prompt_id``),
+        so re-logging an iteration does not register it twice. None if absent or unreachable."""
+        if not self.reachable():
+            return None
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_prompt_versions(prompt_name(study))
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+        except Exception as exc:
+            if self._is_outage(exc):
+                return None
+            raise
+        items = getattr(versions, "prompt_versions", versions)
+        found = [int(v.version) for v in items if (v.tags or {}).get(TAG_PROMPT_ID) == prompt_id]
+        return min(found) if found else None
 
     def set_champion(self, study: str, version: int) -> None:
         self._call("set_champion", {"study": study, "version": int(version)})
@@ -717,6 +762,19 @@ class MlflowTracker:
             self._op_log_params(run_id, params)
         return run_id
 
+    def _op_keyed_run(self, study: str, key: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        exp_id = self._experiment_id(study)
+        ident = {TAG_KIND: "keyed", TAG_STUDY: study, TAG_KEY: key}
+        run_id = self._find_run(exp_id, ident)
+        if run_id is None:
+            run_id = self.client.create_run(exp_id, run_name=key, tags={**tags, **ident}).info.run_id
+        elif tags:
+            self._op_set_tags(run_id, tags)
+        self._run_experiments[run_id] = exp_id
+        if params:
+            self._op_log_params(run_id, params)
+        return run_id
+
     def _op_candidate_run(
         self, parent_run_id: str, candidate_id: str, params: dict[str, str], tags: dict[str, str]
     ) -> str:
@@ -829,6 +887,7 @@ class MlflowTracker:
         commit_message: str | None,
         tags: dict[str, str],
         champion: bool,
+        run_id: str | None = None,
     ) -> int:
         name = prompt_name(study)
         template = [{"role": "system", "content": system_prompt}, {"role": "user", "content": output_prompt}]
@@ -838,6 +897,10 @@ class MlflowTracker:
         version = int(pv.version)
         if champion:
             self._op_set_champion(study, version)
+        if run_id:
+            # The registry store resolves the run through the *global* tracking URI.
+            with _mlflow_global_uris(self.tracking_uri, self.registry_uri):
+                self.client.link_prompt_version_to_run(run_id, f"prompts:/{name}/{version}")
         return version
 
     def _op_set_champion(self, study: str, version: int) -> None:

@@ -62,10 +62,14 @@ HOST = "127.0.0.1"
 Responder = Callable[[dict[str, Any]], str]
 Latency = float | Callable[[dict[str, Any]], float]
 
-_GENERATE = re.compile(r"^/(?P<version>v1[^/]*)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
-                       r"/publishers/google/models/(?P<model>[^/:]+):generateContent$")
-_BATCHES = re.compile(r"^/(?P<version>v1[^/]*)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
-                      r"/batchPredictionJobs(?:/(?P<job>[^/]+))?$")
+_GENERATE = re.compile(
+    r"^/(?P<version>v1[^/]*)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+    r"/publishers/google/models/(?P<model>[^/:]+):generateContent$"
+)
+_BATCHES = re.compile(
+    r"^/(?P<version>v1[^/]*)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+    r"/batchPredictionJobs(?:/(?P<job>[^/]+))?$"
+)
 
 
 def user_text(body: dict[str, Any]) -> str:
@@ -158,8 +162,10 @@ class BatchJob:
             "state": self.state,
             "createTime": self.created,
             "inputConfig": {"instancesFormat": "jsonl", "gcsSource": {"uris": self.input_uris}},
-            "outputConfig": {"predictionsFormat": "jsonl",
-                             "gcsDestination": {"outputUriPrefix": self.output_prefix}},
+            "outputConfig": {
+                "predictionsFormat": "jsonl",
+                "gcsDestination": {"outputUriPrefix": self.output_prefix},
+            },
         }
         if self.state == "JOB_STATE_SUCCEEDED":
             out["outputInfo"] = {"gcsOutputDirectory": self.output_dir}
@@ -325,8 +331,13 @@ class VertexServer:
         except json.JSONDecodeError:
             body = None
         auth = request.headers.get("Authorization", "")
-        record = RecordedRequest(request.method, request.path, body, time.monotonic(),
-                                 auth_scheme=auth.split(" ", 1)[0] if auth else "")
+        record = RecordedRequest(
+            request.method,
+            request.path,
+            body,
+            time.monotonic(),
+            auth_scheme=auth.split(" ", 1)[0] if auth else "",
+        )
         with self._lock:
             self.requests.append(record)
         try:
@@ -366,8 +377,9 @@ class VertexServer:
                 message = fault.message.replace("{authorization}", auth)
                 return _error(fault.status, message, _STATUS_NAMES.get(fault.status, "UNKNOWN"), headers)
             if fault is not None and fault.kind == "malformed_json":
-                return web.Response(text='{"candidates": [{"content": {"parts": [{"te',
-                                    content_type="application/json")
+                return web.Response(
+                    text='{"candidates": [{"content": {"parts": [{"te', content_type="application/json"
+                )
             try:
                 text = self.responder(body)
             except Exception as exc:
@@ -384,15 +396,23 @@ class VertexServer:
             uris = list(body["inputConfig"]["gcsSource"]["uris"])
             prefix = body["outputConfig"]["gcsDestination"]["outputUriPrefix"]
         except (KeyError, TypeError):
-            return _error(400, "batch job needs inputConfig.gcsSource.uris and "
-                               "outputConfig.gcsDestination.outputUriPrefix", "INVALID_ARGUMENT")
+            return _error(
+                400,
+                "batch job needs inputConfig.gcsSource.uris and outputConfig.gcsDestination.outputUriPrefix",
+                "INVALID_ARGUMENT",
+            )
         with self._lock:
             self._job_counter += 1
             job_id = str(1000 + self._job_counter)
         project, location = match.group("project"), match.group("location")
         name = f"projects/{project}/locations/{location}/batchPredictionJobs/{job_id}"
-        job = BatchJob(name=name, model=body.get("model", ""), display_name=body.get("displayName", ""),
-                       input_uris=uris, output_prefix=prefix)
+        job = BatchJob(
+            name=name,
+            model=body.get("model", ""),
+            display_name=body.get("displayName", ""),
+            input_uris=uris,
+            output_prefix=prefix,
+        )
         self.jobs[job_id] = job
         loop = asyncio.get_running_loop()
         loop.run_in_executor(None, self._run_job, job)
@@ -444,8 +464,16 @@ class VertexServer:
         job.done = True
 
 
-_STATUS_NAMES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-                 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+_STATUS_NAMES = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 
 
 def _format_seconds(seconds: float) -> str:
@@ -459,12 +487,16 @@ def _error(status: int, message: str, name: str, headers: dict[str, str] | None 
 
 def _reply(model: str, body: dict[str, Any], text: str) -> dict[str, Any]:
     prompt = system_text(body) + "".join(
-        part.get("text", "") for c in body.get("contents", []) for part in c.get("parts", []))
+        part.get("text", "") for c in body.get("contents", []) for part in c.get("parts", [])
+    )
     prompt_tokens, completion_tokens = count_tokens(prompt), count_tokens(text)
     return {
         "candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP"}],
-        "usageMetadata": {"promptTokenCount": prompt_tokens, "candidatesTokenCount": completion_tokens,
-                          "totalTokenCount": prompt_tokens + completion_tokens},
+        "usageMetadata": {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": completion_tokens,
+            "totalTokenCount": prompt_tokens + completion_tokens,
+        },
         "modelVersion": model,
     }
 
@@ -494,10 +526,18 @@ class VertexServerProcess:
         return self._proc.pid
 
     def start(self) -> VertexServerProcess:
-        cmd = [sys.executable, "-m", "promptopt_dagster_tests.support.vertex_server",
-               "--port", str(self.port), "--latency-ms", str(self.latency_ms)]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "promptopt_dagster_tests.support.vertex_server",
+            "--port",
+            str(self.port),
+            "--latency-ms",
+            str(self.latency_ms),
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

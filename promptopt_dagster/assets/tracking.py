@@ -1,0 +1,100 @@
+"""MLflow logging of each iteration: the last asset of the iteration job, after the decision.
+
+The decision is already saved in the prompt store when this runs, so tracking can never lose an
+optimization: an MLflow outage queues the writes in the tracker's outbox (replayed on the next
+successful call), and any other MLflow error is logged as a warning and shown in the metadata.
+"""
+
+import dagster as dg
+import pandas as pd
+
+from promptopt_dagster.assets.common import GROUP, scope_of
+from promptopt_dagster.core.experiment_log import build_iteration_log, log_iteration
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.study import ModelConfig
+from promptopt_dagster.core.tracking import experiment_name, prompt_name, scrub
+from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.resources import LLMResource, MlflowTrackerResource, PromptStoreResource
+
+
+def model_name(llm: LLMResource, model: ModelConfig, role: str) -> str:
+    """The model a step used, named as LLMResource.client resolves it (without building it)."""
+    backend = model.backend or llm.backend
+    default = llm.primary_model_name if role == "primary" else llm.optimizer_model_name
+    name = model.name or (llm.local_model_path if backend == "local" else default)
+    return f"{backend}:{name or 'embedded default'}"
+
+
+def dagster_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
+    return {
+        "dagster.run_id": context.run.run_id,
+        "dagster.partition": str(context.partition_key),
+        "dagster.asset_key": context.asset_key.to_user_string(),
+    }
+
+
+@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"mlflow"})
+def iteration_tracking(
+    context: dg.AssetExecutionContext,
+    mlflow: MlflowTrackerResource,
+    llm: LLMResource,
+    prompt_store: PromptStoreResource,
+    current_prompt: dict,
+    baseline_predictions: pd.DataFrame,
+    baseline_metrics: dict,
+    candidate_prompts: dict,
+    candidate_predictions: pd.DataFrame,
+    candidate_metrics: dict,
+    iteration_decision: dict,
+) -> dict:
+    """The iteration's MLflow run (nested runs per candidate) and the accepted prompt's version
+    in the Prompt Registry; the metadata links to the run."""
+    scope = scope_of(context, prompt_store)
+    study = scope.study
+    log = build_iteration_log(
+        study,
+        IterationRecord.model_validate(iteration_decision),
+        PromptState.model_validate(current_prompt),
+        baseline_predictions,
+        baseline_metrics,
+        candidate_prompts,
+        candidate_predictions,
+        candidate_metrics,
+        models={
+            "primary": model_name(llm, study.primary_model, "primary"),
+            "optimizer": model_name(llm, study.optimizer_model, "optimizer"),
+        },
+        tags=dagster_tags(context),
+    )
+    tracker = mlflow.tracker
+    metadata: dict[str, dg.RawMetadataValue] = {
+        "mlflow_experiment": experiment_name(study.name),
+        "prompt_registry_name": prompt_name(study.name),
+    }
+    try:
+        logged = log_iteration(tracker, log)
+    except Exception as exc:  # tracking must never fail an optimization that is already saved
+        message = f"MLflow logging failed ({type(exc).__name__}: {scrub(str(exc))[:300]})"
+        context.log.warning(message + "; the iteration's decision is saved, only its tracking is missing")
+        context.add_output_metadata({**metadata, "mlflow_status": message})
+        return {"status": "failed", "error": message}
+    link = mlflow.run_link(logged.run_id)
+    status = "logged" if not logged.queued else f"{logged.queued} call(s) queued (MLflow unreachable)"
+    if logged.queued:
+        context.log.warning(f"MLflow is unreachable: {status} in {tracker.outbox_path}; replayed later")
+    metadata |= {
+        "mlflow_status": status,
+        "mlflow_run": dg.MetadataValue.url(link) if link else "queued (MLflow unreachable)",
+        "mlflow_run_id": logged.run_id,
+        "candidate_runs": len(logged.candidate_runs),
+        "prompt_versions": dg.MetadataValue.json({k: v for k, v in logged.prompt_versions.items()}),
+    }
+    context.add_output_metadata(metadata)
+    return {
+        "status": status,
+        "run_id": logged.run_id,
+        "run_url": link,
+        "candidate_runs": logged.candidate_runs,
+        "prompt_versions": logged.prompt_versions,
+    }

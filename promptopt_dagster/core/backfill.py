@@ -1,0 +1,430 @@
+"""Evaluations of prompt versions over other datasets, in bounded memory (no Dagster here).
+
+Convention for the datasets location (a local folder or a gs:// prefix, settings.datasets_uri):
+
+- every ``*.csv``, ``*.jsonl`` / ``*.ndjson`` and ``*.parquet`` / ``*.pq`` file directly in it is
+  a dataset; its file name is its partition key;
+- an optional sidecar ``<file stem>.yaml`` next to it (``reviews.yaml`` for ``reviews.csv``)
+  says how to read it: ``reference_column`` (default: each study's own reference column),
+  ``id_column`` (default: the row number), ``columns`` (a renaming, file column -> study
+  column, e.g. ``{text: review}``) and a free-text ``description``;
+- a prompt version can be evaluated on a dataset when the dataset has every column its template
+  uses (``{column}``) and the reference column. Other input columns of the study are optional.
+
+A dataset is read in chunks of rows (pyarrow streaming readers), each chunk is run through the
+same `run_prompt` / `score_predictions` as an iteration, and the scored rows are appended to a
+Parquet file: memory stays bounded by the chunk size, whatever the number of rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from promptopt_dagster.core.errors import DatasetError
+from promptopt_dagster.core.iteration import run_prompt, score_predictions, usage_of
+from promptopt_dagster.core.metrics import EvaluatorService
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.prompt_store import PromptStore
+from promptopt_dagster.core.storage import (
+    as_path,
+    exists,
+    join,
+    list_files,
+    read_text,
+    redact,
+    with_retries,
+    write_text,
+)
+from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.llm.base import LLMClient, Usage
+
+CSV_EXTENSIONS = (".csv",)
+JSONL_EXTENSIONS = (".jsonl", ".ndjson")
+PARQUET_EXTENSIONS = (".parquet", ".pq")
+DATASET_EXTENSIONS = CSV_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS
+DEFAULT_CHUNK_ROWS = 1000
+# Bytes pyarrow's CSV / JSON readers parse at once: with the chunk size, what bounds memory.
+READ_BLOCK_BYTES = 1 << 20
+EVALUATIONS_DIR = "evaluations"
+
+Progress = Callable[[str], None]
+
+
+class DatasetSpec(BaseModel):
+    """The optional sidecar ``<stem>.yaml`` of a dataset file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reference_column: str | None = Field(None, description="the expected output; default: the study's")
+    id_column: str | None = Field(None, description="stable row id; default: the 1-based row number")
+    columns: dict[str, str] = Field(default_factory=dict, description="rename: file column -> study column")
+    description: str = ""
+
+
+class DatasetInfo(BaseModel):
+    """A dataset file as the sensors see it: its columns (after the sidecar's renaming)."""
+
+    name: str
+    uri: str
+    columns: list[str]
+    spec: DatasetSpec
+    signature: str
+
+
+class EvaluationSummary(BaseModel):
+    """What one (prompt version, dataset) evaluation measured; scores are per-row means."""
+
+    prompt_version: str
+    study: str
+    prompt_id: str
+    dataset: str
+    rows: int
+    failed_rows: int
+    target_metric: str
+    scores: dict[str, float]
+    usage: dict[str, float]
+    predictions_uri: str
+    seconds: float
+    chunks: int
+
+
+# --- prompt versions -----------------------------------------------------------------------------
+
+
+def prompt_version_key(study: str, prompt_id: str) -> str:
+    """The partition key of a prompt version: ``<study>:<prompt id>``."""
+    return f"{study}:{prompt_id}"
+
+
+def parse_prompt_version(key: str) -> tuple[str, str]:
+    """(study, prompt id) of a prompt version key."""
+    study, sep, prompt_id = key.partition(":")
+    if not sep or not study or not prompt_id:
+        raise DatasetError(f"prompt version key {key!r} is not of the form '<study>:<prompt id>'")
+    return study, prompt_id
+
+
+def prompt_versions(store: PromptStore) -> list[str]:
+    """The versions worth comparing elsewhere: every study's seed and every accepted prompt."""
+    keys: list[str] = []
+    for study in store.studies():
+        keys.append(prompt_version_key(study, f"{study}-seed"))
+        for record in sorted(store.records(study), key=lambda r: r.iteration):
+            if record.accepted and record.accepted_id:
+                keys.append(prompt_version_key(study, record.accepted_id))
+    return list(dict.fromkeys(keys))
+
+
+# --- the datasets location ----------------------------------------------------------------------
+
+
+def extension(uri: str) -> str:
+    return os.path.splitext(as_path(uri).name)[1].lower()
+
+
+def list_datasets(folder: str) -> dict[str, str]:
+    """Dataset files directly in `folder` (local or gs://): {file name: uri}, sorted."""
+    return {as_path(f).name: f for f in list_files(folder, "*") if extension(f) in DATASET_EXTENSIONS}
+
+
+def sidecar_uri(dataset_uri: str) -> str:
+    path = as_path(dataset_uri)
+    return str(path.parent / f"{path.stem}.yaml")
+
+
+def load_spec(dataset_uri: str) -> DatasetSpec:
+    """The dataset's sidecar, or the defaults when it has none."""
+    uri = sidecar_uri(dataset_uri)
+    if not exists(uri):
+        return DatasetSpec()
+    try:
+        raw = yaml.safe_load(read_text(uri)) or {}
+        return DatasetSpec.model_validate(raw)
+    except (yaml.YAMLError, ValidationError) as exc:
+        raise DatasetError(
+            f"sidecar {redact(uri)} of dataset {as_path(dataset_uri).name} is invalid: {exc}. It may set "
+            "reference_column, id_column, columns (file column -> study column) and description."
+        ) from exc
+
+
+def signature(uri: str) -> str:
+    """Changes when the file changes (size and modification time, or the GCS generation)."""
+    info: dict[str, Any] = with_retries("stat", uri, lambda fs, p: fs.info(p))
+    stamp = info.get("generation") or info.get("mtime") or info.get("updated") or info.get("etag") or ""
+    return f"{info.get('size', '')}-{stamp}"
+
+
+def _open(uri: str) -> Any:
+    try:
+        return as_path(uri).open("rb")
+    except FileNotFoundError as exc:
+        raise DatasetError(f"dataset file {redact(uri)} does not exist") from exc
+
+
+def file_columns(uri: str) -> list[str]:
+    """The file's columns, read from its header, first line or Parquet footer only."""
+    ext = extension(uri)
+    shown = redact(uri)
+    if ext not in DATASET_EXTENSIONS:
+        raise DatasetError(f"{shown}: unsupported extension {ext!r}; use one of {DATASET_EXTENSIONS}")
+    try:
+        with _open(uri) as handle:
+            if ext in PARQUET_EXTENSIONS:
+                return [str(n) for n in pq.ParquetFile(handle).schema_arrow.names]
+            first = handle.readline().decode("utf-8").strip()
+            if not first:
+                raise DatasetError(f"dataset {shown} is empty; add a header row and data rows")
+            if ext in CSV_EXTENSIONS:
+                header = next(csv.reader([first]))
+                if handle.readline().strip() == b"":
+                    raise DatasetError(f"dataset {shown} has a header but no data rows; add rows")
+                return [h.strip() for h in header]
+            return [str(k) for k in pajson.read_json(io.BytesIO(first.encode())).column_names]
+    except DatasetError:
+        raise
+    except Exception as exc:  # pyarrow / csv / unicode errors all mean "not readable as that format"
+        raise DatasetError(
+            f"could not read dataset {shown}: {type(exc).__name__}: {str(exc)[:300]}. Check that the file "
+            f"is valid {ext[1:].upper()} and that its extension matches its format."
+        ) from exc
+
+
+def inspect_dataset(name: str, uri: str) -> DatasetInfo:
+    """Read the header and the sidecar; DatasetError when either is unusable."""
+    spec = load_spec(uri)
+    raw = file_columns(uri)
+    unknown = sorted(set(spec.columns) - set(raw))
+    if unknown or (spec.id_column and spec.id_column not in raw):
+        bad = unknown or [spec.id_column]
+        raise DatasetError(
+            f"sidecar {redact(sidecar_uri(uri))} names column(s) {bad} that {name} does not have; "
+            f"its columns are {raw}"
+        )
+    columns = [spec.columns.get(c, c) for c in raw]
+    if spec.reference_column and spec.reference_column not in columns:
+        raise DatasetError(
+            f"sidecar {redact(sidecar_uri(uri))} names reference_column {spec.reference_column!r}, "
+            f"which {name} does not have; its columns are {columns}"
+        )
+    return DatasetInfo(name=name, uri=uri, columns=columns, spec=spec, signature=signature(uri))
+
+
+def reference_for(study: StudyConfig, spec: DatasetSpec) -> str:
+    return spec.reference_column or study.reference_column
+
+
+def missing_columns(prompt: PromptState, study: StudyConfig, info: DatasetInfo) -> list[str]:
+    """Columns the prompt's template and the reference need that the dataset lacks."""
+    needed = [*sorted(prompt.placeholders()), reference_for(study, info.spec)]
+    return [c for c in needed if c not in info.columns]
+
+
+# --- streaming ----------------------------------------------------------------------------------
+
+
+def _source_columns(spec: DatasetSpec, wanted: list[str]) -> dict[str, str]:
+    """{file column: study column} for the study columns in `wanted` the file has."""
+    back = {v: k for k, v in spec.columns.items()}
+    return {back.get(c, c): c for c in wanted}
+
+
+def iter_batches(uri: str, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    """The file's `columns` (file names) in record batches of at most `chunk_rows` rows; CSV
+    values stay strings as written. Only one block of the file is in memory at a time."""
+    ext = extension(uri)
+    with _open(uri) as handle:
+        if ext in PARQUET_EXTENSIONS:
+            batches: Iterator[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
+                batch_size=chunk_rows, columns=columns
+            )
+        elif ext in CSV_EXTENSIONS:
+            batches = pacsv.open_csv(
+                handle,
+                read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=columns, column_types={c: pa.string() for c in columns}
+                ),
+            )
+        else:
+            batches = pajson.open_json(handle, read_options=pajson.ReadOptions(block_size=READ_BLOCK_BYTES))
+        for batch in batches:
+            if ext in JSONL_EXTENSIONS:
+                batch = batch.select(columns)
+            for start in range(0, batch.num_rows, chunk_rows):
+                yield batch.slice(start, chunk_rows)
+
+
+def _as_text(series: pd.Series) -> pd.Series:
+    return series.map(lambda v: "" if v is None or (isinstance(v, float) and pd.isna(v)) else str(v))
+
+
+def _output_schema(study: StudyConfig, metrics: list[str]) -> pa.Schema:
+    fields = [
+        ("row_id", pa.string()),
+        ("prediction", pa.string()),
+        ("reference", pa.string()),
+        ("error", pa.string()),
+        ("cached", pa.bool_()),
+        ("prompt_tokens", pa.int64()),
+        ("completion_tokens", pa.int64()),
+        ("seconds", pa.float64()),
+        ("cost_usd", pa.float64()),
+        *[(c, pa.string()) for c in study.input_columns],
+        *[(m, pa.float64()) for m in metrics],
+        ("score", pa.float64()),
+    ]
+    return pa.schema(fields)
+
+
+def evaluation_dir(root: str, prompt_version: str, dataset: str) -> str:
+    """Where an evaluation's predictions and summary live under the store root."""
+    return join(root, EVALUATIONS_DIR, f"prompt_version={prompt_version}", f"dataset={dataset}")
+
+
+def evaluate_dataset(
+    llm: LLMClient,
+    evaluator: EvaluatorService,
+    study: StudyConfig,
+    prompt: PromptState,
+    info: DatasetInfo,
+    out_dir: str,
+    prompt_version: str,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Progress | None = None,
+) -> EvaluationSummary:
+    """Run `prompt` over every row of the dataset, chunk by chunk, appending scored rows to
+    ``<out_dir>/predictions.parquet``; writes ``summary.json`` there and returns it.
+    Raises DatasetError naming the columns when the dataset lacks what the prompt needs."""
+    missing = missing_columns(prompt, study, info)
+    if missing:
+        raise DatasetError(
+            f"prompt version {prompt_version} cannot be evaluated on dataset {info.name}: its template "
+            f"and reference need column(s) {missing}, which the dataset lacks (it has {info.columns}). "
+            "Evaluate it on a dataset with those columns, or add a sidecar "
+            f"{as_path(sidecar_uri(info.uri)).name} that renames the file's columns "
+            "(columns: {file column: study column}) or names the reference_column."
+        )
+    if chunk_rows < 1:
+        raise DatasetError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    reference = reference_for(study, info.spec)
+    wanted = [c for c in [*study.input_columns, reference] if c in info.columns]
+    if info.spec.id_column:
+        wanted.append(info.spec.columns.get(info.spec.id_column, info.spec.id_column))
+    rename = _source_columns(info.spec, list(dict.fromkeys(wanted)))
+    metrics = evaluator.metric_names
+    schema = _output_schema(study, metrics)
+    sums = dict.fromkeys(metrics, 0.0)
+    usage = Usage()
+    rows = failed = chunks = 0
+    start = time.perf_counter()
+    predictions_uri = join(out_dir, "predictions.parquet")
+    target = as_path(predictions_uri)
+    if target.protocol in ("", "file", "local"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with target.open("wb") as sink, pq.ParquetWriter(sink, schema) as writer:
+            for batch in iter_batches(info.uri, list(rename), chunk_rows):
+                frame = batch.to_pandas().rename(columns=rename)
+                chunk = pd.DataFrame(
+                    {c: _as_text(frame[c]) if c in frame else "" for c in study.input_columns},
+                    index=frame.index,
+                )
+                chunk[study.reference_column] = _as_text(frame[reference])
+                if info.spec.id_column:
+                    chunk["row_id"] = _as_text(
+                        frame[info.spec.columns.get(info.spec.id_column, info.spec.id_column)]
+                    )
+                else:
+                    chunk["row_id"] = [str(rows + i + 1) for i in range(len(frame))]
+                chunk["split"] = "eval"
+                del frame, batch
+                preds = run_prompt(llm, prompt, chunk, study.primary_model, study)
+                scored, _ = score_predictions(evaluator, preds, study.target_metric, ["split"])
+                for m in metrics:
+                    sums[m] += float(scored[m].sum())
+                usage = usage + usage_of(preds)
+                failed += int(scored["error"].notna().sum())
+                rows += len(scored)
+                chunks += 1
+                scored["error"] = scored["error"].astype(object)
+                writer.write_table(
+                    pa.Table.from_pandas(scored[schema.names], schema=schema, preserve_index=False)
+                )
+                if progress and chunks % 10 == 1:
+                    progress(f"{info.name}: {rows} rows evaluated")
+    except DatasetError:
+        raise
+    except (pa.ArrowException, KeyError, UnicodeDecodeError) as exc:
+        raise DatasetError(
+            f"could not read dataset {info.name} after {rows} rows: {type(exc).__name__}: {str(exc)[:300]}. "
+            "Check that the file is well formed and its values consistent from row to row."
+        ) from exc
+    if rows == 0:
+        raise DatasetError(f"dataset {info.name} has no data rows; add rows to it")
+    summary = EvaluationSummary(
+        prompt_version=prompt_version,
+        study=study.name,
+        prompt_id=prompt.id,
+        dataset=info.name,
+        rows=rows,
+        failed_rows=failed,
+        target_metric=study.target_metric,
+        scores={m: sums[m] / rows for m in metrics},
+        usage=usage.as_dict(),
+        predictions_uri=predictions_uri,
+        seconds=time.perf_counter() - start,
+        chunks=chunks,
+    )
+    write_text(join(out_dir, "summary.json"), summary.model_dump_json(indent=2))
+    return summary
+
+
+# --- comparison ---------------------------------------------------------------------------------
+
+
+def load_summaries(root: str) -> list[EvaluationSummary]:
+    """Every evaluation summary under the store root."""
+    files = list_files(join(root, EVALUATIONS_DIR), "*/*/summary.json")
+    return [EvaluationSummary.model_validate_json(read_text(f)) for f in files]
+
+
+def comparison_frame(summaries: list[EvaluationSummary]) -> pd.DataFrame:
+    """Long format: one row per prompt version x dataset x metric."""
+    rows = [
+        {
+            "prompt_version": s.prompt_version,
+            "study": s.study,
+            "dataset": s.dataset,
+            "metric": metric,
+            "value": round(float(value), 6),
+            "rows": s.rows,
+            "target": metric == s.target_metric,
+        }
+        for s in summaries
+        for metric, value in sorted(s.scores.items())
+    ]
+    columns = ["prompt_version", "study", "dataset", "metric", "value", "rows", "target"]
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.sort_values(["dataset", "metric", "prompt_version"], ignore_index=True)
+
+
+def comparison_pivot(frame: pd.DataFrame) -> pd.DataFrame:
+    """Prompt versions as rows, (dataset, metric) as columns: the table to read at a glance."""
+    if frame.empty:
+        return pd.DataFrame()
+    pivot = frame.pivot_table(index="prompt_version", columns=["dataset", "metric"], values="value")
+    pivot.columns = [f"{d} / {m}" for d, m in pivot.columns]
+    return pivot.reset_index()

@@ -1,0 +1,31 @@
+"""A test-only Dagster code location: the product's definitions, from the same settings, with the
+scripted LLMs of support/scripted.py in place of the real backends, so `dagster dev` in tests
+runs whole studies in seconds and never loads a model. Product code is untouched."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from promptopt_dagster.definitions import build_definitions
+from promptopt_dagster.settings import Settings
+from promptopt_dagster_tests.support.scripted import ScriptedLLMResource
+
+
+def build_fake_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or Settings()
+    real = build_definitions(settings)
+    llm = ScriptedLLMResource(
+        model_cache_dir=str(settings.cache_dir / "models"),
+        response_cache_path=str(settings.cache_dir / "llm_responses.sqlite"),
+        cache_enabled=settings.LLM_CACHE_ENABLED,
+    )
+    return dg.Definitions(
+        assets=real.assets,
+        jobs=real.jobs,
+        sensors=real.sensors,
+        schedules=real.schedules,
+        resources={**(real.resources or {}), "llm": llm},
+    )
+
+
+defs = build_fake_definitions()

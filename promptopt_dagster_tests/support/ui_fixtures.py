@@ -1,0 +1,81 @@
+"""Pytest plugin: one `dagster dev` and one finished study for the whole session, shared by
+test_webserver.py and test_browser.py (`dagster dev` takes tens of seconds to start on 2 cores).
+Use it with ``pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from promptopt_dagster.partitions import evaluation_key
+from promptopt_dagster_tests.support.dagster_dev import (
+    ARTIFACTS,
+    BAD_DATASET,
+    FINISHED,
+    NEW_DATASET,
+    STUDY,
+    Backfilled,
+    DagsterDev,
+    StudyRun,
+    free_port,
+    start_study_config,
+    study_finished,
+    wait_for,
+)
+from promptopt_dagster_tests.support.scripted import write_dataset
+
+
+@pytest.fixture(scope="session")
+def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
+    server = DagsterDev(root=tmp_path_factory.mktemp("dagster_dev"), port=free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        code = server.stop()
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "dagster_dev.log").write_text(server.log_tail(200_000))
+        assert code is not None
+
+
+@pytest.fixture(scope="session")
+def finished_study(dagster_dev: DagsterDev) -> StudyRun:
+    """A study launched through the start_study job (GraphQL), carried to its stop by the daemon's
+    sensors, its report included."""
+    write_dataset(dagster_dev.datasets / f"{STUDY}.csv", rows=36)
+    run_id = dagster_dev.client.submit_job_execution("start_study", run_config=start_study_config())
+    wait_for(
+        lambda: study_finished(dagster_dev), 420, f"study {STUDY} to reach its stop and its report", every=2
+    )
+    return StudyRun(STUDY, run_id)
+
+
+@pytest.fixture(scope="session")
+def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
+    server = dagster_dev
+
+    def study_versions() -> list[str] | None:
+        versions = [v for v in server.partition_keys("prompt_version") if v.startswith(f"{STUDY}:")]
+        return versions if len(versions) >= 2 else None  # the seed and the accepted prompt
+
+    versions = wait_for(study_versions, 90, "the seed and the accepted prompt to become prompt versions")
+    write_dataset(server.datasets / NEW_DATASET, rows=20)
+    (server.datasets / BAD_DATASET).write_bytes(b"not parquet")
+    wait_for(lambda: NEW_DATASET in server.partition_keys("dataset"), 90, "the dataset sensor to register it")
+    keys = [str(evaluation_key(v, NEW_DATASET)) for v in versions]
+    backfill_id = server.launch_backfill("prompt_evaluation", keys)
+    status = wait_for(
+        lambda: (s := server.backfill_status(backfill_id)) in FINISHED and s, 300, "the backfill", every=2
+    )
+
+    def compared() -> list[dict[str, Any]] | None:
+        for mat in server.materializations("evaluation_comparison", limit=5):
+            table = mat["metadata"]["comparison"]
+            if {(r["prompt_version"], r["dataset"]) for r in table} >= {(v, NEW_DATASET) for v in versions}:
+                return table
+        return None
+
+    table = wait_for(compared, 120, "the comparison sensor to refresh the comparison", every=2)
+    return Backfilled(NEW_DATASET, versions, backfill_id, status, table)

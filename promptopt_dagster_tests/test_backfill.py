@@ -1,0 +1,284 @@
+"""Evaluations over other datasets: chunked core, sensors, assets, comparison, start_study job."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
+from promptopt_dagster.assets.launch import StartStudyConfig, start_study_job
+from promptopt_dagster.core import backfill
+from promptopt_dagster.core.errors import DatasetError
+from promptopt_dagster.core.iteration import evaluator_for
+from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.llm.fake import ScriptedLLM
+from promptopt_dagster.partitions import evaluation_key
+from promptopt_dagster.sensors import (
+    evaluation_comparison_sensor,
+    new_dataset_sensor,
+    new_prompt_version_sensor,
+    new_study_sensor,
+)
+from promptopt_dagster_tests.conftest import Pipeline
+from promptopt_dagster_tests.support.scripted import primary_responder, write_dataset
+from promptopt_dagster_tests.test_pipeline import materialize_iteration
+from promptopt_dagster_tests.test_pipeline import tick as tick_study
+
+FORMAT_RULE = "Answer with one of: positive, negative."
+
+
+def datasets_dir(p: Pipeline) -> Path:
+    folder = p.root.parent / "datasets"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def resources(p: Pipeline, auto: bool = False, chunk_rows: int = 7) -> dict[str, object]:
+    return {
+        **p.resources(),
+        "datasets": DatasetsResource(uri=str(datasets_dir(p)), auto_evaluate=auto, chunk_rows=chunk_rows),
+    }
+
+
+def tick(p: Pipeline, sensor: dg.SensorDefinition, cursor: str | None = None, **kw: bool) -> dg.SensorResult:
+    ctx = dg.build_sensor_context(instance=p.instance, resources=resources(p, **kw), cursor=cursor)
+    result = sensor(ctx)
+    for req in result.dynamic_partitions_requests or []:
+        p.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+    return result
+
+
+def reason(result: dg.SensorResult) -> str:
+    return result.skip_reason.skip_message if result.skip_reason else ""
+
+
+def info_for(path: Path) -> backfill.DatasetInfo:
+    return backfill.inspect_dataset(path.name, str(path))
+
+
+# --- core -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_evaluate_dataset_streams_chunks_and_scores_every_row(
+    pipeline: Pipeline, tmp_path: Path, fmt: str
+) -> None:
+    study = pipeline.study
+    frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=23), dtype=str)
+    path = tmp_path / f"more.{fmt}"
+    {
+        "csv": lambda: frame.to_csv(path, index=False),
+        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        "parquet": lambda: frame.to_parquet(path),
+    }[fmt]()
+    llm = ScriptedLLM(primary_responder)
+    good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
+    summary = backfill.evaluate_dataset(
+        llm,
+        evaluator_for(study),
+        study,
+        good,
+        info_for(path),
+        str(tmp_path / "out"),
+        "scripted:x",
+        chunk_rows=5,
+    )
+    assert summary.rows == 23 and summary.chunks == 5 and llm.calls == 23
+    assert summary.scores["exact_match"] == 1.0 and 0.99 < summary.scores["f1"] <= 1.0
+    table = pq.read_table(summary.predictions_uri)
+    assert table.num_rows == 23 and pq.ParquetFile(summary.predictions_uri).metadata.num_row_groups == 5
+    assert table.column("row_id").to_pylist()[:2] == ["1", "2"]
+    seed = backfill.evaluate_dataset(
+        llm, evaluator_for(study), study, study.seed_prompt_state(), info_for(path), str(tmp_path / "o2"), "s"
+    )
+    assert seed.scores["exact_match"] == 0.0  # the chatty seed never answers with the bare label
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == 23
+
+
+def test_sidecar_renames_columns_and_names_the_reference(pipeline: Pipeline, tmp_path: Path) -> None:
+    study = pipeline.study
+    frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=10), dtype=str)
+    path = tmp_path / "renamed.csv"
+    frame.rename(columns={"review": "text", "label": "gold", "id": "key"}).to_csv(path, index=False)
+    assert backfill.missing_columns(study.seed_prompt_state(), study, info_for(path)) == ["review", "label"]
+    (tmp_path / "renamed.yaml").write_text(
+        "columns: {text: review}\nreference_column: gold\nid_column: key\n"
+    )
+    info = info_for(path)
+    assert backfill.missing_columns(study.seed_prompt_state(), study, info) == []
+    good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
+    summary = backfill.evaluate_dataset(
+        ScriptedLLM(primary_responder), evaluator_for(study), study, good, info, str(tmp_path / "o"), "v"
+    )
+    assert summary.scores["exact_match"] == 1.0
+    assert pq.read_table(summary.predictions_uri).column("row_id").to_pylist()[0] == "r000"
+
+
+def test_missing_columns_is_a_clear_error(pipeline: Pipeline, tmp_path: Path) -> None:
+    path = tmp_path / "other.csv"
+    pd.DataFrame({"question": ["1+1"], "answer": ["2"]}).to_csv(path, index=False)
+    with pytest.raises(DatasetError, match=r"\['review', 'label'\]"):
+        backfill.evaluate_dataset(
+            ScriptedLLM(primary_responder),
+            evaluator_for(pipeline.study),
+            pipeline.study,
+            pipeline.study.seed_prompt_state(),
+            info_for(path),
+            str(tmp_path / "o"),
+            "scripted:scripted-seed",
+        )
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    with pytest.raises(DatasetError, match="could not read dataset"):
+        info_for(bad)
+
+
+# --- Dagster ----------------------------------------------------------------------------------
+
+
+def test_sensors_register_datasets_and_prompt_versions_then_backfill_compares(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    folder = datasets_dir(p)
+    write_dataset(folder / "fresh.csv", rows=15)
+    pd.DataFrame({"question": ["1+1"], "answer": ["2"]}).to_csv(folder / "arith.csv", index=False)
+    (folder / "broken.jsonl").write_text('{"review": "x", "label": \n')
+    (folder / "empty.csv").write_text("")
+
+    versions = tick(p, new_prompt_version_sensor)
+    assert p.instance.get_dynamic_partitions("prompt_version") == ["scripted:scripted-seed"]
+    assert not versions.run_requests  # backfilled from the UI unless auto_evaluate is on
+
+    first = tick(p, new_dataset_sensor)
+    assert p.instance.get_dynamic_partitions("dataset") == ["fresh.csv"]  # the others are skipped
+    again = tick(p, new_dataset_sensor, cursor=first.cursor)
+    assert "no new dataset" in reason(again)  # cursor: reported once
+
+    # The problems show on a tick: a cursorless tick reports each bad file and why.
+    fresh_tick = tick(p, new_dataset_sensor)
+    for needle in ("broken.jsonl", "empty.csv", "arith.csv", "needs ['review', 'label']"):
+        assert needle in reason(fresh_tick)
+
+    # Iteration 0 accepts a prompt: a new prompt version, evaluated over existing datasets.
+    tick_study(p, new_study_sensor)
+    materialize_iteration(p, 0)
+    auto = tick(p, new_prompt_version_sensor, auto=True)
+    accepted = p.store.load_record("scripted", 0).accepted_id
+    [req] = auto.run_requests
+    assert req.partition_key == evaluation_key(f"scripted:{accepted}", "fresh.csv")
+    assert req.run_key and req.run_key.startswith(f"evaluate/scripted:{accepted}/fresh.csv/")
+
+    keys = [evaluation_key(v, "fresh.csv") for v in p.instance.get_dynamic_partitions("prompt_version")]
+    for key in keys:
+        dg.materialize(
+            BACKFILL_ASSETS[:1], partition_key=str(key), instance=p.instance, resources=resources(p)
+        )
+    comparison = tick(p, evaluation_comparison_sensor)
+    [cmp_req] = comparison.run_requests
+    assert reason(tick(p, evaluation_comparison_sensor, cursor=comparison.cursor)) == "no new evaluation"
+    result = dg.materialize(BACKFILL_ASSETS[1:], instance=p.instance, resources=resources(p))
+    [mat] = result.asset_materializations_for_node("evaluation_comparison")
+    table = mat.metadata["comparison"].value
+    scores = {(r.data["prompt_version"], r.data["metric"]): r.data["value"] for r in table.records}
+    assert scores[("scripted:scripted-seed", "exact_match")] == 0.0
+    assert scores[(f"scripted:{accepted}", "exact_match")] == 1.0
+    assert "fresh.csv / exact_match" in mat.metadata["by_prompt_version"].value
+    assert cmp_req.run_key == f"comparison/{comparison.cursor}"
+
+
+def test_dataset_lacking_columns_fails_with_the_columns_named(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    pd.DataFrame({"question": ["1+1"], "answer": ["2"]}).to_csv(datasets_dir(p) / "arith.csv", index=False)
+    p.instance.add_dynamic_partitions("prompt_version", ["scripted:scripted-seed"])
+    p.instance.add_dynamic_partitions("dataset", ["arith.csv"])
+    result = dg.materialize(
+        BACKFILL_ASSETS[:1],
+        partition_key=str(evaluation_key("scripted:scripted-seed", "arith.csv")),
+        instance=p.instance,
+        resources=resources(p),
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    description = failure.step_failure_data.user_failure_data.description
+    assert "arith.csv lacks column(s) ['review', 'label']" in description
+    assert "['question', 'answer']" in description
+
+
+def test_auto_evaluate_requests_only_compatible_pairs_with_stable_run_keys(pipeline: Pipeline) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    tick(p, new_prompt_version_sensor)
+    write_dataset(datasets_dir(p) / "a.csv", rows=6)
+    first = tick(p, new_dataset_sensor, auto=True)
+    [req] = first.run_requests
+    second = tick(p, new_dataset_sensor, auto=True)  # no cursor: same file, same run key
+    assert [r.run_key for r in second.run_requests] == [req.run_key]
+    write_dataset(datasets_dir(p) / "a.csv", rows=9)  # a changed file is evaluated again
+    third = tick(p, new_dataset_sensor, cursor=first.cursor, auto=True)
+    assert [r.run_key for r in third.run_requests] != [req.run_key] and len(third.run_requests) == 1
+
+
+# --- start_study ------------------------------------------------------------------------------
+
+
+def test_start_study_config_mirrors_study_config_and_documents_every_field() -> None:
+    def check(config: type[dg.Config], model: type) -> None:
+        assert set(config.model_fields) == set(model.model_fields)
+        for name, field in config.model_fields.items():
+            assert field.description, f"{config.__name__}.{name} has no description"
+
+    from promptopt_dagster.assets import launch
+    from promptopt_dagster.core import study
+
+    check(StartStudyConfig, StudyConfig)
+    check(launch.SeedPromptConfig, study.SeedPrompt)
+    check(launch.ModelSettingsConfig, study.ModelConfig)
+    check(launch.SplitsConfig, study.Splits)
+
+
+def start_config(**overrides: object) -> dict:
+    op = {
+        "name": "launched",
+        "dataset": "launch.csv",
+        "input_columns": ["review"],
+        "reference_column": "label",
+        "seed_prompt": {"output_prompt": "{review}"},
+        "metric_options": {"exact_match": {"ignore_case": True}},
+        **overrides,
+    }
+    return {"ops": {"register_study": {"config": op}}}
+
+
+def test_start_study_registers_through_study_config(pipeline: Pipeline) -> None:
+    p = pipeline
+    write_dataset(datasets_dir(p) / "launch.csv", rows=12)
+    res = resources(p)
+    result = start_study_job.execute_in_process(run_config=start_config(), instance=p.instance, resources=res)
+    assert result.success and result.output_for_node("register_study") == "launched"
+    study = p.store.load_study("launched")
+    assert study.dataset == str(datasets_dir(p) / "launch.csv")
+    assert study.metric_options == {"exact_match": {"ignore_case": True}}
+
+    bad = start_study_job.execute_in_process(
+        run_config=start_config(name="other", seed_prompt={"output_prompt": "{text}"}),
+        instance=p.instance,
+        resources=res,
+        raise_on_error=False,
+    )
+    [failure] = [e for e in bad.all_events if e.event_type_value == "STEP_FAILURE"]
+    description = failure.step_failure_data.user_failure_data.description
+    assert "seed_prompt" in description and "['text']" in description
+    missing = start_study_job.execute_in_process(
+        run_config=start_config(name="nodata", dataset="nowhere.csv"),
+        instance=p.instance,
+        resources=res,
+        raise_on_error=False,
+    )
+    assert not missing.success and "nodata" not in p.store.studies()

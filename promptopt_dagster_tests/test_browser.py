@@ -1,0 +1,139 @@
+"""The Dagster UI in a real headless browser (Debian's chromium, driven by Playwright): the asset
+graph, an iteration's asset page with its scores, and the study x iteration partition grid.
+Screenshots go to test-artifacts/ (gitignored) for a human to look at."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from promptopt_dagster.partitions import study_iteration_key
+from promptopt_dagster_tests.support.dagster_dev import (
+    ARTIFACTS,
+    LOCATION,
+    REPOSITORY,
+    Backfilled,
+    DagsterDev,
+    StudyRun,
+)
+
+pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def open_page(page: Page, url: str) -> None:
+    """Go to `url` and wave off the first-visit "Join the Dagster community" dialog if it shows."""
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+    skip = page.get_by_role("button", name="Skip")
+    if skip.count():
+        skip.click()
+        expect(skip).to_have_count(0)
+
+
+def group_url(server: DagsterDev, group: str) -> str:
+    return f"{server.url}/locations/{REPOSITORY}@{LOCATION}/asset-groups/{group}"
+
+
+def test_asset_graph_shows_the_iteration_and_backfill_assets(
+    page: Page, dagster_dev: DagsterDev, finished_study: StudyRun
+) -> None:
+    open_page(page, group_url(dagster_dev, "iteration"))
+    # Zoomed out to fit, the graph shortens long names ("basel..._predictions"): check the short ones.
+    for name in (
+        "current_prompt",
+        "baseline_metrics",
+        "candidate_prompts",
+        "candidate_metrics",
+        "iteration_decision",
+    ):
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    shot(page, "asset_graph_iteration")
+    open_page(page, group_url(dagster_dev, "backfill"))
+    for name in ("prompt_evaluation", "evaluation_comparison"):
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    shot(page, "asset_graph_backfill")
+
+
+def test_iteration_asset_page_shows_the_scores(
+    page: Page, dagster_dev: DagsterDev, finished_study: StudyRun
+) -> None:
+    latest = dagster_dev.materializations("iteration_decision", limit=1)[0]
+    open_page(page, f"{dagster_dev.url}/assets/iteration_decision")
+    for label in ("val_score", "best_val_score", "stop_reason", "champion"):
+        expect(page.get_by_text(label, exact=True).first).to_be_visible()
+    expect(page.get_by_text(latest["metadata"]["stop_message"], exact=True).first).to_be_visible()
+    shot(page, "iteration_asset_page")
+
+
+def test_partition_grid_shows_study_by_iteration_with_each_iterations_scores(
+    page: Page, dagster_dev: DagsterDev, finished_study: StudyRun
+) -> None:
+    key = str(study_iteration_key(finished_study.name, 0))
+    first = next(m for m in dagster_dev.materializations("iteration_decision") if m["partition"] == key)
+    open_page(page, f"{dagster_dev.url}/assets/iteration_decision?view=partitions")
+    expect(page.get_by_text(finished_study.name, exact=True).first).to_be_visible()
+    expect(page.get_by_text("0001", exact=True).first).to_be_visible()
+    shot(page, "partition_grid")
+    page.get_by_text("0000", exact=True).first.click()
+    page.get_by_text(finished_study.name, exact=True).first.click()
+    expect(page.get_by_text(key, exact=True).first).to_be_visible()
+    expect(page.get_by_text("incumbent_val_score", exact=True).first).to_be_visible()
+    expect(
+        page.get_by_text(f"{first['metadata']['incumbent_val_score']:g}", exact=True).first
+    ).to_be_visible()
+    shot(page, "partition_iteration_0")
+
+
+def test_comparison_asset_shows_prompt_version_by_dataset_scores(
+    page: Page, dagster_dev: DagsterDev, backfilled: Backfilled
+) -> None:
+    open_page(page, f"{dagster_dev.url}/assets/evaluation_comparison")
+    for label in ("comparison", "by_prompt_version", "evaluations"):
+        expect(page.get_by_text(label, exact=True).first).to_be_visible()
+    shot(page, "comparison_asset_page")
+    page.get_by_role("button", name="Show table").first.click()  # the table metadata, in a dialog
+    dialog = page.get_by_role("dialog")
+    expect(dialog.get_by_text(backfilled.dataset, exact=True).first).to_be_visible()
+    for version in backfilled.versions:
+        expect(dialog.get_by_text(version, exact=True).first).to_be_visible()
+    shot(page, "comparison_table")

@@ -1,0 +1,93 @@
+"""The UI flows against a real `dagster dev` (webserver + daemon), through its GraphQL API:
+launch a study from the start_study job and watch the sensors carry it to its stop; drop a
+dataset and watch the sensor register it; backfill it and find the comparison filled in."""
+
+from __future__ import annotations
+
+from dagster_graphql import DagsterGraphQLClientError
+
+from promptopt_dagster.partitions import evaluation_key, study_iteration_key
+from promptopt_dagster_tests.support.dagster_dev import (
+    BAD_DATASET,
+    FINISHED,
+    Backfilled,
+    DagsterDev,
+    StudyRun,
+    wait_for,
+)
+
+pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]
+
+
+def test_launched_study_is_carried_to_its_stop_by_the_sensors(
+    dagster_dev: DagsterDev, finished_study: StudyRun
+) -> None:
+    server = dagster_dev
+    assert server.client.get_run_status(finished_study.start_run_id).value == "SUCCESS"
+    decisions = {m["partition"]: m["metadata"] for m in server.materializations("iteration_decision")}
+    first, last = decisions[str(study_iteration_key("uistudy", 0))], decisions[max(decisions)]
+    assert first["accepted"] is True and first["val_score"] > first["incumbent_val_score"]
+    assert last["stop"] is True and last["stop_reason"] == "patience"
+    # Every iteration after the first was requested by continue_study_sensor, and its tick
+    # says why the study stopped.
+    runs = server.runs("iteration_job")
+    sensors = {t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/sensor_name"}
+    assert sensors == {"new_study_sensor", "continue_study_sensor"} and len(runs) == len(decisions)
+    assert all(r["status"] == "SUCCESS" for r in runs)
+    wait_for(
+        lambda: any(
+            "uistudy: stopped after iteration" in tick_text(t)
+            for t in server.sensor_ticks("continue_study_sensor", limit=25)
+        ),
+        60,
+        "a continue_study_sensor tick giving the stop reason",
+    )
+
+
+def tick_text(tick: dict) -> str:
+    """A tick's skip reason and its log lines, as the UI shows them."""
+    return (tick["skipReason"] or "") + " " + " ".join(e["message"] for e in tick["logEvents"]["events"])
+
+
+def test_start_study_with_an_invalid_config_is_refused_before_it_runs(dagster_dev: DagsterDev) -> None:
+    bad = {"ops": {"register_study": {"config": {"name": "x", "dataset": "x.csv"}}}}
+    try:
+        dagster_dev.client.submit_job_execution("start_study", run_config=bad)
+    except DagsterGraphQLClientError as exc:  # the launchpad's config check names the missing fields
+        assert "input_columns" in str(exc.body or exc) or "RunConfigValidationInvalid" in str(exc)
+    else:
+        raise AssertionError("an incomplete start_study config was accepted")
+
+
+def test_new_dataset_is_registered_then_backfilled_into_the_comparison(
+    dagster_dev: DagsterDev, backfilled: Backfilled
+) -> None:
+    server = dagster_dev
+    assert "uistudy:uistudy-seed" in backfilled.versions
+    registered = server.partition_keys("dataset")
+    assert backfilled.dataset in registered and BAD_DATASET not in registered
+    reported = " ".join(tick_text(t) for t in server.sensor_ticks("new_dataset_sensor", limit=25))
+    assert f"skipped {BAD_DATASET}: could not read dataset" in reported
+    assert backfilled.backfill_status in ("COMPLETED", "COMPLETED_SUCCESS")
+    evaluated = {m["partition"] for m in server.materializations("prompt_evaluation")}
+    assert evaluated >= {str(evaluation_key(v, backfilled.dataset)) for v in backfilled.versions}
+    exact = {
+        r["prompt_version"]: r["value"]
+        for r in backfilled.comparison
+        if r["metric"] == "exact_match" and r["dataset"] == backfilled.dataset
+    }
+    assert exact["uistudy:uistudy-seed"] == 0.0 and max(exact.values()) == 1.0
+
+
+def test_evaluating_a_prompt_version_on_a_dataset_without_its_columns_fails_clearly(
+    dagster_dev: DagsterDev, backfilled: Backfilled
+) -> None:
+    """Backfilling over a dataset that lacks the template's columns fails with them named."""
+    server = dagster_dev
+    (server.datasets / "arith.csv").write_text("question,answer\n1+1,2\n")
+    server.add_dynamic_partition("dataset", "arith.csv")  # as if the user added it by hand
+    key = str(evaluation_key("uistudy:uistudy-seed", "arith.csv"))
+    backfill_id = server.launch_backfill("prompt_evaluation", [key])
+    wait_for(lambda: server.backfill_status(backfill_id) in FINISHED, 120, "the backfill", every=2)
+    failures = server.backfill_failures(backfill_id)
+    assert any("arith.csv lacks column(s) ['review', 'label']" in f for f in failures), failures
