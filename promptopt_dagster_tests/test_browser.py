@@ -130,10 +130,9 @@ def test_comparison_asset_shows_prompt_version_by_dataset_scores(
     open_page(page, f"{dagster_dev.url}/assets/evaluation_comparison")
     for label in ("comparison", "by_prompt_version", "evaluations"):
         expect(page.get_by_text(label, exact=True).first).to_be_visible()
-    shot(page, "comparison_asset_page")
-    page.get_by_role("button", name="Show table").first.click()  # the table metadata, in a dialog
-    dialog = page.get_by_role("dialog")
-    expect(dialog.get_by_text(backfilled.dataset, exact=True).first).to_be_visible()
+    # The table metadata renders inline: one row per prompt version x dataset x metric.
+    expect(page.get_by_text(backfilled.dataset, exact=True).first).to_be_visible()
     for version in backfilled.versions:
-        expect(dialog.get_by_text(version, exact=True).first).to_be_visible()
-    shot(page, "comparison_table")
+        expect(page.get_by_text(version, exact=True).first).to_be_visible()
+    expect(page.get_by_text("exact_match", exact=True).first).to_be_visible()
+    shot(page, "comparison_asset_page")

@@ -297,6 +297,7 @@ class DagsterDev:
 
 NEW_DATASET = "holdout_2026.csv"
 BAD_DATASET = "garbage.parquet"
+NO_COLUMNS_DATASET = "arith.csv"
 FINISHED = ("COMPLETED", "COMPLETED_SUCCESS", "FAILED", "COMPLETED_FAILED", "CANCELED")
 
 
@@ -310,6 +311,9 @@ class Backfilled:
     backfill_id: str
     backfill_status: str
     comparison: list[dict[str, Any]]
+    # Launched alongside: the seed over a dataset without its columns (added by hand in the UI).
+    bad_backfill_id: str
+    bad_backfill_status: str
 
 
 @dataclass

@@ -15,6 +15,7 @@ from promptopt_dagster_tests.support.dagster_dev import (
     BAD_DATASET,
     FINISHED,
     NEW_DATASET,
+    NO_COLUMNS_DATASET,
     STUDY,
     Backfilled,
     DagsterDev,
@@ -66,8 +67,18 @@ def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
     wait_for(lambda: NEW_DATASET in server.partition_keys("dataset"), 90, "the dataset sensor to register it")
     keys = [str(evaluation_key(v, NEW_DATASET)) for v in versions]
     backfill_id = server.launch_backfill("prompt_evaluation", keys)
+    # At the same time (one daemon pass for both): the seed over a dataset lacking its columns,
+    # registered by hand as a user could in the UI (the sensor itself skips such a file).
+    (server.datasets / NO_COLUMNS_DATASET).write_text("question,answer\n1+1,2\n")
+    server.add_dynamic_partition("dataset", NO_COLUMNS_DATASET)
+    bad_id = server.launch_backfill(
+        "prompt_evaluation", [str(evaluation_key(f"{STUDY}:{STUDY}-seed", NO_COLUMNS_DATASET))]
+    )
     status = wait_for(
         lambda: (s := server.backfill_status(backfill_id)) in FINISHED and s, 300, "the backfill", every=2
+    )
+    bad_status = wait_for(
+        lambda: (s := server.backfill_status(bad_id)) in FINISHED and s, 120, "the failing backfill", every=2
     )
 
     def compared() -> list[dict[str, Any]] | None:
@@ -78,4 +89,4 @@ def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
         return None
 
     table = wait_for(compared, 120, "the comparison sensor to refresh the comparison", every=2)
-    return Backfilled(NEW_DATASET, versions, backfill_id, status, table)
+    return Backfilled(NEW_DATASET, versions, backfill_id, status, table, bad_id, bad_status)
