@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STUDY  ?= promptopt_dagster/examples/sentiment.yaml
 
-.PHONY: run test ui lint bench install clean
+.PHONY: run test ui lint bench install clean browser
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/promptopt run $(STUDY)
 
-test: install
+# Debian's chromium for the browser tests (Playwright drives it; it downloads no browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
+
+test: install browser
 	$(BIN)/ruff check promptopt_dagster promptopt_dagster_tests benchmarks
 	$(BIN)/pytest
 
