@@ -40,6 +40,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tick_text(tick: dict[str, Any]) -> str:
+    """A sensor tick's skip reason and its log lines, as the UI shows them."""
+    return (tick["skipReason"] or "") + " " + " ".join(e["message"] for e in tick["logEvents"]["events"])
+
+
 def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.5) -> T:
     """Poll `check` until it returns something truthy, or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -314,6 +319,8 @@ class Backfilled:
     # Launched alongside: the seed over a dataset without its columns (added by hand in the UI).
     bad_backfill_id: str
     bad_backfill_status: str
+    # The new_dataset_sensor tick that reported BAD_DATASET (reported once: ticks move on).
+    bad_dataset_report: str
 
 
 @dataclass

@@ -23,6 +23,7 @@ from promptopt_dagster_tests.support.dagster_dev import (
     free_port,
     start_study_config,
     study_finished,
+    tick_text,
     wait_for,
 )
 from promptopt_dagster_tests.support.scripted import write_dataset
@@ -65,6 +66,14 @@ def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
     write_dataset(server.datasets / NEW_DATASET, rows=20)
     (server.datasets / BAD_DATASET).write_bytes(b"not parquet")
     wait_for(lambda: NEW_DATASET in server.partition_keys("dataset"), 90, "the dataset sensor to register it")
+    report = wait_for(
+        lambda: next(
+            (t for t in map(tick_text, server.sensor_ticks("new_dataset_sensor", 25)) if BAD_DATASET in t),
+            None,
+        ),
+        60,
+        f"the new_dataset_sensor tick reporting {BAD_DATASET}",
+    )
     keys = [str(evaluation_key(v, NEW_DATASET)) for v in versions]
     backfill_id = server.launch_backfill("prompt_evaluation", keys)
     # At the same time (one daemon pass for both): the seed over a dataset lacking its columns,
@@ -89,4 +98,4 @@ def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
         return None
 
     table = wait_for(compared, 120, "the comparison sensor to refresh the comparison", every=2)
-    return Backfilled(NEW_DATASET, versions, backfill_id, status, table, bad_id, bad_status)
+    return Backfilled(NEW_DATASET, versions, backfill_id, status, table, bad_id, bad_status, report)
