@@ -244,3 +244,57 @@ def test_minibatch_larger_than_data_returns_all_rows() -> None:
     assert minibatch(df, 8, seed=0, iteration=3)[ROW_ID].tolist() == df[ROW_ID].tolist()
     with pytest.raises(DatasetError, match="at least 1"):
         minibatch(df, 0, seed=0, iteration=0)
+
+
+# --- labels that look like missing values --------------------------------------------------------
+
+NA_LOOKING = ["NA", "None", "null", "NaN", "N/A", "nan", "#N/A", "NULL", "n/a", "-NaN"]
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.parquet"])
+def test_labels_that_look_like_missing_values_are_kept_as_text(tmp_path: Path, name: str) -> None:
+    rows = [{"question": q, "answer": a} for q, a in zip(["NA", *NA_LOOKING[1:]], NA_LOOKING, strict=True)]
+    df = load_dataset(write(tmp_path / name, rows), ["question"], "answer")
+    assert df["answer"].tolist() == NA_LOOKING
+    assert df["question"].tolist() == ["NA", *NA_LOOKING[1:]]
+    assert df[ROW_ID].is_unique
+
+
+def test_only_truly_empty_csv_cells_are_missing(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text('q,a\nx,NA\ny,\nz,""\nw,null\n')
+    with pytest.raises(DatasetError, match=r"empty in 2 row\(s\) \(data rows 2, 3,"):
+        load_dataset(path, ["q"], "a")
+    path.write_text("q,a\nNA,yes\n,no\n")
+    assert load_dataset(path, ["q"], "a")["q"].tolist() == ["NA", ""]
+
+
+def test_jsonl_null_is_missing_but_the_string_null_is_not(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "a", "a": "null"}\n{"q": null, "a": "None"}\n{"q": "c", "a": 3}\n')
+    df = load_dataset(path, ["q"], "a")
+    assert df["a"].tolist() == ["null", "None", "3"]
+    assert df["q"].tolist() == ["a", "", "c"]
+    path.write_text('{"q": 1, "a": "x"}\n{"q": null, "a": "y"}\n')
+    assert [str(v) for v in load_dataset(path, ["q"], "a")["q"]] == ["1", ""]
+    path.write_text('{"q": "a", "a": "null"}\n{"q": "b", "a": null}\n')
+    with pytest.raises(DatasetError, match=r"empty in 1 row\(s\) \(data rows 2,"):
+        load_dataset(path, ["q"], "a")
+
+
+def test_parquet_nulls_are_missing_and_integers_stay_integers(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    table = pa.table({"q": ["a", None, "NA"], "a": ["None", "NaN", "N/A"], "n": pa.array([1, None, 3])})
+    pq.write_table(table, path)
+    df = load_dataset(path, ["q"], "a")
+    assert df["a"].tolist() == ["None", "NaN", "N/A"]
+    assert df["q"].tolist() == ["a", "", "NA"]
+    # an integer column with a null is not read as floats ("1.0")
+    assert [str(v) for v in load_dataset(path, ["n"], "a")["n"]] == ["1", "", "3"]
+    with pytest.raises(DatasetError, match=r"empty in 1 row\(s\) \(data rows 2,"):
+        load_dataset(path, ["q"], "n")
+    pq.write_table(pa.table({"q": ["a", "b"], "n": pa.array([1, 2])}), path)
+    assert load_dataset(path, ["q"], "n")["n"].tolist() == ["1", "2"]

@@ -26,18 +26,47 @@ SPLITS = ("train", "val", "test")
 _SHOW_ROWS = 5
 
 
+# Every reader keeps values as the file wrote them: only a truly empty cell (CSV), a JSON null
+# (JSONL) or a null (Parquet) is missing. pandas' default NA parsing would turn labels such as
+# "NA", "None", "null", "NaN" or "N/A" into missing values, and integer columns with a null into
+# floats ("1.0").
+
+
 def _read_csv(data: bytes) -> pd.DataFrame:
-    # dtype=str keeps "007" and "12" as written; empty cells still become NaN (checked below).
-    return pd.read_csv(io.BytesIO(data), dtype=str)
+    # dtype=str keeps "007" and "12" as written; keep_default_na=False keeps "NA", "null", ...
+    # as text, so an empty cell reads as "" (caught as blank below) and nothing else is missing.
+    return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
 
 
 def _read_jsonl(data: bytes) -> pd.DataFrame:
-    # dtype=False: no guessing of dates or numbers beyond what JSON itself says.
-    return pd.read_json(io.BytesIO(data), lines=True, dtype=False)
+    # Parsed with json, not pandas: no guessing of dates, numbers or NA strings; JSON null is None.
+    records = []
+    for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"line {number}: {exc}") from exc
+        if not isinstance(record, dict):
+            raise ValueError(f"line {number} is a JSON {type(record).__name__}, not an object")
+        records.append(record)
+    if not records:
+        raise pd.errors.EmptyDataError("no JSON objects")
+    return pd.DataFrame(records, dtype=object)
 
 
 def _read_parquet(data: bytes) -> pd.DataFrame:
-    return pd.read_parquet(io.BytesIO(data))
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    # Python values column by column: nulls become None, integers stay integers.
+    columns = {
+        name: pd.Series(table.column(name).to_pylist(), dtype=object)
+        for name in table.column_names
+        if not (name.startswith("__index_level_") and name.endswith("__"))
+    }
+    return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows))
 
 
 READERS: dict[str, tuple[str, Callable[[bytes], pd.DataFrame]]] = {
