@@ -1,7 +1,9 @@
 """Load a labelled dataset (CSV, JSONL or Parquet; local or gs://), check it, and split it.
 
 Splits and minibatches are decided by hashing each row's id, never by position or a random
-generator, so they are the same on every machine and a row keeps its split when rows are added.
+generator, so they are the same on every machine. Splits are exact (each within one row of its
+fraction), stratified by label for classification data, and stable when rows are appended up to
+the rows at a split boundary (see split_dataset for the exact guarantee).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import difflib
 import hashlib
 import io
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +24,8 @@ from promptopt_dagster.core.errors import DatasetError, StorageError
 from promptopt_dagster.core.storage import MissingObjectError, as_path, read_bytes, redact
 
 ROW_ID = "row_id"
+# load_dataset records the reference column here, so split_dataset can stratify by it.
+REFERENCE_ATTR = "reference_column"
 SPLITS = ("train", "val", "test")
 # How many offending row numbers an error message names before "...".
 _SHOW_ROWS = 5
@@ -164,7 +169,8 @@ def load_dataset(
 ) -> pd.DataFrame:
     """Read and check a dataset. Returns all its columns plus a string `row_id` column first: the
     id column's values if given (must be unique), else a stable hash of the inputs and reference.
-    The reference column becomes strings; missing input values become empty strings."""
+    The reference column becomes strings; missing input values become empty strings. The
+    reference column's name is kept in ``df.attrs["reference_column"]`` for split_dataset."""
     uri = str(uri)
     shown = redact(uri)
     df = read_table(uri)
@@ -214,7 +220,9 @@ def load_dataset(
     if id_column == ROW_ID:
         df = df.drop(columns=[ROW_ID])
     df.insert(0, ROW_ID, row_ids)
-    return df.reset_index(drop=True)
+    df = df.reset_index(drop=True)
+    df.attrs[REFERENCE_ATTR] = reference_column  # split_dataset stratifies by it
+    return df
 
 
 def _is_missing(value: Any) -> bool:
@@ -229,13 +237,140 @@ def _unit_hash(text: str) -> float:
     return int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:15], 16) / float(16**15)
 
 
-def split_dataset(df: pd.DataFrame, train: float, val: float, seed: int) -> dict[str, pd.DataFrame]:
-    """Split rows into train / val / test (the rest) by hashing f"{seed}:{row_id}".
+# A reference column "looks like a label set" (and splits are stratified by it) when it has
+# between 2 and MAX_STRATA distinct values and at least STRATUM_ROWS rows per value on average.
+MAX_STRATA = 20
+STRATUM_ROWS = 3
 
-    A row's split depends only on its id, the seed and the fractions, so adding rows never moves
-    an existing row. With few rows a split can come out empty; then (and only then) the row whose
-    hash lies nearest to that split's range is moved into it from a split with two or more rows,
-    so every split has at least one row whenever the data has three or more."""
+
+def looks_like_labels(references: pd.Series) -> bool:
+    """True when the references look like a classification label set: 2 to 20 distinct values,
+    and at least 3 rows per distinct value on average (n >= 3 * distinct). Free text, numbers
+    that are all different, or a single repeated value are not."""
+    distinct = references.astype(str).nunique()
+    return 2 <= distinct <= MAX_STRATA and len(references) >= STRATUM_ROWS * distinct
+
+
+def _max_flow(
+    supply: list[int],
+    cap: list[list[int]],
+    sink_cap: list[int],
+    flow: list[list[int]],
+    order: list[list[int]],
+) -> None:
+    """Augment `flow` (strata x splits) in place to a maximum flow of the network source ->
+    stratum s (capacity supply[s]) -> split j (cap[s][j]) -> sink (sink_cap[j]). Augmenting paths
+    never lower the flow into the sink, so splits keep what an earlier call gave them. Each
+    stratum tries splits in `order[s]`; everything is in a fixed order, hence deterministic."""
+    n_strata, n_splits = len(supply), len(sink_cap)
+
+    def augment() -> bool:
+        used = [sum(row) for row in flow]
+        into = [sum(flow[s][j] for s in range(n_strata)) for j in range(n_splits)]
+        # breadth-first search from every stratum with supply left; parents for the path
+        parent_of_split: dict[int, int] = {}
+        parent_of_stratum: dict[int, int | None] = {s: None for s in range(n_strata) if used[s] < supply[s]}
+        queue = list(parent_of_stratum)
+        while queue:
+            s = queue.pop(0)
+            for j in order[s]:
+                if j in parent_of_split or flow[s][j] >= cap[s][j]:
+                    continue
+                parent_of_split[j] = s
+                if into[j] < sink_cap[j]:
+                    while True:  # walk back: stratum s -> split j, then s's own parent edge
+                        flow[s][j] += 1
+                        back = parent_of_stratum[s]
+                        if back is None:
+                            return True
+                        flow[s][back] -= 1
+                        j, s = back, parent_of_split[back]
+                for t in range(n_strata):  # residual edge split j -> stratum t (undo t's flow)
+                    if t not in parent_of_stratum and flow[t][j] > 0:
+                        parent_of_stratum[t] = j
+                        queue.append(t)
+        return False
+
+    while augment():
+        pass
+
+
+def _allocate(
+    sizes: list[int], fractions: tuple[float, ...], min_train: list[int], slack: int = 0
+) -> list[list[int]] | None:
+    """Rows per stratum and split, or None if impossible: each split's total within one row of
+    n * fraction; each stratum's count within one row (plus `slack`) of its size * fraction (a
+    "controlled rounding"); at least min_train[s] train rows in stratum s."""
+    n, k = sum(sizes), len(fractions)
+    ideal = [[round(size * f, 9) for f in fractions] for size in sizes]
+    lo = [[max(0, math.floor(q) - slack) for q in row] for row in ideal]
+    hi = [[min(size, math.ceil(q) + slack) for q in row] for size, row in zip(sizes, ideal, strict=True)]
+    for s, need in enumerate(min_train):
+        lo[s][0] = max(lo[s][0], need)
+        hi[s][0] = max(hi[s][0], lo[s][0])
+    totals = [round(n * f, 9) for f in fractions]
+    col_lo = [math.floor(t) for t in totals]
+    col_hi = [math.ceil(t) for t in totals]
+    base = [sum(row[j] for row in lo) for j in range(k)]
+    supply = [size - sum(row) for size, row in zip(sizes, lo, strict=True)]
+    if any(x < 0 for x in supply) or any(b > c for b, c in zip(base, col_hi, strict=True)):
+        return None
+    cap = [[h - low for h, low in zip(hrow, lrow, strict=True)] for hrow, lrow in zip(hi, lo, strict=True)]
+    # round up the cells with the largest fractional part first, as largest-remainder would
+    order = [sorted(range(k), key=lambda j, row=row: (-(row[j] % 1), j)) for row in ideal]
+    flow = [[0] * k for _ in sizes]
+    _max_flow(supply, cap, [max(0, c - b) for c, b in zip(col_lo, base, strict=True)], flow, order)
+    _max_flow(supply, cap, [c - b for c, b in zip(col_hi, base, strict=True)], flow, order)
+    counts = [[a + b for a, b in zip(lrow, frow, strict=True)] for lrow, frow in zip(lo, flow, strict=True)]
+    cols = [sum(row[j] for row in counts) for j in range(k)]
+    fits = all(sum(row) == size for row, size in zip(counts, sizes, strict=True)) and all(
+        low <= c <= high for c, low, high in zip(cols, col_lo, col_hi, strict=True)
+    )
+    return counts if fits else None
+
+
+def _allocate_relaxed(
+    sizes: list[int], fractions: tuple[float, ...], min_train: list[int]
+) -> list[list[int]]:
+    """_allocate, widening the per-stratum bounds (never the split totals) until it fits. Needed
+    only when the forced train rows of small labels crowd the train split; if even that fails
+    (more such labels than train rows), without forced train rows."""
+    for need in (min_train, [0] * len(sizes)):
+        for slack in range(max(sizes) + 1):
+            counts = _allocate(sizes, fractions, need, slack)
+            if counts is not None:
+                return counts
+    raise AssertionError("unreachable: the unconstrained allocation always fits")  # pragma: no cover
+
+
+def split_dataset(
+    df: pd.DataFrame, train: float, val: float, seed: int, reference_column: str | None = None
+) -> dict[str, pd.DataFrame]:
+    """Split rows into train / val / test (the rest), exactly to the fractions.
+
+    Sizes: each split has within one row of n * fraction (its floor or ceiling), and the three
+    add up to n. With very few rows a split can be empty; load_study_data refuses such studies.
+
+    Strata: when the reference column (`reference_column`, else the one load_dataset recorded in
+    ``df.attrs["reference_column"]``) looks like a label set (`looks_like_labels`: 2 to 20
+    distinct values, at least 3 rows per value on average), each label is a stratum: its rows are
+    shared out within one row of its size * fraction, and every label with 3 or more rows gets
+    at least one train row (provided the train split has a row for each such label). Where those
+    two cannot both hold, the per-label counts stray further, never the split totals. Otherwise
+    all rows are one stratum.
+
+    Order: within a stratum rows are ordered by sha1(f"{seed}:{row_id}") and allocated by rank:
+    the first ones to train, the next to val, the rest to test. No random generator is used, so
+    the split depends only on the row ids, the labels, the seed and the fractions: the same on
+    every machine and whatever the order of the rows in the file.
+
+    Appending rows (guarantee): an existing row can only change split by crossing one of its
+    stratum's two boundaries in that hash order. A stratum that gains m rows (m = 0 included)
+    moves at most m + 1 of its existing rows across each boundary, so at most 2m + 2 in all;
+    typically far fewer (the new rows fall on both sides of a boundary in proportion, so about
+    the square root of m move). This holds while the stratification stays the same (the label
+    set rule gives the same answer, and no stratum needed its bounds widened); a new label
+    only adds a stratum."""
     test = 1.0 - train - val
     if not (0 < train < 1 and 0 < val < 1 and test > 1e-9):
         raise DatasetError(
@@ -251,19 +386,29 @@ def split_dataset(df: pd.DataFrame, train: float, val: float, seed: int) -> dict
     if df[ROW_ID].duplicated().any():
         raise DatasetError(f"{ROW_ID} values are not unique; load the data with load_dataset")
 
-    u = np.array([_unit_hash(f"{seed}:{rid}") for rid in df[ROW_ID]])
-    labels = np.where(u < train, "train", np.where(u < train + val, "val", "test")).astype(object)
-    bounds = {"train": (0.0, train), "val": (train, train + val), "test": (train + val, 1.0)}
-    for name in SPLITS:
-        if (labels == name).any():
-            continue
-        lo, hi = bounds[name]
-        sizes = {s: int((labels == s).sum()) for s in SPLITS}
-        donors = np.array([sizes[s] >= 2 for s in labels])
-        distance = np.maximum(np.maximum(lo - u, u - hi), 0.0)
-        distance[~donors] = np.inf
-        labels[int(np.argmin(distance))] = name
-    return {name: df[labels == name].reset_index(drop=True) for name in SPLITS}
+    column = reference_column or df.attrs.get(REFERENCE_ATTR)
+    stratified = column is not None and column in df.columns and looks_like_labels(df[column])
+    strata = df[column].astype(str).tolist() if stratified else [""] * len(df)
+    row_ids = df[ROW_ID].astype(str).tolist()
+    keys = [hashlib.sha1(f"{seed}:{rid}".encode()).hexdigest() for rid in row_ids]
+    members: dict[str, list[int]] = {}
+    for position, name in enumerate(strata):
+        members.setdefault(name, []).append(position)
+    names = sorted(members)
+    for name in names:
+        members[name].sort(key=lambda i: (keys[i], row_ids[i]))
+    sizes = [len(members[name]) for name in names]
+    min_train = [1 if stratified and size >= STRATUM_ROWS else 0 for size in sizes]
+    counts = _allocate_relaxed(sizes, (train, val, test), min_train)
+
+    positions: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for name, (n_train, n_val, _) in zip(names, counts, strict=True):
+        ranked = members[name]
+        positions["train"] += ranked[:n_train]
+        positions["val"] += ranked[n_train : n_train + n_val]
+        positions["test"] += ranked[n_train + n_val :]
+    # rows keep their order in the file within each split
+    return {name: df.iloc[sorted(rows)].reset_index(drop=True) for name, rows in positions.items()}
 
 
 def minibatch(df: pd.DataFrame, size: int, seed: int, iteration: int) -> pd.DataFrame:
