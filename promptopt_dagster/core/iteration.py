@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -34,6 +34,7 @@ from promptopt_dagster.core.optimizer import (
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import Candidate, CandidateScore, IterationRecord
 from promptopt_dagster.core.stopping import decide_stop
+from promptopt_dagster.core.storage import redact
 from promptopt_dagster.core.study import ModelConfig, StudyConfig
 from promptopt_dagster.llm.base import ChatRequest, GenerationParams, LLMClient, Usage
 
@@ -41,10 +42,22 @@ Progress = Callable[[str], None]
 BANDIT_STRATEGIES = tuple(s for s in ALL_STRATEGIES if s != "reflect")
 
 
+# The smallest study that can measure anything: fewer rows, or a split with fewer rows, is
+# refused; validation or test splits smaller than WARN_SPLIT_ROWS give warnings.
+MIN_ROWS = 10
+MIN_SPLIT_ROWS = 2
+WARN_SPLIT_ROWS = 10
+SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+
+
 @dataclass
 class StudyData:
+    """A study's rows, split. `warnings` are plain sentences about data too small to measure
+    well (e.g. a validation split under 10 rows), for the CLI and asset metadata to show."""
+
     study: StudyConfig
     splits: dict[str, pd.DataFrame]
+    warnings: list[str] = field(default_factory=list)
 
     def iteration_rows(self, iteration: int) -> pd.DataFrame:
         """The rows an incumbent is measured on: this iteration's train minibatch, and val."""
@@ -58,9 +71,39 @@ class StudyData:
 
 
 def load_study_data(study: StudyConfig) -> StudyData:
+    """Load, check and split the study's dataset. Raises DatasetError when the data cannot measure
+    anything: fewer than MIN_ROWS rows, or a split with fewer than MIN_SPLIT_ROWS rows. Smaller
+    than WARN_SPLIT_ROWS validation or test splits are allowed, with a warning each."""
     df = load_dataset(study.dataset, study.input_columns, study.reference_column, study.id_column)
-    splits = split_dataset(df, study.splits.train, study.splits.val, study.seed)
-    return StudyData(study=study, splits=splits)
+    shown = redact(study.dataset)
+    fractions = study.splits
+    if len(df) < MIN_ROWS:
+        raise DatasetError(
+            f"dataset {shown} has {len(df)} rows; a study needs at least {MIN_ROWS} (with at least "
+            f"{MIN_SPLIT_ROWS} rows in each of train, val and test) to measure anything, and 30 or "
+            "more to measure it well. Add rows to the dataset."
+        )
+    splits = split_dataset(df, fractions.train, fractions.val, study.seed, study.reference_column)
+    sizes = {name: len(part) for name, part in splits.items()}
+    shown_sizes = ", ".join(f"{name} {size}" for name, size in sizes.items())
+    small = [name for name, size in sizes.items() if size < MIN_SPLIT_ROWS]
+    if small:
+        raise DatasetError(
+            f"dataset {shown} has {len(df)} rows, split {shown_sizes} by `splits: {{train: "
+            f"{fractions.train:g}, val: {fractions.val:g}, test: {fractions.test:g}}}`; train, val and "
+            f"test need at least {MIN_SPLIT_ROWS} rows each to measure anything ({' and '.join(small)} "
+            f"{'has' if len(small) == 1 else 'have'} fewer). Add rows to the dataset, or raise "
+            + " and ".join(f"splits.{name}" for name in small)
+            + " in the study."
+        )
+    warnings = [
+        f"{SPLIT_NAMES[name]} has {sizes[name]} rows (fewer than {WARN_SPLIT_ROWS}): one row moves its "
+        f"score by {1 / sizes[name]:.2f}, so {'decisions' if name == 'val' else 'the test score'} "
+        f"will be coarse. Add rows, or raise splits.{name} in the study."
+        for name in ("val", "test")
+        if sizes[name] < WARN_SPLIT_ROWS
+    ]
+    return StudyData(study=study, splits=splits, warnings=warnings)
 
 
 def evaluator_for(study: StudyConfig) -> EvaluatorService:
