@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STUDY  ?= promptopt_dagster/examples/sentiment.yaml
 
-.PHONY: run test ui lint bench install clean browser
+.PHONY: run test ui lint bench install clean browser postgres
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,17 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }
 
-test: install browser
+# Debian's PostgreSQL server binaries for the Postgres-backed tests: support/postgres.py starts its
+# own throwaway server (temporary folder, free port), never a Debian cluster. The createcluster.d
+# file stops apt from creating (and starting) the default "main" cluster on port 5432.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO mkdir -p /etc/postgresql-common/createcluster.d && \
+	  echo 'create_main_cluster = false' \
+	    | $$SUDO tee /etc/postgresql-common/createcluster.d/promptopt-no-main-cluster.conf >/dev/null && \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
+
+test: install browser postgres
 	$(BIN)/ruff check promptopt_dagster promptopt_dagster_tests benchmarks
 	$(BIN)/pytest
 
