@@ -1,4 +1,4 @@
-"""`promptopt`: run a study headless, open the UIs, inspect or forget studies."""
+"""`promptopt`: run a study headless, open the UIs, list, show or forget studies."""
 
 from __future__ import annotations
 
@@ -18,8 +18,40 @@ from rich.table import Table
 from promptopt_dagster.core.errors import PromptoptError
 from promptopt_dagster.settings import Settings, get_settings
 
-console = Console()
-err_console = Console(stderr=True, soft_wrap=True)
+# Plain text on stderr: an error message may hold brackets, carets and file names that rich
+# markup would eat.
+STEP_NAMES = {
+    "current_prompt": "loading the prompt",
+    "baseline_predictions": "primary inference",
+    "baseline_metrics": "evaluation",
+    "candidate_prompts": "refinement (optimizer LLM)",
+    "candidate_predictions": "refined inference",
+    "candidate_metrics": "second evaluation",
+    "iteration_decision": "decision",
+    "iteration_tracking": "MLflow logging",
+    "meta_model": "meta-model",
+    "study_report": "scoring seed and final prompt on the test split",
+}
+
+
+def _make_console() -> Console:
+    """On a terminal: rich's spinner and wrapping. Otherwise (a pipe, a log file, CI): no
+    animation, no hard wrap at 80 columns."""
+    probe = Console()
+    if probe.is_terminal:
+        return probe
+    return Console(soft_wrap=True, width=max(160, probe.width), force_terminal=False)
+
+
+console = _make_console()
+
+
+def error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _prepare_home(settings: Settings) -> None:
@@ -32,81 +64,121 @@ def _prepare_home(settings: Settings) -> None:
         config.write_text("telemetry:\n  enabled: false\n")
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import dagster as dg
+def _quiet_dagster(verbose: bool) -> None:
+    """Dagster's own log lines (and their stack traces) stay out of the output unless --verbose:
+    the CLI prints its own progress and one line per failure."""
+    level = logging.INFO if verbose else logging.CRITICAL
+    for name in ("dagster", "dagster_graphql", "dagster_webserver"):
+        logging.getLogger(name).setLevel(level)
 
+
+def _check_models(defs, study) -> None:  # type: ignore[no-untyped-def]
+    """Build (and, for the embedded model, load) both clients now, so a missing or broken model
+    is reported before the study is registered; the loaded model is reused by the runs."""
+    llm = defs.resources["llm"]
+    llm.primary(study)
+    llm.optimizer(study)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from promptopt_dagster.core.iteration import evaluator_for, load_study_data
     from promptopt_dagster.core.study import load_study
-    from promptopt_dagster.definitions import build_definitions
-    from promptopt_dagster.driver import ITERATION_JOB, RunOutcome, drive, forget_study
-    from promptopt_dagster.partitions import parse_key
 
     settings = get_settings()
-    _prepare_home(settings)
-    logging.getLogger("dagster").setLevel(logging.WARNING)  # our own progress lines instead
+    _quiet_dagster(args.verbose)
     study = load_study(args.study)
-    # Validate data, columns, splits and metrics before anything is registered or run.
+    # Validate data, columns, splits, metrics and models before anything is registered or run.
     data = load_study_data(study)
     evaluator_for(study)
     console.print(
-        f"[bold]{study.name}[/]: {sum(len(v) for v in data.splits.values())} rows "
+        f"{study.name}: {sum(len(v) for v in data.splits.values())} rows "
         f"(train {len(data.splits['train'])}, val {len(data.splits['val'])}, "
         f"test {len(data.splits['test'])}); "
-        f"metric {study.target_metric}; backend {study.primary_model.backend or settings.LLM_BACKEND}"
+        f"metric {study.target_metric}; backend {study.primary_model.backend or settings.LLM_BACKEND}",
+        markup=False,
+        highlight=False,
     )
+    for line in getattr(data, "warnings", []):
+        warn(line)
+
+    import dagster as dg
+
+    from promptopt_dagster.definitions import build_definitions
+    from promptopt_dagster.driver import fail_orphaned_runs, forget_study
+
     defs = build_definitions(settings)
+    _check_models(defs, study)
+    _prepare_home(settings)
     store = defs.resources["prompt_store"].store  # type: ignore[attr-defined]
     instance = dg.DagsterInstance.get()
-    if args.fresh:
+    for run_id in fail_orphaned_runs(instance):
+        warn(f"run {run_id} was left unfinished by a process that is gone; marked failed")
+    if args.fresh and store.is_registered(study.name):
         forget_study(defs, instance, study.name)
-    is_new = store.register_study(study)
-    if not is_new:
+        console.print(f"forgot the earlier runs of {study.name}; starting over", markup=False)
+    if not store.register_study(study):
         console.print(f"{study.name} is already registered: resuming where it stopped (or reporting).")
+    return _drive_and_report(defs, instance, store, study.name, args.verbose)
 
+
+def _drive_and_report(defs, instance, store, name: str, verbose: bool) -> int:  # type: ignore[no-untyped-def]
+    from promptopt_dagster.driver import ITERATION_JOB, RunOutcome, drive
+    from promptopt_dagster.partitions import parse_key
+
+    live = console.is_terminal
     status = console.status("starting")
+    current = {"label": ""}
 
     def on_run(job: str, key: str) -> None:
-        if job == ITERATION_JOB:
-            _, iteration = parse_key(key)
-            status.update(f"iteration {iteration}: inference, evaluation, refinement, decision ...")
+        current["label"] = f"iteration {parse_key(key)[1]}" if job == ITERATION_JOB else "report"
+
+    def on_step(step: str) -> None:
+        line = f"{current['label']}: {STEP_NAMES.get(step, step)} ..."
+        if live:
+            status.update(line)
         else:
-            status.update("scoring seed and final prompt on the test split ...")
+            console.print(line, markup=False, highlight=False)
 
     def on_done(outcome: RunOutcome) -> None:
         if outcome.job != ITERATION_JOB:
             return
         _, iteration = parse_key(outcome.partition_key)
-        record = store.load_record(study.name, iteration)
+        record = store.load_record(name, iteration)
         if record:
-            verdict = "[green]accepted[/]" if record.accepted else "[yellow]rejected[/]"
+            verdict = "accepted" if record.accepted else "rejected"
             console.print(
                 f"iteration {iteration}: incumbent val {record.incumbent_val_score:.3f} -> {verdict}, "
                 f"val {record.champion_val_score:.3f}; {record.calls} LLM calls; {outcome.seconds:.0f} s; "
-                f"{record.stop_message}"
+                f"{record.stop_message}",
+                markup=False,
+                highlight=False,
             )
+            for line in record.warnings:
+                warn(f"iteration {iteration}: {line}")
 
-    with status:
-        result = drive(defs, instance, study.name, on_run=on_run, on_done=on_done)
+    with status if live else contextlib.nullcontext():
+        result = drive(
+            defs, instance, name, on_run=on_run, on_done=on_done, on_step=on_step, quiet=not verbose
+        )
     if not result.runs:
         console.print("nothing left to run for this study.")
-    wall = {parse_key(k)[1]: v for k, v in result.iteration_seconds().items()}
-    return _print_report(defs, instance, study.name, wall)
+    return _print_report(defs, instance, store, name)
 
 
-def _print_report(defs, instance, study_name: str, wall: dict[int, float]) -> int:  # type: ignore[no-untyped-def]
+def _print_report(defs, instance, store, name: str) -> int:  # type: ignore[no-untyped-def]
     from promptopt_dagster.core.report import StudyReport
+    from promptopt_dagster.driver import study_state
 
-    try:
-        raw = defs.load_asset_value("study_report", partition_key=study_name, instance=instance)
-    except Exception as exc:  # noqa: BLE001 - any failure to load means there is no report yet
-        err_console.print(f"[red]no report for {study_name}[/]: {exc}")
+    _, reported = study_state(instance, store, name)
+    if not reported:
+        error(f"{name} has no report yet: it has not stopped. Run its study file again to carry it on.")
         return 1
+    raw = defs.load_asset_value("study_report", partition_key=name, instance=instance)
     report = StudyReport.model_validate(raw)
     table = Table(title=f"{report.study}: {report.metric} by iteration")
     for col in ("iteration", "val score", "accepted", "LLM calls", "tokens", "cost $", "wall s"):
         table.add_column(col, justify="right")
     for row in report.rows:
-        seconds = wall.get(row.iteration, row.wall_seconds)
         table.add_row(
             str(row.iteration),
             f"{row.val_score:.3f}",
@@ -114,23 +186,86 @@ def _print_report(defs, instance, study_name: str, wall: dict[int, float]) -> in
             str(row.llm_calls),
             str(row.tokens),
             f"{row.cost_usd:.4f}",
-            f"{seconds:.0f}" if seconds is not None else "-",
+            f"{row.wall_seconds:.0f}" if row.wall_seconds is not None else "-",
         )
     console.print(table)
-    console.print(f"stopped: {report.stop_message}")
-    console.print("[bold]final prompt[/]")
+    console.print(f"stopped: {report.stop_message}", markup=False)
+    console.print("final prompt")
     console.print(f"  system: {report.final_prompt.system_prompt or '(none)'}", markup=False)
     console.print(f"  output: {report.final_prompt.output_prompt}", markup=False)
     metric = report.metric
     console.print(
-        f"[bold]test {metric}[/]: seed {report.seed_test[metric]:.3f} -> "
+        f"test {metric}: seed {report.seed_test[metric]:.3f} -> "
         f"final {report.final_test[metric]:.3f} "
         f"(n={int(report.final_test.get('n', 0))}); validation: seed {report.seed_val:.3f} -> "
         f"final {report.final_val:.3f}; {report.total_calls} LLM calls, {report.total_tokens} tokens "
         f"(+{report.test_calls} for the test report); "
-        f"cost ${report.total_cost_usd + report.test_cost_usd:.4f}"
+        f"cost ${report.total_cost_usd + report.test_cost_usd:.4f}",
+        markup=False,
+        highlight=False,
     )
     return 0
+
+
+def _open_project():  # type: ignore[no-untyped-def]
+    """Definitions, instance and prompt store of this project, for commands that only read or
+    forget (nothing is created when there is no project yet)."""
+    import dagster as dg
+
+    from promptopt_dagster.definitions import build_definitions
+
+    settings = get_settings()
+    _quiet_dagster(False)
+    _prepare_home(settings)
+    defs = build_definitions(settings)
+    return defs, dg.DagsterInstance.get(), defs.resources["prompt_store"].store
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from promptopt_dagster.driver import study_state
+
+    defs, instance, store = _open_project()
+    names = store.studies()
+    if not names:
+        console.print(f"no study is registered in {store.root}; start one with `promptopt run STUDY.yaml`")
+        return 0
+    table = Table(title=f"studies in {store.root}")
+    for col in ("study", "state", "iterations", "best val", "LLM calls", "stop reason"):
+        table.add_column(col)
+    for name in names:
+        latest, reported = study_state(instance, store, name)
+        records = store.records(name)
+        best = max((r.best_val_score for r in records), default=None)
+        if latest is None:
+            state = "registered, not started"
+        elif reported:
+            state = "finished"
+        elif latest.stop:
+            state = "stopped, report pending"
+        else:
+            state = "running or interrupted"
+        table.add_row(
+            name,
+            state,
+            str(len(records)),
+            "-" if best is None else f"{best:.3f}",
+            str(records[-1].total_calls) if records else "0",
+            (records[-1].stop_reason or "") if records and records[-1].stop else "",
+        )
+    console.print(table)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from promptopt_dagster.core.errors import StudyConfigError
+    from promptopt_dagster.core.study import check_study_name
+
+    name = check_study_name(args.study)
+    defs, instance, store = _open_project()
+    if not store.is_registered(name):
+        known = ", ".join(store.studies()) or "none"
+        raise StudyConfigError(f"no study named {name!r} in {store.root} (registered: {known})")
+    return _print_report(defs, instance, store, name)
 
 
 def _start_mlflow_ui(settings: Settings) -> tuple[subprocess.Popen[bytes] | None, str]:
@@ -208,37 +343,54 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    import dagster as dg
-
-    from promptopt_dagster.definitions import build_definitions
+    from promptopt_dagster.core.study import check_study_name
     from promptopt_dagster.driver import forget_study
 
-    settings = get_settings()
-    _prepare_home(settings)
-    forget_study(build_definitions(settings), dg.DagsterInstance.get(), args.study)
-    console.print(f"forgot {args.study} (Dagster run history is kept)")
+    name = check_study_name(args.study)
+    defs, instance, store = _open_project()
+    forget_study(defs, instance, name)
+    console.print(
+        f"forgot {name}: its prompts and records are removed from {store.root}; "
+        "Dagster's run history is kept",
+        markup=False,
+        highlight=False,
+    )
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptopt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="optimize a study end to end, headless")
-    run.add_argument("study", help="study YAML file")
-    run.add_argument("--fresh", action="store_true", help="forget earlier iterations of this study first")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="optimize a study end to end, headless (resumes a stopped run)")
+    run.add_argument("study", help="the study YAML file (see the README, 'Writing a study')")
+    run.add_argument(
+        "--fresh", action="store_true", help="forget this study's earlier iterations and start over"
+    )
+    run.add_argument("--verbose", action="store_true", help="also print Dagster's own log")
     run.set_defaults(func=cmd_run)
     ui = sub.add_parser("ui", help="start the Dagster UI (and daemon) and the MLflow UI on this project")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=3000, help="Dagster UI port (default 3000)")
     ui.set_defaults(func=cmd_ui)
-    forget = sub.add_parser("forget", help="remove a study's prompts and records from the prompt store")
-    forget.add_argument("study")
+    lst = sub.add_parser("list", help="the registered studies: state, best score, stop reason")
+    lst.set_defaults(func=cmd_list)
+    show = sub.add_parser("show", help="the report of a finished study")
+    show.add_argument("study", help="the study's name (its `name:` field)")
+    show.set_defaults(func=cmd_show)
+    forget = sub.add_parser(
+        "forget", help="remove a study's prompts and records so it can start over (run history is kept)"
+    )
+    forget.add_argument("study", help="the study's name (its `name:` field), as `promptopt list` shows it")
     forget.set_defaults(func=cmd_forget)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except PromptoptError as exc:
-        err_console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        error(str(exc))
         return 2
 
 

@@ -6,24 +6,36 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import re
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dagster as dg
+from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
+from dagster._core.utils import make_new_run_id
+from dagster._utils.error import SerializableErrorInfo
 
 from promptopt_dagster.core.errors import PromptoptError
+from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB
-from promptopt_dagster.partitions import parse_key, study_iteration_key
-from promptopt_dagster.sensors import REPORT, continue_study_sensor, latest_decisions, new_study_sensor
+from promptopt_dagster.partitions import study_iteration_key
+from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
+from promptopt_dagster.study_runs import Decision, is_reported, latest_decision
 
 
 class RunFailedError(PromptoptError):
     """A run failed; the study resumes at the same iteration when run again."""
 
 
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Dagster's console log stays out of the CLI's output (its own lines say what happens); a failure
+# is reported once, by RunFailedError. `--verbose` shows Dagster's log.
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+DRIVER_PID_TAG = "promptopt/driver_pid"
+DRIVER_HOST_TAG = "promptopt/driver_host"
 
 
 @dataclass
@@ -62,21 +74,67 @@ def execute(
     partition_key: str | dg.MultiPartitionKey,
     tags: dict[str, str],
     quiet: bool = True,
+    on_step: Callable[[str], None] | None = None,
 ) -> RunOutcome:
+    """Run one job in this process; `on_step` hears each step's key as it starts."""
     job = defs.resolve_job_def(job_name)
+    run_id = make_new_run_id()
+    if on_step is not None:
+
+        def listen(entry: EventLogEntry) -> None:
+            event = entry.dagster_event
+            if event is not None and event.event_type_value == "STEP_START" and event.step_key:
+                on_step(event.step_key)
+
+        instance.add_event_listener(run_id, listen)
     start = time.perf_counter()
     result = job.execute_in_process(
         instance=instance,
         partition_key=str(partition_key),
-        tags=tags,
+        tags={**tags, DRIVER_PID_TAG: str(os.getpid()), DRIVER_HOST_TAG: socket.gethostname()},
         run_config=QUIET_LOGS if quiet else None,
         raise_on_error=False,
+        run_id=run_id,
     )
     if not result.success:
         raise RunFailedError(f"{job_name} for {partition_key} failed: {failure_summary(result)}")
     return RunOutcome(
         job_name, str(partition_key), tags.get(RUN_KEY_TAG), time.perf_counter() - start, result.success
     )
+
+
+def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the runs this driver started on this machine whose process is gone (killed,
+    for instance with kill -9): the daemon's run monitoring does this for its own runs, and
+    nothing else would for ours. Returns the run ids marked."""
+    host = socket.gethostname()
+    marked = []
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+            tags={DRIVER_HOST_TAG: host},
+        )
+    )
+    for run in runs:
+        pid = run.tags.get(DRIVER_PID_TAG, "")
+        if pid.isdigit() and not _alive(int(pid)):
+            instance.report_run_failed(
+                run, message=f"the process that ran it (pid {pid} on {host}) ended without finishing it"
+            )
+            marked.append(run.run_id)
+    return marked
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _our_error_names() -> set[str]:
@@ -99,8 +157,14 @@ def failure_summary(result: dg.ExecuteInProcessResult) -> str:
                 chain.append(chain[-1].cause or chain[-1].context)
             ours = [e for e in chain if e.cls_name in _our_error_names()]
             error = ours[-1] if ours else chain[-1]
-            return f"step {event.step_key}: {error.cls_name}: {error.message.strip()}"
+            return f"step {event.step_key}: {error.cls_name}: {_message_of(error)}"
     return "the run failed before any step ran (see the run in the Dagster UI)"
+
+
+def _message_of(error: SerializableErrorInfo) -> str:
+    """The error's own text: Dagster's serialized message starts with "module.Class: "."""
+    message = error.message.strip()
+    return re.sub(rf"^[\w.]*\b{re.escape(error.cls_name)}: ", "", message)
 
 
 def drive(
@@ -111,6 +175,7 @@ def drive(
     on_done: Callable[[RunOutcome], None] | None = None,
     max_runs: int = 1000,
     quiet: bool = True,
+    on_step: Callable[[str], None] | None = None,
 ) -> DriveResult:
     """Tick both sensors and execute what they request for `study` until nothing is left.
     A study whose last iteration failed is resumed at that iteration."""
@@ -133,7 +198,7 @@ def drive(
                 ):
                     requested.append((sensor.name, run))
         if not requested:
-            pending = _pending_iteration(instance, study)
+            pending = _pending_iteration(instance, prompt_store.store, study)  # type: ignore[attr-defined]
             if pending is None:
                 return result
             requested.append(
@@ -153,7 +218,9 @@ def drive(
         tags = {**run.tags, SENSOR_NAME_TAG: sensor_name}
         if run.run_key:
             tags[RUN_KEY_TAG] = run.run_key
-        outcome = execute(defs, instance, job_name, run.partition_key or "", tags, quiet=quiet)
+        outcome = execute(
+            defs, instance, job_name, run.partition_key or "", tags, quiet=quiet, on_step=on_step
+        )
         result.runs.append(outcome)
         if on_done:
             on_done(outcome)
@@ -161,42 +228,37 @@ def drive(
 
 
 def forget_study(defs: dg.Definitions, instance: dg.DagsterInstance, study: str) -> None:
-    """Remove a study from the prompt store and its partitions' materializations from Dagster,
-    so it can be registered and run again from scratch. Run history stays."""
-    defs.resources["prompt_store"].store.forget_study(study)  # type: ignore[attr-defined]
-    for asset in defs.resolve_all_asset_specs():
-        keys = [
-            k
-            for k in instance.get_materialized_partitions(asset.key)
-            if k == study or (("|" in k) and parse_key(k)[0] == study)
-        ]
-        if keys:
-            instance.wipe_asset_partitions(asset.key, keys)
+    """Forget a registered study so it can be registered and run again from scratch, as one
+    operation: first the study is marked forgotten in the prompt store (from then on it reads as
+    not registered, and its old materializations no longer count: they belong to the old
+    registration), then its partition is removed from Dagster, then its files; a removal cut
+    short is finished by the next forget or registration. Run history and materializations stay
+    in Dagster (its SQL storages cannot wipe partitions). An unknown study is an error and
+    changes nothing."""
+    store = defs.resources["prompt_store"].store  # type: ignore[attr-defined]
+    store.begin_forget(study)
     if study in instance.get_dynamic_partitions("study"):
         instance.delete_dynamic_partition("study", study)
+    store.finish_forget(study)
 
 
-def _pending_iteration(instance: dg.DagsterInstance, study: str) -> int | None:
+def study_state(instance: dg.DagsterInstance, store: PromptStore, study: str) -> tuple[Decision | None, bool]:
+    """The latest decision of the study's current registration, and whether it is reported."""
+    registration = store.registration_id(study)
+    return latest_decision(instance, study, registration), is_reported(instance, study, registration)
+
+
+def _pending_iteration(instance: dg.DagsterInstance, store: PromptStore, study: str) -> int | None:
     """An iteration whose run failed or never finished: the one after the last decision, unless
     the study stopped. None when there is nothing to resume."""
-    if study in set(instance.get_materialized_partitions(REPORT)):
+    if not store.is_registered(study):
         return None
-    if study not in set(instance.get_dynamic_partitions("study")):
+    latest, reported = study_state(instance, store, study)
+    if reported:
         return None
-    latest = latest_decisions(instance).get(study)
     if latest is None:
         return 0
-    return None if _stopped(instance, study, latest) else latest + 1
-
-
-def _stopped(instance: dg.DagsterInstance, study: str, iteration: int) -> bool:
-    key = study_iteration_key(study, iteration)
-    records = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("iteration_decision"), asset_partitions=[str(key)]),
-        limit=1,
-    ).records
-    meta = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
-    return bool(meta.get("stop") and meta["stop"].value)
+    return None if latest.stop else latest.iteration + 1
 
 
 __all__ = ["drive", "execute", "DriveResult", "RunOutcome", "REPORT_JOB", "ITERATION_JOB"]

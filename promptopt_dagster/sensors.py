@@ -4,6 +4,7 @@ iteration until its decision says stop (then request its report)."""
 import json
 
 import dagster as dg
+from dagster._core.storage.tags import RUN_KEY_TAG
 
 from promptopt_dagster.assets.backfill import DatasetsResource
 from promptopt_dagster.core import backfill
@@ -18,11 +19,9 @@ from promptopt_dagster.jobs import (
     iteration_job,
     report_job,
 )
-from promptopt_dagster.partitions import evaluation_key, parse_key, study_iteration_key
+from promptopt_dagster.partitions import evaluation_key, study_iteration_key
 from promptopt_dagster.resources import PromptStoreResource
-
-DECISION = dg.AssetKey("iteration_decision")
-REPORT = dg.AssetKey("study_report")
+from promptopt_dagster.study_runs import is_reported, latest_decision, materialized_iterations
 
 
 def run_key(store: PromptStore, study: str, iteration: int | str) -> str:
@@ -31,40 +30,47 @@ def run_key(store: PromptStore, study: str, iteration: int | str) -> str:
     return f"{study}/{store.registration_id(study)}/{step}"
 
 
+def _has_run(instance: dg.DagsterInstance, key: str) -> bool:
+    return bool(instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: key}), limit=1))
+
+
 @dg.sensor(job=iteration_job, minimum_interval_seconds=5, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_study_sensor(
     context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource
 ) -> dg.SensorResult:
     """A study registered in the prompt store (by `promptopt run` or the start_study job) gets
-    its partitions and its iteration 0."""
-    known = set(context.instance.get_dynamic_partitions("study"))
-    new = [s for s in prompt_store.store.studies() if s not in known]
+    its partitions and its iteration 0, once per registration (the run key says which)."""
+    store = prompt_store.store
+    instance = context.instance
+    known = set(instance.get_dynamic_partitions("study"))
+    done = materialized_iterations(instance)
+    new = [
+        s
+        for s in store.studies()
+        if s not in known
+        or (
+            latest_decision(instance, s, store.registration_id(s), done.get(s, [])) is None
+            and not _has_run(instance, run_key(store, s, 0))
+        )
+    ]
     if not new:
         return dg.SensorResult(skip_reason=f"no new study ({len(known)} registered)")
-    iterations = set(context.instance.get_dynamic_partitions("iteration"))
+    iterations = set(instance.get_dynamic_partitions("iteration"))
+    unknown = [s for s in new if s not in known]
     return dg.SensorResult(
         dynamic_partitions_requests=[
-            dg.AddDynamicPartitionsRequest("study", new),
+            *([dg.AddDynamicPartitionsRequest("study", unknown)] if unknown else []),
             *([dg.AddDynamicPartitionsRequest("iteration", ["0000"])] if "0000" not in iterations else []),
         ],
         run_requests=[
             dg.RunRequest(
                 partition_key=study_iteration_key(s, 0),
-                run_key=run_key(prompt_store.store, s, 0),
+                run_key=run_key(store, s, 0),
                 tags={"study": s},
             )
             for s in new
         ],
     )
-
-
-def latest_decisions(instance: dg.DagsterInstance) -> dict[str, int]:
-    """The highest iteration with a materialized decision, per study."""
-    latest: dict[str, int] = {}
-    for key in instance.get_materialized_partitions(DECISION):
-        study, iteration = parse_key(key)
-        latest[study] = max(latest.get(study, -1), iteration)
-    return latest
 
 
 @dg.sensor(
@@ -79,24 +85,19 @@ def continue_study_sensor(
     next iteration, or, once it says stop, the study report; the stop reasons show on the tick."""
     instance = context.instance
     store = prompt_store.store
-    registered = set(store.studies())
-    reported = set(instance.get_materialized_partitions(REPORT))
+    done = materialized_iterations(instance)
     iterations = set(instance.get_dynamic_partitions("iteration"))
     run_requests: list[dg.RunRequest] = []
     new_keys: list[str] = []
     stopped: list[str] = []
-    for study, iteration in sorted(latest_decisions(instance).items()):
-        if study not in registered:
+    for study in store.studies():
+        registration = store.registration_id(study)
+        latest = latest_decision(instance, study, registration, done.get(study, []))
+        if latest is None:
             continue
-        key = study_iteration_key(study, iteration)
-        [record] = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=DECISION, asset_partitions=[str(key)]), limit=1
-        ).records
-        meta = record.asset_materialization.metadata if record.asset_materialization else {}
-        if meta.get("stop") and meta["stop"].value:
-            message = meta["stop_message"].value if "stop_message" in meta else "stopped"
-            stopped.append(f"{study}: stopped after iteration {iteration} ({message})")
-            if study not in reported:
+        if latest.stop:
+            stopped.append(f"{study}: stopped after iteration {latest.iteration} ({latest.stop_message})")
+            if not is_reported(instance, study, registration):
                 run_requests.append(
                     dg.RunRequest(
                         job_name=REPORT_JOB,
@@ -106,14 +107,14 @@ def continue_study_sensor(
                     )
                 )
             continue
-        nxt = iteration_key(iteration + 1)
+        nxt = iteration_key(latest.iteration + 1)
         if nxt not in iterations and nxt not in new_keys:
             new_keys.append(nxt)
         run_requests.append(
             dg.RunRequest(
                 job_name=ITERATION_JOB,
-                partition_key=study_iteration_key(study, iteration + 1),
-                run_key=run_key(store, study, iteration + 1),
+                partition_key=study_iteration_key(study, latest.iteration + 1),
+                run_key=run_key(store, study, latest.iteration + 1),
                 tags={"study": study},
             )
         )

@@ -1,15 +1,25 @@
-"""`promptopt run` on bad input: one clear message, exit code 2, nothing registered or run."""
+"""`promptopt` as a user types it: bad input gets one clear message and changes nothing; runs,
+resumes, --fresh, forget, list and show on a real Dagster instance (scripted LLM)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from promptopt_dagster import cli
+from promptopt_dagster.core.prompt_store import PromptStore
+from promptopt_dagster.core.study import load_study
 from promptopt_dagster.settings import get_settings
 from promptopt_dagster_tests.support.scripted import write_study
+from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, use_scripted_llm
 
 
 @pytest.fixture
@@ -46,10 +56,8 @@ def test_bad_study_exits_2_with_a_clear_message_and_registers_nothing(
     assert code == 2
     assert expected in err, err
     assert "Traceback" not in err
-    if "LOCAL_MODEL_PATH" in expected:  # found when iteration 0 runs: nothing decided
-        assert not list((home / "store").rglob("iterations/*.json"))
-    else:
-        assert not (home / "store" / "studies").exists()
+    assert not (home / "store" / "studies").exists()
+    assert not (home / "dagster" / "dagster.yaml").exists()
 
 
 def test_empty_dataset_is_refused_before_anything_runs(
@@ -60,3 +68,189 @@ def test_empty_dataset_is_refused_before_anything_runs(
     assert cli.main(["run", str(study)]) == 2
     assert "empty" in capsys.readouterr().err.lower()
     assert not (home / "store" / "studies").exists()
+
+
+# --- bad models: found before anything is registered, told once, without Dagster's log ------
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_gguf"])
+def test_a_bad_model_is_reported_once_before_anything_is_registered(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    model = tmp_path / "model.gguf"
+    if kind == "not_gguf":
+        model.write_text("this is not a model")
+    monkeypatch.setenv("LOCAL_MODEL_PATH", str(model))
+    get_settings.cache_clear()
+    study = write_study(tmp_path)
+    code = cli.main(["run", str(study)])
+    captured = capsys.readouterr()
+    assert code == 2
+    [line] = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert str(model) in line and ("does not exist" in line or "not a GGUF" in line), line
+    assert "ModelError" not in captured.err and "Traceback" not in captured.err
+    assert "dagster" not in captured.err.lower()
+    assert not (home / "store" / "studies").exists()
+    assert not (home / "dagster" / "dagster.yaml").exists()
+    # fixing the model is all it takes: no stale registration stands in the way
+    monkeypatch.delenv("LOCAL_MODEL_PATH")
+    get_settings.cache_clear()
+
+
+# --- error text is plain, whole, and names the file -----------------------------------------
+
+
+def test_a_yaml_error_is_printed_whole_with_the_file_name(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = tmp_path / "broken.yaml"
+    study.write_text("name: s\ninput_columns: [review\nreference_column: label\n")
+    assert cli.main(["run", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert str(study) in err and "<unicode string>" not in err
+    assert "[review" in err and "expected ',' or ']'" in err
+    assert "^" in err  # the caret under the offending column
+    assert not (home / "dagster").exists()
+
+
+# --- forget never reaches outside the store; unknown names are errors ------------------------
+
+
+@pytest.fixture
+def registered(home: Path, tmp_path: Path) -> Path:
+    """A registered study next to files that must survive anything `forget` is given."""
+    PromptStore(str(home / "store")).register_study(load_study(write_study(tmp_path)))
+    (home / "dagster").mkdir(parents=True)
+    (home / "dagster" / "runs.db").write_text("precious")
+    (tmp_path / "neighbour.txt").write_text("precious")
+    return tmp_path
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p): p.read_text() for p in folder.rglob("*") if p.is_file() and "dagster/" not in str(p)}
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("..", "is not a study name"),
+        ("../..", "is not a study name"),
+        ("../../..", "is not a study name"),
+        ("studies/../..", "is not a study name"),
+        ("no-such-study", "no study named 'no-such-study'"),
+    ],
+)
+def test_forget_refuses_anything_but_a_registered_study(
+    registered: Path, capsys: pytest.CaptureFixture[str], name: str, message: str
+) -> None:
+    before = _tree(registered)
+    assert cli.main(["forget", name]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "forgot" not in captured.out
+    assert _tree(registered) == before
+    assert (registered / "home" / "dagster" / "runs.db").read_text() == "precious"
+
+
+# --- a whole study through the CLI on the scripted LLM ---------------------------------------
+
+
+@pytest.fixture
+def scripted(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_scripted_llm(monkeypatch)
+
+
+def test_run_prints_a_line_per_step_and_unwrapped_tables_when_not_a_terminal(
+    scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write_study(tmp_path, max_iterations=2)
+    assert cli.main(["run", str(study)]) == 0
+    out = capsys.readouterr().out
+    assert "iteration 0: primary inference ..." in out
+    assert "iteration 1: refinement (optimizer LLM) ..." in out
+    assert "report: scoring seed and final prompt on the test split ..." in out
+    header = next(line for line in out.splitlines() if "iteration" in line and "wall s" in line)
+    assert "val score" in header and "cost $" in header  # one line, not wrapped at 80 columns
+    records = PromptStore(str(home / "store")).records("scripted")
+    assert len(records) == 2 and all(r.wall_seconds and r.wall_seconds > 0 for r in records)
+
+
+def test_fresh_forget_list_and_show_on_a_study_with_iterations(
+    scripted: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write_study(tmp_path, max_iterations=2)
+    assert cli.main(["run", str(study)]) == 0
+    capsys.readouterr()
+
+    # a later process: the report, wall times included, straight from the store
+    assert cli.main(["show", "scripted"]) == 0
+    shown = capsys.readouterr().out
+    assert "test exact_match" in shown and "stopped: " in shown
+    assert cli.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "scripted" in listed and "finished" in listed and "patience" in listed
+
+    assert cli.main(["run", str(study), "--fresh"]) == 0
+    out = capsys.readouterr().out
+    assert "starting over" in out and "iteration 0: incumbent val" in out
+
+    assert cli.main(["forget", "scripted"]) == 0
+    assert "forgot scripted" in capsys.readouterr().out
+    assert cli.main(["show", "scripted"]) == 2
+    assert "no study named 'scripted'" in capsys.readouterr().err
+    assert cli.main(["list"]) == 0
+    assert "no study is registered" in capsys.readouterr().out
+    assert cli.main(["run", str(study)]) == 0  # registers and runs again from scratch
+    assert "iteration 0: incumbent val" in capsys.readouterr().out
+
+
+def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
+    scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write_study(tmp_path, max_iterations=1)
+    marker = tmp_path / "blocked"
+    env = {**os.environ, BLOCKED_ENV: str(marker), "PROMPTOPT_HOME": str(home)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "promptopt_dagster_tests.support.scripted_cli", "run", str(study)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # the child is inside iteration 0's first LLM call
+            assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
+            assert time.monotonic() < deadline, "the child never reached its first LLM call"
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
+
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    with dg.DagsterInstance.get() as instance:
+        [orphan] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    assert cli.main(["run", str(study)]) == 0
+    captured = capsys.readouterr()
+    assert f"run {orphan.run_id} was left unfinished" in captured.err
+    assert "iteration 0: incumbent val" in captured.out and "test exact_match" in captured.out
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_run_by_id(orphan.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+
+
+# --- help, and packaging ----------------------------------------------------------------------
+
+
+def test_every_command_and_option_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = cli.build_parser()
+    assert "inspect" not in (parser.description or "")
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert {"run", "ui", "list", "show", "forget"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"promptopt {name} {action.dest} has no help text"
+
+
+def test_the_package_declares_its_licence_as_an_spdx_string() -> None:
+    meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["license"] == "Apache-2.0"

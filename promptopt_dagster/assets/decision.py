@@ -1,6 +1,8 @@
 """Step 5 (second half): accept or reject, and apply the stop rules. The continuation sensor
 reads this asset's metadata."""
 
+import time
+
 import dagster as dg
 import pandas as pd
 
@@ -11,6 +13,7 @@ from promptopt_dagster.core.records import Candidate, CandidateScore
 from promptopt_dagster.llm.base import Usage
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
+from promptopt_dagster.study_runs import REGISTRATION
 
 
 @dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
@@ -44,6 +47,9 @@ def iteration_decision(
         usage,
         warnings=candidate_prompts.get("warnings", []),
     )
+    started = context.instance.get_run_stats(context.run_id).start_time
+    if started is not None:
+        record = record.model_copy(update={"wall_seconds": time.time() - started})
     for cand in candidate_prompts["candidates"]:  # every text, for the meta-model's history
         store.save_prompt(scope.study.name, PromptState.model_validate(cand["prompt"]))
     store.save_record(record)
@@ -60,10 +66,12 @@ def iteration_decision(
             "val_score": dg.MetadataValue.float(record.champion_val_score),
             "best_val_score": dg.MetadataValue.float(record.best_val_score),
             "stop": record.stop,
+            REGISTRATION: store.registration_id(scope.study.name),
             "stop_reason": record.stop_reason or "",
             "stop_message": record.stop_message,
             "llm_calls": record.calls,
             "llm_tokens": record.tokens,
+            "wall_seconds": dg.MetadataValue.float(round(record.wall_seconds or 0.0, 1)),
             "total_llm_calls": record.total_calls,
             "llm_cost_usd": dg.MetadataValue.float(record.cost_usd),
             "total_llm_cost_usd": dg.MetadataValue.float(sum(r.cost_usd for r in previous) + record.cost_usd),

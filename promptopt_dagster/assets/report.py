@@ -8,6 +8,7 @@ from promptopt_dagster.core.iteration import evaluator_for, load_study_data
 from promptopt_dagster.core.report import build_report
 from promptopt_dagster.partitions import study_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
+from promptopt_dagster.study_runs import REGISTRATION
 
 
 @dg.asset(partitions_def=study_partitions, group_name="report", kinds={"python"})
@@ -26,6 +27,7 @@ def study_report(
             "seed_test_score": dg.MetadataValue.float(report.seed_test[study.target_metric]),
             "final_test_score": dg.MetadataValue.float(report.final_test[study.target_metric]),
             "stop_message": records[-1].stop_message,
+            REGISTRATION: store.registration_id(study.name),
             "total_llm_calls": report.total_calls,
             "total_llm_cost_usd": dg.MetadataValue.float(report.total_cost_usd + report.test_cost_usd),
             "final_prompt": prompt_markdown(

@@ -42,6 +42,7 @@ class IterationRecord(BaseModel):
     calls: int
     tokens: int
     llm_seconds: float
+    wall_seconds: float | None = None  # from the start of the iteration's run to its decision
     cost_usd: float = 0.0
     total_calls: int
     total_tokens: int

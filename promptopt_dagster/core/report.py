@@ -54,7 +54,6 @@ def build_report(
     llm: LLMClient,
     evaluator: EvaluatorService,
     data: StudyData,
-    wall_seconds: dict[int, float] | None = None,
 ) -> StudyReport:
     seed = study.seed_prompt_state()
     final = records[-1].champion
@@ -68,7 +67,7 @@ def build_report(
             llm_calls=r.calls,
             tokens=r.tokens,
             llm_seconds=round(r.llm_seconds, 1),
-            wall_seconds=(wall_seconds or {}).get(r.iteration),
+            wall_seconds=None if r.wall_seconds is None else round(r.wall_seconds, 1),
             cost_usd=r.cost_usd,
         )
         for r in records

@@ -20,8 +20,10 @@ Otherwise gcsfs finds Google credentials the usual way (application-default cred
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import posixpath
 import re
 import uuid
 from collections.abc import Callable
@@ -89,12 +91,31 @@ def as_path(uri: str | os.PathLike[str]) -> UPath:
     return uri if isinstance(uri, UPath) else UPath(str(uri))
 
 
+class UnsafePathError(StorageError):
+    """A path built from user input would leave the folder it belongs in."""
+
+
 def join(base: str, *parts: str) -> str:
-    return str(as_path(base).joinpath(*parts))
-
-
-def is_local(uri: str | os.PathLike[str]) -> bool:
-    return as_path(uri).protocol in LOCAL_PROTOCOLS
+    """`base`/`parts...`, refused with UnsafePathError when a part is absolute or the result,
+    once `..` and (locally) symbolic links are resolved, is not inside `base`. Every path built
+    from a name a user typed (study, dataset, prompt version) goes through here."""
+    root = as_path(base)
+    for part in parts:
+        if not part or part.startswith(("/", "\\")) or "\x00" in part or "://" in part:
+            raise UnsafePathError(f"{part!r} is not a valid name for a file under {redact(base)}")
+    joined = root.joinpath(*parts)
+    if root.protocol in LOCAL_PROTOCOLS:
+        inside = os.path.realpath(root.path)
+        target = os.path.realpath(joined.path)
+    else:
+        inside = posixpath.normpath("/" + root.path)
+        target = posixpath.normpath("/" + joined.path)
+    if target != inside and not target.startswith(inside.rstrip("/") + "/"):
+        raise UnsafePathError(
+            f"{'/'.join(parts)!r} would point outside {redact(base)}; names may not contain '..' "
+            "or lead out of their folder"
+        )
+    return str(joined)
 
 
 _USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
@@ -339,3 +360,13 @@ def delete(uri: str | os.PathLike[str], missing_ok: bool = True) -> None:
                 raise
 
     with_retries("delete", uri, remove)
+
+
+def prune_empty_folders(uri: str | os.PathLike[str]) -> None:
+    """Remove the empty folders at and below a local `uri` (object stores have no folders)."""
+    path = as_path(uri)
+    if path.protocol not in LOCAL_PROTOCOLS or not os.path.isdir(path.path):
+        return
+    for folder, _, _ in sorted(os.walk(path.path), key=lambda entry: -len(entry[0])):
+        with contextlib.suppress(OSError):  # not empty: something else lives there
+            os.rmdir(folder)

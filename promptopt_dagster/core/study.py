@@ -16,6 +16,17 @@ from promptopt_dagster.core.storage import as_path, read_text
 
 Backend = Literal["local", "vertex", "fake"]
 
+STUDY_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+STUDY_NAME_RULE = "1-63 lowercase letters, digits, '-' and '_', starting with a letter or digit"
+
+
+def check_study_name(name: str) -> str:
+    """`name` if it is a valid study name, else StudyConfigError. A study name names partitions,
+    files and gs:// keys, so every entry point (study file, CLI, Launchpad, store) checks it."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name):
+        raise StudyConfigError(f"{name!r} is not a study name: use {STUDY_NAME_RULE}")
+    return name
+
 
 class ModelConfig(BaseModel):
     """A model for one role. Unset fields fall back to the settings (environment / .env)."""
@@ -86,13 +97,16 @@ class StudyConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", v):
-            raise ValueError("use lowercase letters, digits, '-' and '_' (it names partitions and files)")
+        if not STUDY_NAME.fullmatch(v):
+            raise ValueError(f"use {STUDY_NAME_RULE} (it names partitions and files)")
         return v
 
     @model_validator(mode="after")
     def _template_uses_inputs(self) -> StudyConfig:
         seed = self.seed_prompt_state()
+        problem = seed.template_error()
+        if problem is not None:
+            raise ValueError(f"seed_prompt.output_prompt: {problem}")
         unknown = seed.missing_columns(self.input_columns)
         if unknown:
             raise ValueError(
@@ -137,7 +151,10 @@ def parse_study(text: str, source: str = "<study>", base_dir: str | None = None)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise StudyConfigError(f"{source} is not valid YAML: {exc}") from exc
+        # Parsed from a string, yaml shows the offending line with a caret but calls the file
+        # "<unicode string>": name the file instead.
+        where = str(exc).replace('"<unicode string>"', f'"{source}"')
+        raise StudyConfigError(f"{source} is not valid YAML:\n{where}") from exc
     if not isinstance(raw, dict):
         raise StudyConfigError(f"{source} must be a YAML mapping of study fields, got {type(raw).__name__}")
     try:
