@@ -98,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         markup=False,
         highlight=False,
     )
-    for line in getattr(data, "warnings", []):
+    for line in data.warnings:
         warn(line)
 
     import dagster as dg

@@ -18,7 +18,7 @@ from promptopt_dagster import cli
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import load_study
 from promptopt_dagster.settings import get_settings
-from promptopt_dagster_tests.support.scripted import write_study
+from promptopt_dagster_tests.support.scripted import write_dataset, write_study
 from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, use_scripted_llm
 
 
@@ -254,3 +254,20 @@ def test_every_command_and_option_has_help(capsys: pytest.CaptureFixture[str]) -
 def test_the_package_declares_its_licence_as_an_spdx_string() -> None:
     meta = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["license"] == "Apache-2.0"
+
+
+def test_small_splits_are_warned_about_and_tiny_studies_refused(
+    scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write_study(tmp_path, max_iterations=1)
+    write_dataset(tmp_path / "scripted.csv", rows=24)
+    assert cli.main(["run", str(study)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "fewer than 10" in err
+
+    tiny = write_study(tmp_path, name="tiny")
+    write_dataset(tmp_path / "tiny.csv", rows=3)
+    assert cli.main(["run", str(tiny)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "10" in err
+    assert PromptStore(str(home / "store")).studies() == ["scripted"]

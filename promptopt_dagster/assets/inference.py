@@ -30,8 +30,15 @@ def baseline_predictions(
         scope.study.primary_model,
         scope.study,
     )
+    for line in data.warnings:
+        context.log.warning(line)
     context.add_output_metadata(
-        {"rows": len(preds), "preview": dg.MetadataValue.md(preds.head(8).to_markdown(index=False))}
+        {
+            "rows": len(preds),
+            "split_sizes": ", ".join(f"{name} {len(df)}" for name, df in data.splits.items()),
+            "data_warnings": "; ".join(data.warnings) or "none",
+            "preview": dg.MetadataValue.md(preds.head(8).to_markdown(index=False)),
+        }
         | usage_metadata(usage_of(preds).as_dict())
     )
     return preds
