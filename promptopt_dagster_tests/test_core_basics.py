@@ -21,8 +21,8 @@ seed_prompt:
 """
 
 
-def test_render_fills_columns_and_keeps_other_braces() -> None:
-    p = PromptState(system_prompt="Be brief.", output_prompt='Review: {text}\nJSON like {"a": 1} or {}')
+def test_render_fills_columns_and_undoubles_literal_braces() -> None:
+    p = PromptState(system_prompt="Be brief.", output_prompt='Review: {text}\nJSON like {{"a": 1}} or {{}}')
     msgs = p.render({"text": "great phone", "label": "positive"})
     assert [m.role for m in msgs] == ["system", "user"]
     assert msgs[1].content == 'Review: great phone\nJSON like {"a": 1} or {}'
@@ -101,3 +101,16 @@ def test_stop_rules_each_fire_for_their_reason() -> None:
     assert _stop(iterations_done=5) == (True, "max_iterations")
     assert _stop(calls_spent=100) == (True, "budget")
     assert _stop(budget_calls=None, calls_spent=10**6) == (False, None)
+
+
+def test_budget_stops_when_what_is_left_cannot_pay_for_the_next_iteration() -> None:
+    assert _stop(calls_spent=60, next_iteration_calls=40) == (False, None)
+    assert _stop(calls_spent=61, next_iteration_calls=40) == (True, "budget")
+    d = decide_stop(
+        best_score=0.5, iterations_done=1, iterations_without_improvement=0, calls_spent=75,
+        target_threshold=0.9, patience=2, max_iterations=5, budget_calls=100, next_iteration_calls=40,
+    )
+    assert d.message == (
+        "budget of 100 LLM calls: 75 spent, 25 left, fewer than the 40 the next iteration may need"
+    )
+    assert _stop(calls_spent=100, next_iteration_calls=0) == (True, "budget")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from promptopt_dagster.core.errors import OptimizerError
-from promptopt_dagster.core.explorer import StrategyBandit
+from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.core.optimizer import (
     Failure,
     HistoryEntry,
@@ -144,3 +144,40 @@ def test_proposals_that_paste_a_training_case_are_dropped_with_a_warning() -> No
     assert "reflect" not in [c.strategy for c in result.candidates]
     assert any("copies a training case" in w for w in result.warnings)
     assert [c.strategy for c in result.candidates] == ["add_format_rule"]
+
+
+# --- the LLM-call budget ----------------------------------------------------------------------
+
+
+def test_failed_optimizer_attempts_count_in_the_usage() -> None:
+    bad = ScriptedLLM(lambda r: "I am not able to produce JSON.")
+    result = Optimizer(bad, strategies=["reflect", "add_format_rule"]).propose(
+        ctx(), 2, StrategyBandit(["add_format_rule"])
+    )
+    assert [c.strategy for c in result.candidates] == ["add_format_rule"]
+    assert any("no usable JSON" in w for w in result.warnings)
+    assert bad.calls == 3 and result.usage.calls == 3  # spent, so counted against the budget
+
+
+def test_max_calls_caps_the_optimizer_llm() -> None:
+    llm = ScriptedLLM(good_reply)
+    bandit = StrategyBandit(["add_format_rule", "add_examples"])
+    result = Optimizer(llm).propose(ctx(), 4, bandit, max_calls=0)
+    assert llm.calls == 0 and result.usage.calls == 0
+    assert "reflect" not in [c.strategy for c in result.candidates] and result.candidates
+    assert any("budget" in w for w in result.warnings)
+
+    bad = ScriptedLLM(lambda r: "not json")
+    result = Optimizer(bad, strategies=["reflect", "add_format_rule"]).propose(
+        ctx(), 2, StrategyBandit(["add_format_rule"]), max_calls=2
+    )
+    assert bad.calls == 2 and result.usage.calls == 2
+    assert any("budget is spent" in w for w in result.warnings)
+
+
+def test_a_budget_that_leaves_no_candidate_gives_an_empty_result_not_an_error() -> None:
+    llm = ScriptedLLM(good_reply)
+    bandit = StrategyBandit(["shorten"])
+    result = Optimizer(llm, strategies=["reflect"]).propose(ctx(), 2, bandit, max_calls=0)
+    assert result.candidates == [] and llm.calls == 0
+    assert any("budget" in w for w in result.warnings)

@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 
 from promptopt_dagster.core.dataset import load_dataset, minibatch, split_dataset
-from promptopt_dagster.core.errors import DatasetError
-from promptopt_dagster.core.explorer import StrategyBandit
+from promptopt_dagster.core.errors import DatasetError, StudyConfigError
+from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.optimizer import (
     ALL_STRATEGIES,
@@ -39,6 +39,17 @@ from promptopt_dagster.core.study import ModelConfig, StudyConfig
 from promptopt_dagster.llm.base import ChatRequest, GenerationParams, LLMClient, Usage
 
 Progress = Callable[[str], None]
+PREDICTION_COLUMNS = (
+    "row_id",
+    "split",
+    "prediction",
+    "error",
+    "cached",
+    "prompt_tokens",
+    "completion_tokens",
+    "seconds",
+    "cost_usd",
+)
 BANDIT_STRATEGIES = tuple(s for s in ALL_STRATEGIES if s != "reflect")
 
 
@@ -96,6 +107,16 @@ def load_study_data(study: StudyConfig) -> StudyData:
             + " and ".join(f"splits.{name}" for name in small)
             + " in the study."
         )
+    if study.budget_calls is not None:
+        needed = min_iteration_calls(min(study.minibatch_size, sizes["train"]), sizes["val"])
+        if study.budget_calls < needed:
+            raise StudyConfigError(
+                f"budget_calls {study.budget_calls} cannot pay for one iteration of study "
+                f"{study.name!r}: the smallest iteration may need {needed} LLM calls (the incumbent and "
+                f"one candidate, each on the {min(study.minibatch_size, sizes['train'])}-row minibatch "
+                f"and the {sizes['val']} validation rows). Raise budget_calls to at least {needed}, or "
+                "lower minibatch_size or splits.val."
+            )
     warnings = [
         f"{SPLIT_NAMES[name]} has {sizes[name]} rows (fewer than {WARN_SPLIT_ROWS}): one row moves its "
         f"score by {1 / sizes[name]:.2f}, so {'decisions' if name == 'val' else 'the test score'} "
@@ -104,6 +125,21 @@ def load_study_data(study: StudyConfig) -> StudyData:
         if sizes[name] < WARN_SPLIT_ROWS
     ]
     return StudyData(study=study, splits=splits, warnings=warnings)
+
+
+def min_iteration_calls(minibatch_rows: int, val_rows: int) -> int:
+    """The most LLM calls the smallest useful iteration can spend (no reply cached): the incumbent
+    on the minibatch and validation, one candidate on the minibatch, and that candidate on
+    validation. The stop rule ends a study whose budget has less left than this."""
+    return 2 * (minibatch_rows + val_rows)
+
+
+def budget_left(study: StudyConfig, records: list[IterationRecord], spent_now: int = 0) -> int | None:
+    """LLM calls the study may still spend (None without a budget): budget_calls minus what
+    earlier iterations spent minus `spent_now` in this one."""
+    if study.budget_calls is None:
+        return None
+    return study.budget_calls - (records[-1].total_calls if records else 0) - spent_now
 
 
 def evaluator_for(study: StudyConfig) -> EvaluatorService:
@@ -209,9 +245,18 @@ def propose_candidates(
     """The optimizer's candidates. With a `ranker` (the meta-model, when it is trusted) it
     proposes `overgenerate` times as many, and only the `keep` best predicted (default: as
     many as without a ranker) go on to screening; each keeps its prediction in
-    ``prompt.metadata["predicted_score"]``. Without one, the default path is unchanged."""
+    ``prompt.metadata["predicted_score"]``. Without one, the default path is unchanged.
+
+    With a budget (study.budget_calls) this is where the iteration is sized to what is left
+    after the earlier iterations and this one's primary inference: the optimizer LLM may use
+    what remains beyond one candidate's screening and validation, and only as many candidates
+    are kept as can then be screened on the minibatch with the best validated (counting every
+    call as uncached), so screen_and_confirm (with confirm_top=1) cannot overrun the budget."""
     study = data.study
     train_rows = baseline_scored[baseline_scored["split"] == "train"]
+    left = budget_left(study, records, _live_calls(baseline_scored))
+    screen_calls, val_calls = max(1, len(train_rows)), len(data.splits["val"])
+    max_calls = None if left is None else max(0, left - screen_calls - val_calls)
     ctx = ProposalContext(
         incumbent=incumbent,
         metric=study.target_metric,
@@ -232,8 +277,9 @@ def propose_candidates(
     )
     k = study.candidates_per_iteration
     if ranker is None:
-        return optimizer.propose(ctx, k, bandit_from(records, study.seed))
-    result = optimizer.propose(ctx, k * max(1, overgenerate), bandit_from(records, study.seed))
+        result = optimizer.propose(ctx, k, bandit_from(records, study.seed), max_calls)
+        return _within_budget(result, left, screen_calls, val_calls)
+    result = optimizer.propose(ctx, k * max(1, overgenerate), bandit_from(records, study.seed), max_calls)
     predicted = ranker(result.candidates)
     order = sorted(
         range(len(result.candidates)),
@@ -243,6 +289,32 @@ def propose_candidates(
         result.candidates[i].prompt.metadata["predicted_score"] = float(predicted[i])
     result.candidates = [result.candidates[i] for i in order]
     result.strategies = [result.strategies[i] for i in order] if result.strategies else []
+    return _within_budget(result, left, screen_calls, val_calls)
+
+
+def _live_calls(predictions: pd.DataFrame) -> int:
+    """Uncached calls behind these predictions; every row when the frame cannot tell."""
+    if "cached" not in predictions.columns:
+        return len(predictions)
+    return int((~predictions["cached"].astype(bool)).sum())
+
+
+def _within_budget(
+    result: ProposalResult, left: int | None, screen_calls: int, val_calls: int
+) -> ProposalResult:
+    """Keep only the candidates the budget left can screen and validate (the first ones: the
+    order the optimizer, or the ranker, put them in)."""
+    if left is None:
+        return result
+    affordable = max(0, (left - result.usage.calls - val_calls) // screen_calls)
+    if len(result.candidates) > affordable:
+        result.warnings.append(
+            f"budget: {left - result.usage.calls} LLM calls left for screening and validation; kept "
+            f"{affordable} of {len(result.candidates)} candidates ({screen_calls} calls each on the "
+            f"minibatch, {val_calls} to validate the best)"
+        )
+        result.candidates = result.candidates[:affordable]
+        result.strategies = result.strategies[:affordable]
     return result
 
 
@@ -257,7 +329,9 @@ def screen_and_confirm(
     progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Every candidate on the train minibatch; those that match or beat the incumbent there, the
-    best `confirm_top`, on validation. Returns all predictions with a `candidate_id` column."""
+    best `confirm_top`, on validation. Returns all predictions with a `candidate_id` column.
+    Calls: at most len(candidates) * minibatch rows + confirm_top * validation rows, which
+    propose_candidates keeps within the budget for confirm_top=1."""
     study = data.study
     rows = data.iteration_rows(iteration)
     train = rows[rows["split"] == "train"]
@@ -284,6 +358,9 @@ def screen_and_confirm(
             progress(f"validating candidate {chosen.candidate_id} ({chosen.strategy})")
         preds = run_prompt(llm, by_id[chosen.candidate_id].prompt, val, study.primary_model, study)
         frames.append(preds.assign(candidate_id=chosen.candidate_id))
+    if not frames:  # no candidate (the budget left none): an empty frame of the same shape
+        columns = [*PREDICTION_COLUMNS, "reference", *study.input_columns, "candidate_id"]
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     return pd.concat(frames, ignore_index=True)
 
 
@@ -349,6 +426,10 @@ def decide(
         patience=study.patience,
         max_iterations=study.max_iterations,
         budget_calls=study.budget_calls,
+        # the next iteration measures on as many rows as this one's incumbent did
+        next_iteration_calls=min_iteration_calls(
+            int(baseline_aggregates["train"].get("n", 0)), int(baseline_aggregates["val"].get("n", 0))
+        ),
     )
     return IterationRecord(
         study=study.name,

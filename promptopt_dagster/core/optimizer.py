@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import BaseModel, Field, ValidationError
 
 from promptopt_dagster.core.errors import OptimizerError
-from promptopt_dagster.core.explorer import StrategyBandit
+from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import Candidate, CandidateScore
 from promptopt_dagster.llm.base import ChatRequest, LLMClient, Message, Usage
@@ -249,13 +249,31 @@ def copied_case(text: str, failures: Sequence[Failure], min_chars: int = 6) -> s
     return None
 
 
-def ask_optimizer(
-    llm: LLMClient, messages: list[Message], temperature: float, max_tokens: int, seed: int
-) -> tuple[list[ProposedPrompt], Usage]:
-    """Ask until the reply parses, varying the sampling seed so a cached bad reply isn't reused."""
+@dataclass
+class Asked:
+    """What asking the optimizer LLM gave: proposals (None if no reply parsed), the calls it
+    cost (failed attempts included), what went wrong, and whether the budget cut it short."""
+
+    proposals: list[ProposedPrompt] | None
+    usage: Usage
+    problems: list[str]
+    out_of_budget: bool = False
+
+
+def _ask(
+    llm: LLMClient,
+    messages: list[Message],
+    temperature: float,
+    max_tokens: int,
+    seed: int,
+    max_calls: int | None = None,
+) -> Asked:
     usage = Usage()
     problems: list[str] = []
     for attempt in range(PARSE_ATTEMPTS):
+        if max_calls is not None and usage.calls >= max_calls:
+            problems.append(f"stopped after {usage.calls} call(s): the LLM-call budget is spent")
+            return Asked(None, usage, problems, out_of_budget=True)
         request = ChatRequest.of(
             messages,
             temperature=max(temperature, 0.3 if attempt else temperature),
@@ -269,14 +287,36 @@ def ask_optimizer(
             problems.append(f"call failed: {response.error}")
             continue
         try:
-            return parse_proposals(response.text), usage
+            return Asked(parse_proposals(response.text), usage, problems)
         except ValueError as exc:
             problems.append(f"{exc}; reply began {_clip(response.text, 80)!r}")
-    raise OptimizerError(
-        f"the optimizer model ({llm.backend}:{llm.model}) gave no usable JSON in {PARSE_ATTEMPTS} "
-        f"attempts ({'; '.join(problems)}). Use a stronger optimizer_model in the study, or raise its "
-        "max_tokens if replies are cut off."
+    return Asked(None, usage, problems)
+
+
+def _no_json(llm: LLMClient, asked: Asked) -> OptimizerError:
+    attempts = asked.usage.calls + asked.usage.cached_calls
+    return OptimizerError(
+        f"the optimizer model ({llm.backend}:{llm.model}) gave no usable JSON in {attempts} "
+        f"attempt{'' if attempts == 1 else 's'} ({'; '.join(asked.problems)}). Use a stronger "
+        "optimizer_model in the study, or raise its max_tokens if replies are cut off."
     )
+
+
+def ask_optimizer(
+    llm: LLMClient,
+    messages: list[Message],
+    temperature: float,
+    max_tokens: int,
+    seed: int,
+    max_calls: int | None = None,
+) -> tuple[list[ProposedPrompt], Usage]:
+    """Ask until the reply parses (at most PARSE_ATTEMPTS times), varying the sampling seed so a
+    cached bad reply isn't reused. With `max_calls`, no attempt starts once that many live
+    (uncached) calls are spent. Raises OptimizerError when no reply parsed."""
+    asked = _ask(llm, messages, temperature, max_tokens, seed, max_calls)
+    if asked.proposals is None:
+        raise _no_json(llm, asked)
+    return asked.proposals, asked.usage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,11 +358,21 @@ class Optimizer:
         self.max_tokens = max_tokens
         self.strategies = tuple(strategies)
         self.demonstrations = demonstrations
+        self._max_calls: int | None = None
+        self._budget_hit = False
 
-    def propose(self, ctx: ProposalContext, k: int, bandit: StrategyBandit) -> ProposalResult:
+    def propose(
+        self, ctx: ProposalContext, k: int, bandit: StrategyBandit, max_calls: int | None = None
+    ) -> ProposalResult:
         """Up to k distinct candidates. Reflection is always tried when the optimizer LLM is in
-        the strategy list; the other slots go to the strategies the bandit picks."""
+        the strategy list; the other slots go to the strategies the bandit picks.
+
+        `max_calls` caps the optimizer LLM's live calls (the study's budget): a strategy that needs
+        the LLM is skipped, or stops retrying, once they are spent. If that leaves no candidate the
+        result is empty (with a warning) instead of an error."""
         result = ProposalResult(candidates=[])
+        self._max_calls = max_calls
+        self._budget_hit = False
         format_rule = infer_format_rule(ctx.train[ctx.reference_column].astype(str).tolist())
         picked = []
         if "reflect" in self.strategies:
@@ -343,6 +393,9 @@ class Optimizer:
                     seen.add(cand.prompt.content_hash())
                     result.candidates.append(cand)
                     result.strategies.append(strategy)
+        if not result.candidates and self._budget_hit:
+            result.warnings.append("budget: no candidate could be proposed within the LLM calls left")
+            return result
         if not result.candidates:
             raise OptimizerError(
                 "no candidate prompt could be proposed: "
@@ -354,11 +407,15 @@ class Optimizer:
         self, ctx: ProposalContext, system: str, strategy: str, rationale: str, output: str | None = None
     ) -> Candidate:
         """A candidate derived from the incumbent. A proposed output template is used only if it
-        keeps at least one placeholder and names no unknown column."""
+        is a valid template that keeps at least one placeholder and names no unknown column."""
         out = ctx.incumbent.output_prompt
         if output:
             proposed = PromptState(system_prompt="", output_prompt=output)
-            if proposed.placeholders() and not proposed.missing_columns(ctx.input_columns):
+            if (
+                proposed.template_error() is None
+                and proposed.placeholders()
+                and not proposed.missing_columns(ctx.input_columns)
+            ):
                 out = output
         prompt = ctx.incumbent.child(
             system[:MAX_PROMPT_CHARS], out, strategy=strategy, rationale=rationale, iteration=ctx.iteration
@@ -398,10 +455,18 @@ class Optimizer:
             )
         else:
             messages = restate_messages(ctx.incumbent, format_rule)
-        proposals, usage = ask_optimizer(
-            self.llm, messages, self.temperature, self.max_tokens, seed=ctx.seed + ctx.iteration
+        left = None if self._max_calls is None else self._max_calls - result.usage.calls
+        if left is not None and left <= 0:
+            self._budget_hit = True
+            raise OptimizerError(f"{strategy}: skipped, the LLM-call budget has no calls left for it")
+        asked = _ask(
+            self.llm, messages, self.temperature, self.max_tokens, ctx.seed + ctx.iteration, left
         )
-        result.usage = result.usage + usage
+        result.usage = result.usage + asked.usage  # failed attempts cost calls too
+        if asked.proposals is None:
+            self._budget_hit = self._budget_hit or asked.out_of_budget
+            raise _no_json(self.llm, asked)
+        proposals = asked.proposals
         made = []
         for p in proposals[:room]:
             system = p.system_prompt.strip()

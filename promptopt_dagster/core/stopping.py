@@ -14,6 +14,10 @@ REASON_TEXT: dict[str, str] = {
     "max_iterations": "max_iterations ({max_iterations}) reached",
     "budget": "budget of {budget_calls} LLM calls spent",
 }
+BUDGET_SHORT = (
+    "budget of {budget_calls} LLM calls: {calls_spent} spent, {left} left, fewer than the "
+    "{next_iteration_calls} the next iteration may need"
+)
 
 
 class StopDecision(BaseModel):
@@ -32,9 +36,23 @@ def decide_stop(
     patience: int,
     max_iterations: int,
     budget_calls: int | None,
+    next_iteration_calls: int = 0,
 ) -> StopDecision:
-    """Check the rules in a fixed order, so the reason reported is the most informative one."""
-    params = {"patience": patience, "max_iterations": max_iterations, "budget_calls": budget_calls}
+    """Check the rules in a fixed order, so the reason reported is the most informative one.
+
+    The budget is a hard cap: it stops the study once the calls spent reach it, and also when
+    what is left is less than `next_iteration_calls`, the most the smallest next iteration can
+    spend (see core.iteration.min_iteration_calls), so no iteration can start that might
+    overrun it."""
+    left = None if budget_calls is None else budget_calls - calls_spent
+    params = {
+        "patience": patience,
+        "max_iterations": max_iterations,
+        "budget_calls": budget_calls,
+        "calls_spent": calls_spent,
+        "left": left,
+        "next_iteration_calls": next_iteration_calls,
+    }
     reason: StopReason | None = None
     if best_score >= target_threshold:
         reason = "target_reached"
@@ -42,11 +60,13 @@ def decide_stop(
         reason = "patience"
     elif iterations_done >= max_iterations:
         reason = "max_iterations"
-    elif budget_calls is not None and calls_spent >= budget_calls:
+    elif left is not None and (left <= 0 or left < next_iteration_calls):
         reason = "budget"
     if reason is None:
         return StopDecision(stop=False)
     message = REASON_TEXT[reason].format(**params)
+    if reason == "budget" and left is not None and left > 0:
+        message = BUDGET_SHORT.format(**params)
     if reason == "target_reached":
         message = f"target reached: {best_score:.3f} >= {target_threshold:.3f}"
     return StopDecision(stop=True, reason=reason, message=message)
