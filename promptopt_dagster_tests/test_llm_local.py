@@ -204,3 +204,36 @@ def test_parallel_slots_keep_request_order(packaged_model: Path) -> None:
     ])
     assert [r.text.strip().strip(".").lower() for r in replies] == words
     assert sorted(seen) == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_replies_do_not_depend_on_call_order_or_on_the_server(packaged_model: Path) -> None:
+    """The same rows scored in two orders, then in a fresh client on a fresh server, give the same
+    texts: llama.cpp must not reuse the KV cache of earlier requests (it moved 1-3 of 20)."""
+    import pandas as pd
+
+    from promptopt_dagster.examples import EXAMPLES_DIR
+
+    reviews = pd.read_csv(EXAMPLES_DIR / "tiny_sentiment.csv")["review"].head(16).tolist()
+    system = "You classify product reviews. Think about what the customer says."
+    requests = [
+        ChatRequest.of(
+            [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"Tell me about this review: {r}"},
+            ],
+            max_tokens=24,
+            seed=6,
+        )
+        for r in reviews
+    ]
+    llm = LocalLLM(model_path=str(packaged_model), n_ctx=2048)
+    forward = [r.text for r in llm.generate(requests)]
+    backward = [r.text for r in llm.generate(requests[::-1])][::-1]
+    order = [*range(1, len(requests), 2), *range(0, len(requests), 2)]  # odd rows, then even
+    fresh = LocalLLM(model_path=str(packaged_model), n_ctx=2048 + 256)  # another server, empty caches
+    assert fresh._server is not llm._server
+    replies = fresh.generate([requests[i] for i in order])
+    interleaved = dict(zip(order, (r.text for r in replies), strict=True))
+    assert all(forward)
+    assert backward == forward
+    assert [interleaved[i] for i in range(len(requests))] == forward

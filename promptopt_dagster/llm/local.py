@@ -227,6 +227,16 @@ def _server_for(model: Path, n_ctx: int, parallel: int, threads: int) -> Any:
             params.cpuparams_batch.n_threads = threads
             params.verbosity = -1
             params.hostnames = ["127.0.0.1"]
+            # Determinism: a reply must depend on its request only, never on what the server saw
+            # before. llama.cpp reuses cached prompt prefixes (the slot's KV cache, and a RAM
+            # cache of earlier prompts) by default; computing a prompt partly from cache changes
+            # the floating-point results, so greedy outputs moved with the call order. Requests
+            # also send cache_prompt=false (see _payload); these server defaults back that up.
+            params.cache_prompt = False
+            params.cache_ram_mib = 0
+            params.cache_idle_slots = False
+            params.n_cache_reuse = 0
+            params.slot_prompt_similarity = 0.0
             try:
                 server = xllamacpp.Server(params)
             except Exception as exc:
@@ -247,12 +257,17 @@ def _usable_cores() -> int:
 
 
 def _payload(request: ChatRequest) -> dict[str, Any]:
+    """The chat-completions body. Deterministic for a given request: the sampling seed is the
+    request's own (fixed per request, part of the cache key), and cache_prompt=false makes
+    llama.cpp evaluate the whole prompt afresh instead of reusing the KV cache of an earlier
+    request, which made outputs depend on call order (see LocalLLM)."""
     p = request.params
     body: dict[str, Any] = {
         "messages": [m.model_dump() for m in request.messages],
         "temperature": p.temperature,
         "max_tokens": p.max_tokens,
         "seed": p.seed,
+        "cache_prompt": False,
     }
     if p.json_schema is not None:
         # Grammar-constrained decoding: llama.cpp turns the schema into a GBNF grammar, so even
@@ -270,7 +285,14 @@ def _describe_error(error: Any) -> str:
 
 class LocalLLM:
     """An LLMClient over a local GGUF model. Sequential by default: on 2 cores, concurrent slots
-    were no faster for short requests and made greedy outputs depend on batching."""
+    were no faster for short requests and made greedy outputs depend on batching.
+
+    Determinism: with parallel=1 (the default) a request gets the same reply whatever was asked
+    before it, in which order, and in a fresh server: every request is evaluated from an empty
+    KV cache (cache_prompt=false, no prompt RAM cache) with its own fixed seed. The price: the
+    prompt prefix requests share (the system prompt, demonstrations) is evaluated on every call.
+    With parallel > 1 concurrent requests are batched together and replies may still depend on
+    which requests shared a batch."""
 
     backend = "local"
 
