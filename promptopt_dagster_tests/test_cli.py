@@ -187,7 +187,7 @@ def test_fresh_forget_list_and_show_on_a_study_with_iterations(
     assert "test exact_match" in shown and "stopped: " in shown
     assert cli.main(["list"]) == 0
     listed = capsys.readouterr().out
-    assert "scripted" in listed and "finished" in listed and "patience" in listed
+    assert "scripted" in listed and "finished" in listed and "max_iterations" in listed
 
     assert cli.main(["run", str(study), "--fresh"]) == 0
     out = capsys.readouterr().out

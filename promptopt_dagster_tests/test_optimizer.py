@@ -8,23 +8,17 @@ import pandas as pd
 import pytest
 
 from promptopt_dagster.core.errors import OptimizerError
-from promptopt_dagster.optimizer.bandit import StrategyBandit
-from promptopt_dagster.core.optimizer import (
-    Failure,
-    HistoryEntry,
-    Optimizer,
-    ProposalContext,
-    choose_for_validation,
-    infer_format_rule,
-    parse_proposals,
-    pick_winner,
-    reflection_messages,
-    shorten,
-)
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import CandidateScore
 from promptopt_dagster.llm.base import ChatRequest
 from promptopt_dagster.llm.fake import ScriptedLLM
+from promptopt_dagster.optimizer.bandit import StrategyBandit
+from promptopt_dagster.optimizer.context import Failure, HistoryEntry, ProposalContext
+from promptopt_dagster.optimizer.optimizer import Optimizer
+from promptopt_dagster.optimizer.parts import infer_format_rule
+from promptopt_dagster.optimizer.reply import parse_proposals, reflection_messages
+from promptopt_dagster.optimizer.selection import choose_for_validation, pick_winner
+from promptopt_dagster.optimizer.strategies.edits import shorten
 
 TRAIN = pd.DataFrame(
     {
@@ -48,6 +42,7 @@ def ctx(**kw: object) -> ProposalContext:
         reference_column="label",
         iteration=0,
         seed=0,
+        format_rule=infer_format_rule(TRAIN["label"].tolist()),
     )
     args.update(kw)
     return ProposalContext(**args)  # type: ignore[arg-type]
@@ -87,9 +82,8 @@ def test_propose_combines_reflection_with_data_driven_strategies() -> None:
     llm = ScriptedLLM(good_reply)
     result = Optimizer(llm).propose(ctx(), 4, StrategyBandit(["add_format_rule", "add_examples", "shorten"]))
     strategies = [c.strategy for c in result.candidates]
-    assert strategies[0] == "reflect" and len(result.candidates) >= 3
-    assert "add_format_rule" in strategies and "add_examples" in strategies
-    reflect = result.candidates[0].prompt
+    assert strategies[:3] == ["add_format_rule", "reflect", "add_examples"] and len(strategies) == 4
+    reflect = result.candidates[1].prompt
     assert reflect.system_prompt.startswith("Give the topic code.")
     assert "exactly one of: SPORT, TECH" in reflect.system_prompt  # the data rule rides along
     examples = next(c for c in result.candidates if c.strategy == "add_examples").prompt.system_prompt
@@ -140,9 +134,10 @@ def test_proposals_that_paste_a_training_case_are_dropped_with_a_warning() -> No
             {"candidates": [{"system_prompt": "What about text 1? Answer TECH.", "rationale": ""}]}
         )
 
-    result = Optimizer(ScriptedLLM(copying)).propose(ctx(), 3, StrategyBandit(["add_format_rule"]))
+    optimizer = Optimizer(ScriptedLLM(copying), strategies=["add_format_rule", "reflect"])
+    result = optimizer.propose(ctx(), 3, StrategyBandit(["add_format_rule"]))
     assert "reflect" not in [c.strategy for c in result.candidates]
-    assert any("copies a training case" in w for w in result.warnings)
+    assert any("stray line" in w and "text 1" in w for w in result.warnings)
     assert [c.strategy for c in result.candidates] == ["add_format_rule"]
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.definitions import ASSETS
 from promptopt_dagster.driver import drive
+from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
-from promptopt_dagster_tests.conftest import Pipeline
+from promptopt_dagster_tests.conftest import Pipeline, make_pipeline
 
 ITERATION_ASSETS = [a for a in ASSETS if a.key.path[-1] != "study_report"]
 
@@ -46,8 +49,12 @@ def calls_in(result: dg.ExecuteInProcessResult, node: str) -> int:
     return int(mat.metadata["llm_calls"].value)
 
 
-def test_sensors_start_continue_and_stop_for_the_right_reason(pipeline: Pipeline) -> None:
-    p = pipeline
+def test_sensors_start_continue_and_stop_for_the_right_reason(tmp_path: Path) -> None:
+    with dg.instance_for_test() as instance:
+        _sensors_start_continue_and_stop(make_pipeline(tmp_path, instance, max_iterations=6))
+
+
+def _sensors_start_continue_and_stop(p: Pipeline) -> None:
     assert tick(p, new_study_sensor).skip_reason is not None  # nothing registered yet
     p.store.register_study(p.study)
 
@@ -77,7 +84,20 @@ def test_sensors_start_continue_and_stop_for_the_right_reason(pipeline: Pipeline
     # iteration 1 starts from iteration 0's champion, through the prompt store
     [prompt_mat] = r1.asset_materializations_for_node("current_prompt")
     assert prompt_mat.metadata["prompt_id"].value == champion.id
-    assert meta1["stop"] is True and meta1["stop_reason"] == "patience"
+    # no improvement, but strategies are left untried on this champion: patience waits
+    assert meta1["stop"] is False and not meta1["accepted"]
+    record1 = p.store.load_record("scripted", 1)
+    assert record1 is not None and 0 < len(record1.tried_on_champion) < len(STRATEGY_NAMES)
+
+    iteration, meta = 1, meta1
+    while not meta["stop"]:
+        iteration += 1
+        [req] = tick(p, continue_study_sensor).run_requests
+        assert req.partition_key == study_iteration_key("scripted", iteration)
+        meta = decision_metadata(materialize_iteration(p, iteration))
+    last = p.store.load_record("scripted", iteration)
+    assert last is not None and set(last.tried_on_champion) == set(STRATEGY_NAMES)
+    assert meta["stop_reason"] == "patience" and iteration <= 3
 
     after = tick(p, continue_study_sensor)
     [report_req] = after.run_requests

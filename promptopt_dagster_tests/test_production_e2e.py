@@ -285,8 +285,9 @@ def test_study_runs_on_vertex_and_gcs_through_the_sensors(
         assert records[0].accepted and records[0].champion_val_score > records[0].incumbent_val_score
         assert records[0].champion_val_score == pytest.approx(1.0)
         assert "one of:" in records[0].champion.system_prompt
-        # and stops for the right reason: nothing beats 1.0, patience is 1
-        assert records[1].stop and records[1].stop_reason == "patience"
+        # and stops for the right reason: nothing beats 1.0, and max_iterations is 2 (patience
+        # waits until every strategy was tried on the champion)
+        assert records[1].stop and records[1].stop_reason == "max_iterations"
         report = defs.load_asset_value("study_report", partition_key=STUDY, instance=instance)
         assert report["final_test"]["exact_match"] > report["seed_test"]["exact_match"]
 
@@ -308,8 +309,8 @@ def test_study_runs_on_vertex_and_gcs_through_the_sensors(
         assert report["total_cost_usd"] == pytest.approx(sum(r.cost_usd for r in records))
         assert report["test_cost_usd"] > 0
         assert [row["cost_usd"] for row in report["rows"]] == pytest.approx([r.cost_usd for r in records])
-        cli.console.width = 160
-        assert cli._print_report(defs, instance, STUDY, {}) == 0
+        store = defs.resources["prompt_store"].store  # type: ignore[attr-defined]
+        assert cli._print_report(defs, instance, store, STUDY) == 0
         table = capsys.readouterr().out
         assert "cost $" in table and f"{records[0].cost_usd:.4f}" in table
 
@@ -396,7 +397,7 @@ def test_storage_outage_mid_run_fails_cleanly_and_the_driver_resumes(
         assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
         assert result.runs[0].partition_key == str(study_iteration_key(STUDY, 1))
         records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
-        assert [r.iteration for r in records] == [0, 1] and records[1].stop_reason == "patience"
+        assert [r.iteration for r in records] == [0, 1] and records[1].stop_reason == "max_iterations"
         # the failed run's replies were kept in the response cache: its rows are not paid for twice
         assert materialization_metadata(instance, "baseline_predictions", 1)["llm_cached_calls"] > 0
         assert prod.model.primary_calls > calls_before  # the candidates and the test report
@@ -432,6 +433,6 @@ def test_a_429_burst_during_the_study_is_survived(prod: Production, caplog: pyte
         meta = materialization_metadata(instance, "baseline_predictions", 1)
         assert meta["llm_failed_calls"] == 0 and meta["llm_calls"] > 0
         records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
-        assert records[-1].stop_reason == "patience"
+        assert records[-1].stop_reason == "max_iterations"
         assert "429" in caplog.text  # the retries were logged ...
         assert_token_nowhere(instance, prod.tmp / "home", caplog.text)  # ... without the echoed token

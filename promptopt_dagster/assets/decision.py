@@ -46,6 +46,7 @@ def iteration_decision(
         previous,
         usage,
         warnings=candidate_prompts.get("warnings", []),
+        attempted=candidate_prompts.get("attempted", []),
     )
     started = context.instance.get_run_stats(context.run_id).start_time
     if started is not None:

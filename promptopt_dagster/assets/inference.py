@@ -64,6 +64,7 @@ def candidate_predictions(
         incumbent_train_score=baseline_metrics["aggregates"]["train"][target],
         iteration=scope.iteration,
         progress=context.log.info,
+        calls_left=candidate_prompts.get("calls_left"),
     )
     context.add_output_metadata(
         {

@@ -20,8 +20,9 @@ def candidate_prompts(
     baseline_predictions: pd.DataFrame,
     baseline_metrics: dict,
 ) -> dict:
-    """Candidates from reflection (the optimizer LLM), data-inferred format rules, demonstrations
-    and edits, chosen by the strategy bandit."""
+    """Candidates from the optimizer's strategies (optimizer/strategies): reflection by the
+    optimizer LLM, the data-inferred format rule, demonstrations, answer parsing, combination of
+    the best parts measured so far, and edits; untried strategies first, then the bandit's."""
     scope = scope_of(context, prompt_store)
     scores = pd.DataFrame(baseline_metrics["rows"])[["row_id", "split", "score"]]
     scored = baseline_predictions.merge(scores, on=["row_id", "split"], how="left")
@@ -51,11 +52,16 @@ def candidate_prompts(
         "optimizer_tokens": result.usage.tokens,
         "optimizer_cost_usd": dg.MetadataValue.float(result.usage.cost_usd),
     }
-    for i, cand in enumerate(result.candidates):
-        metadata[f"candidate_{i}"] = prompt_markdown(cand.prompt.system_prompt, cand.prompt.output_prompt)
+    metadata["strategies_tried"] = ", ".join(result.attempted)
+    for cand in result.candidates:  # keyed by the ids candidate_metrics shows
+        metadata[f"candidate {cand.prompt.id} ({cand.strategy})"] = prompt_markdown(
+            cand.prompt.system_prompt, cand.prompt.output_prompt
+        )
     context.add_output_metadata(metadata)
     return {
         "candidates": [c.model_dump(mode="json") for c in result.candidates],
         "usage": result.usage.as_dict(),
         "warnings": result.warnings,
+        "attempted": result.attempted,
+        "calls_left": result.calls_left,
     }

@@ -23,12 +23,12 @@ from typing import Any
 
 import pandas as pd
 
-from promptopt_dagster.core.explorer import StrategyBandit
-from promptopt_dagster.core.optimizer import collect_failures
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import Candidate, IterationRecord
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.core.tracking import TAG_PROMPT_ID, MlflowTracker
+from promptopt_dagster.optimizer.bandit import StrategyBandit
+from promptopt_dagster.optimizer.selection import collect_failures
 
 USAGE_COLUMNS = ("prompt_tokens", "completion_tokens", "seconds", "cost_usd")
 
@@ -302,6 +302,7 @@ def build_iteration_log(
                     "val_score": record.incumbent_val_score,
                     "train_score": record.incumbent_train_score,
                     "strategy": "seed",
+                    "answer_parser": incumbent.answer_parser,
                 },
                 champion=best and not record.accepted,
             )
@@ -321,6 +322,8 @@ def build_iteration_log(
                     "val_score": record.champion_val_score,
                     "train_score": score.train_score if score else "",
                     "incumbent_val_score": record.incumbent_val_score,
+                    # apply core.answers.parse_answer(reply, this) to the model's reply
+                    "answer_parser": winner.prompt.answer_parser,
                 },
                 champion=best,
                 candidate_id=winner.prompt.id,

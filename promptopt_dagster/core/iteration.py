@@ -2,7 +2,7 @@
 
 1. primary inference     run_prompt(incumbent) on the train minibatch and the validation split
 2. evaluation            score_predictions
-3. refinement            propose_candidates (core.optimizer)
+3. refinement            propose_candidates (the optimizer package)
 4. refined inference     screen_and_confirm: every candidate on the minibatch, the best on val
 5. evaluation + decision decide
 """
@@ -18,31 +18,32 @@ import pandas as pd
 
 from promptopt_dagster.core.dataset import load_dataset, minibatch, split_dataset
 from promptopt_dagster.core.errors import DatasetError, StudyConfigError
-from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.core.metrics import EvaluatorService
-from promptopt_dagster.core.optimizer import (
-    ALL_STRATEGIES,
-    HistoryEntry,
-    Optimizer,
-    ProposalContext,
-    ProposalResult,
-    Ranker,
-    choose_for_validation,
-    collect_failures,
-    pick_winner,
-)
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import Candidate, CandidateScore, IterationRecord
 from promptopt_dagster.core.stopping import decide_stop
 from promptopt_dagster.core.storage import redact
 from promptopt_dagster.core.study import ModelConfig, StudyConfig
 from promptopt_dagster.llm.base import ChatRequest, GenerationParams, LLMClient, Usage
+from promptopt_dagster.optimizer.bandit import StrategyBandit
+from promptopt_dagster.optimizer.context import (
+    HistoryEntry,
+    ProposalContext,
+    ProposalResult,
+    Ranker,
+    Tried,
+)
+from promptopt_dagster.optimizer.optimizer import Optimizer
+from promptopt_dagster.optimizer.parts import PromptParts, infer_format_rule
+from promptopt_dagster.optimizer.selection import choose_for_validation, collect_failures, pick_winner
+from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 
 Progress = Callable[[str], None]
 PREDICTION_COLUMNS = (
     "row_id",
     "split",
     "prediction",
+    "reply",
     "error",
     "cached",
     "prompt_tokens",
@@ -50,7 +51,13 @@ PREDICTION_COLUMNS = (
     "seconds",
     "cost_usd",
 )
-BANDIT_STRATEGIES = tuple(s for s in ALL_STRATEGIES if s != "reflect")
+BANDIT_STRATEGIES = STRATEGY_NAMES
+# A 10-row minibatch is noisy: the best two candidates there go on to validation (successive
+# halving in its smallest form), when the budget allows.
+CONFIRM_TOP = 2
+# With the incumbent at zero on the minibatch, propose this many times the candidates: the search
+# widens instead of stopping.
+WIDEN_AT_ZERO = 2
 
 
 # The smallest study that can measure anything: fewer rows, or a split with fewer rows, is
@@ -168,7 +175,8 @@ def run_prompt(
         {
             "row_id": rows["row_id"].astype(str).to_numpy(),
             "split": rows["split"].to_numpy(),
-            "prediction": [r.text.strip() for r in responses],
+            "prediction": [prompt.parse(r.text) for r in responses],
+            "reply": [r.text for r in responses],
             "error": [r.error for r in responses],
             "cached": [r.cached for r in responses],
             "prompt_tokens": [r.prompt_tokens for r in responses],
@@ -222,8 +230,26 @@ def history_of(records: list[IterationRecord]) -> list[HistoryEntry]:
     for r in records:
         if r.champion.id not in seen:
             seen.add(r.champion.id)
-            out.append(HistoryEntry(system_prompt=r.champion.system_prompt, score=r.champion_val_score))
+            instruction = PromptParts.of(r.champion).instruction
+            out.append(HistoryEntry(system_prompt=instruction, score=r.champion_val_score))
     return out
+
+
+def tried_of(records: list[IterationRecord], seed: PromptState) -> list[Tried]:
+    """Every measured prompt of earlier iterations as parts and scores: each incumbent (the seed
+    first) and each screened candidate."""
+    out: list[Tried] = []
+    for r in records:
+        if r.incumbent_id == seed.id:
+            out.append(Tried(PromptParts.of(seed), "seed", r.incumbent_train_score, r.incumbent_val_score))
+        for c in r.candidates:
+            if c.parts is not None:
+                out.append(Tried(PromptParts.from_dict(c.parts), c.strategy, c.train_score, c.val_score))
+    return out
+
+
+def tried_on_champion(records: list[IterationRecord]) -> list[str]:
+    return list(records[-1].tried_on_champion) if records else []
 
 
 def bandit_from(records: list[IterationRecord], seed: int) -> StrategyBandit:
@@ -242,44 +268,51 @@ def propose_candidates(
     overgenerate: int = 1,
     keep: int | None = None,
 ) -> ProposalResult:
-    """The optimizer's candidates. With a `ranker` (the meta-model, when it is trusted) it
-    proposes `overgenerate` times as many, and only the `keep` best predicted (default: as
-    many as without a ranker) go on to screening; each keeps its prediction in
-    ``prompt.metadata["predicted_score"]``. Without one, the default path is unchanged.
+    """The optimizer's candidates: `candidates_per_iteration` of them, twice as many when the
+    incumbent scores zero on the minibatch (the search widens rather than stops). With a
+    `ranker` (the meta-model, when it is trusted) it proposes `overgenerate` times as many, and
+    only the `keep` best predicted (default: as many as without a ranker) go on to screening;
+    each keeps its prediction in ``prompt.metadata["predicted_score"]``.
 
     With a budget (study.budget_calls) this is where the iteration is sized to what is left
     after the earlier iterations and this one's primary inference: the optimizer LLM may use
     what remains beyond one candidate's screening and validation, and only as many candidates
-    are kept as can then be screened on the minibatch with the best validated (counting every
-    call as uncached), so screen_and_confirm (with confirm_top=1) cannot overrun the budget."""
+    are kept as can then be screened on the minibatch with the best CONFIRM_TOP validated
+    (counting every call as uncached), so screen_and_confirm cannot overrun the budget."""
     study = data.study
     train_rows = baseline_scored[baseline_scored["split"] == "train"]
     left = budget_left(study, records, _live_calls(baseline_scored))
     screen_calls, val_calls = max(1, len(train_rows)), len(data.splits["val"])
     max_calls = None if left is None else max(0, left - screen_calls - val_calls)
+    score = float(train_rows["score"].mean()) if len(train_rows) else 0.0
+    train = data.splits["train"]
     ctx = ProposalContext(
         incumbent=incumbent,
         metric=study.target_metric,
-        incumbent_score=float(train_rows["score"].mean()) if len(train_rows) else 0.0,
+        incumbent_score=score,
         failures=collect_failures(train_rows, study.input_columns, "reference"),
         history=history_of(records),
-        train=data.splits["train"],
+        train=train,
         minibatch_ids=set(train_rows["row_id"].astype(str)),
         input_columns=study.input_columns,
         reference_column=study.reference_column,
         iteration=iteration,
         seed=study.seed,
+        tried=tried_of(records, study.seed_prompt_state()),
+        format_rule=infer_format_rule(train[study.reference_column].astype(str).tolist()),
     )
     optimizer = Optimizer(
         optimizer_llm,
         temperature=study.optimizer_model.temperature,
         max_tokens=study.optimizer_model.max_tokens,
     )
-    k = study.candidates_per_iteration
+    k = study.candidates_per_iteration * (WIDEN_AT_ZERO if score == 0.0 else 1)
+    bandit = bandit_from(records, study.seed)
+    tried = tried_on_champion(records)
     if ranker is None:
-        result = optimizer.propose(ctx, k, bandit_from(records, study.seed), max_calls)
+        result = optimizer.propose(ctx, k, bandit, max_calls, tried)
         return _within_budget(result, left, screen_calls, val_calls)
-    result = optimizer.propose(ctx, k * max(1, overgenerate), bandit_from(records, study.seed), max_calls)
+    result = optimizer.propose(ctx, k * max(1, overgenerate), bandit, max_calls, tried)
     predicted = ranker(result.candidates)
     order = sorted(
         range(len(result.candidates)),
@@ -306,6 +339,7 @@ def _within_budget(
     order the optimizer, or the ranker, put them in)."""
     if left is None:
         return result
+    result.calls_left = left - result.usage.calls
     affordable = max(0, (left - result.usage.calls - val_calls) // screen_calls)
     if len(result.candidates) > affordable:
         result.warnings.append(
@@ -325,13 +359,14 @@ def screen_and_confirm(
     candidates: list[Candidate],
     incumbent_train_score: float,
     iteration: int,
-    confirm_top: int = 1,
+    confirm_top: int = CONFIRM_TOP,
     progress: Progress | None = None,
+    calls_left: int | None = None,
 ) -> pd.DataFrame:
     """Every candidate on the train minibatch; those that match or beat the incumbent there, the
-    best `confirm_top`, on validation. Returns all predictions with a `candidate_id` column.
-    Calls: at most len(candidates) * minibatch rows + confirm_top * validation rows, which
-    propose_candidates keeps within the budget for confirm_top=1."""
+    best `confirm_top`, on validation, as many as `calls_left` (the budget, None for none) pays
+    for after screening; propose_candidates keeps at least one validation affordable. Returns
+    all predictions with a `candidate_id` column."""
     study = data.study
     rows = data.iteration_rows(iteration)
     train = rows[rows["split"] == "train"]
@@ -344,14 +379,11 @@ def screen_and_confirm(
         preds = run_prompt(llm, cand.prompt, train, study.primary_model, study)
         scored, agg = score_predictions(evaluator, preds, study.target_metric, ["split"])
         frames.append(preds.assign(candidate_id=cand.prompt.id))
-        scores.append(
-            CandidateScore(
-                candidate_id=cand.prompt.id,
-                strategy=cand.strategy,
-                prompt_chars=len(cand.prompt.system_prompt + cand.prompt.output_prompt),
-                train_score=agg["train"][study.target_metric],
-            )
-        )
+        if calls_left is not None:
+            calls_left -= _live_calls(preds)
+        scores.append(score_of(cand, agg["train"][study.target_metric]))
+    if calls_left is not None:
+        confirm_top = min(confirm_top, max(0, calls_left) // max(1, len(val)))
     by_id = {c.prompt.id: c for c in candidates}
     for chosen in choose_for_validation(scores, incumbent_train_score, confirm_top):
         if progress:
@@ -364,21 +396,25 @@ def screen_and_confirm(
     return pd.concat(frames, ignore_index=True)
 
 
+def score_of(cand: Candidate, train_score: float, val_score: float | None = None) -> CandidateScore:
+    return CandidateScore(
+        candidate_id=cand.prompt.id,
+        strategy=cand.strategy,
+        prompt_chars=len(cand.prompt.system_prompt + cand.prompt.output_prompt),
+        train_score=train_score,
+        val_score=val_score,
+        parts=cand.prompt.metadata.get("parts"),
+    )
+
+
 def candidate_scores(
     candidates: list[Candidate], aggregates: dict[str, Any], target: str
 ) -> list[CandidateScore]:
     out = []
     for cand in candidates:
         agg = aggregates.get(cand.prompt.id, {})
-        out.append(
-            CandidateScore(
-                candidate_id=cand.prompt.id,
-                strategy=cand.strategy,
-                prompt_chars=len(cand.prompt.system_prompt + cand.prompt.output_prompt),
-                train_score=agg.get("train", {}).get(target, 0.0),
-                val_score=agg["val"][target] if "val" in agg else None,
-            )
-        )
+        val = agg["val"][target] if "val" in agg else None
+        out.append(score_of(cand, agg.get("train", {}).get(target, 0.0), val))
     return out
 
 
@@ -393,13 +429,16 @@ def decide(
     usage: Usage,
     bandit_state: dict | None = None,
     warnings: list[str] | None = None,
+    attempted: list[str] | None = None,
 ) -> IterationRecord:
-    """Accept the best validated candidate if it beats the incumbent on validation, reward the
-    bandit with each candidate's minibatch gain, and apply the stop rules."""
+    """Accept the best validated candidate if it beats the incumbent on validation (or ties it
+    with a shorter prompt), reward the bandit with each candidate's minibatch gain, and apply
+    the stop rules; patience ends a study only once every strategy was tried on its champion.
+    `attempted` names the strategies run on the incumbent this iteration."""
     target = study.target_metric
     inc_train = baseline_aggregates["train"][target]
     inc_val = baseline_aggregates["val"][target]
-    winner = pick_winner(scores, inc_val)
+    winner = pick_winner(scores, inc_val, len(incumbent.system_prompt + incumbent.output_prompt))
     by_id = {c.prompt.id: c for c in candidates}
     champion = by_id[winner.candidate_id].prompt if winner else incumbent
     champion_val = winner.val_score if winner and winner.val_score is not None else inc_val
@@ -417,7 +456,13 @@ def decide(
         if s.strategy in BANDIT_STRATEGIES:
             bandit.update(s.strategy, s.train_score - inc_train)
 
+    if winner is not None:
+        tried = []
+    else:
+        tried = list(dict.fromkeys([*tried_on_champion(records), *(attempted or [])]))
+    unexplored = [name for name in STRATEGY_NAMES if name not in tried]
     stop = decide_stop(
+        unexplored=unexplored,
         best_score=best,
         iterations_done=iteration + 1,
         iterations_without_improvement=streak,
@@ -454,6 +499,7 @@ def decide(
         stop_reason=stop.reason,
         stop_message=stop.message,
         bandit=bandit.to_dict(),
+        tried_on_champion=tried,
         warnings=warnings or [],
     )
 

@@ -413,7 +413,7 @@ def load_from_store(root: str) -> tuple[MetaModel, dict[str, Any]] | None:
 
 
 def ranker_for(model: MetaModel, parent_score: float) -> Callable[[list[Candidate]], list[float]]:
-    """A `core.optimizer.Ranker`: predicted minibatch scores of candidates derived from an
+    """An `optimizer.context.Ranker`: predicted minibatch scores of candidates derived from an
     incumbent that scored `parent_score` on this iteration's minibatch."""
 
     def rank(candidates: list[Candidate]) -> list[float]:

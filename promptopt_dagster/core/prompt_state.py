@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from promptopt_dagster.core.answers import AnswerParser, parse_answer
 from promptopt_dagster.core.storage import read_text, write_text
 from promptopt_dagster.llm.base import Message
 
@@ -73,6 +74,8 @@ def _now() -> datetime:
 class PromptState(BaseModel):
     system_prompt: str
     output_prompt: str
+    # how a reply becomes the answer (core.answers.parse_answer); part of the prompt
+    answer_parser: AnswerParser = "raw"
     id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     parent_id: str | None = None
     version: int = 1
@@ -102,16 +105,27 @@ class PromptState(BaseModel):
     def content_hash(self) -> str:
         """Identity of the texts alone: two versions with the same texts hash alike."""
         text = self.system_prompt + "\x00" + self.output_prompt
+        if self.answer_parser != "raw":
+            text += "\x00" + self.answer_parser
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def child(self, system_prompt: str, output_prompt: str, **metadata: Any) -> PromptState:
-        """A derived version. Its id is a function of parent and texts, so proposing the same
-        candidate again (re-materializing an iteration) gives the same id."""
+    def parse(self, reply: str) -> str:
+        """The answer in a model's reply to this prompt."""
+        return parse_answer(reply, self.answer_parser)
+
+    def child(
+        self, system_prompt: str, output_prompt: str, answer_parser: AnswerParser = "raw", **metadata: Any
+    ) -> PromptState:
+        """A derived version. Its id is a function of parent, texts and parser, so proposing the
+        same candidate again (re-materializing an iteration) gives the same id."""
         key = f"{self.id}\x00{system_prompt}\x00{output_prompt}"
+        if answer_parser != "raw":
+            key += f"\x00{answer_parser}"
         return PromptState(
             id=hashlib.sha256(key.encode()).hexdigest()[:12],
             system_prompt=system_prompt,
             output_prompt=output_prompt,
+            answer_parser=answer_parser,
             parent_id=self.id,
             version=self.version + 1,
             metadata=metadata,
@@ -140,9 +154,12 @@ def messages_for_row(
     """Ready chat messages (`[{"role": ..., "content": ...}]`) for one row, from a PromptState, a
     chat template as the MLflow Prompt Registry returns it (`prompt.template`: a system and a
     user message), or a loaded MLflow prompt itself. Production callers use this to send a
-    registered prompt exactly as the optimizer measured it."""
+    registered prompt exactly as the optimizer measured it, and read the answer out of the reply
+    with `core.answers.parse_answer(reply, parser)`, the parser being `PromptState.answer_parser`
+    or the registered version's `answer_parser` tag."""
     if isinstance(prompt, PromptState):
         return [m.model_dump() for m in prompt.render(row)]
+    # The registry keeps the parser in the version's tags; parse replies with core.answers.
     template = getattr(prompt, "template", prompt)
     if isinstance(template, str):
         template = [{"role": "user", "content": template}]

@@ -22,6 +22,7 @@ class CandidateScore(BaseModel):
     train_score: float
     val_score: float | None = None
     predicted_score: float | None = None
+    parts: dict | None = None  # what it was composed from (optimizer.parts.PromptParts)
 
 
 class IterationRecord(BaseModel):
@@ -50,4 +51,7 @@ class IterationRecord(BaseModel):
     stop_reason: str | None = None
     stop_message: str = "continue"
     bandit: dict = Field(default_factory=dict)
+    # strategies run on the champion since it became champion: patience may stop a study only
+    # once every strategy has been tried on it
+    tried_on_champion: list[str] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

@@ -10,7 +10,7 @@ StopReason = Literal["target_reached", "patience", "max_iterations", "budget"]
 
 REASON_TEXT: dict[str, str] = {
     "target_reached": "target reached",
-    "patience": "no improvement for {patience} iterations",
+    "patience": "no improvement for {patience} iterations, every strategy tried",
     "max_iterations": "max_iterations ({max_iterations}) reached",
     "budget": "budget of {budget_calls} LLM calls spent",
 }
@@ -37,13 +37,18 @@ def decide_stop(
     max_iterations: int,
     budget_calls: int | None,
     next_iteration_calls: int = 0,
+    unexplored: list[str] | None = None,
 ) -> StopDecision:
     """Check the rules in a fixed order, so the reason reported is the most informative one.
 
     The budget is a hard cap: it stops the study once the calls spent reach it, and also when
     what is left is less than `next_iteration_calls`, the most the smallest next iteration can
     spend (see core.iteration.min_iteration_calls), so no iteration can start that might
-    overrun it."""
+    overrun it.
+
+    Patience ends a study only when no strategy is left `unexplored` on its champion: a study
+    stuck at a low score goes on (within max_iterations and the budget) until every way of
+    proposing has had its turn."""
     left = None if budget_calls is None else budget_calls - calls_spent
     params = {
         "patience": patience,
@@ -56,7 +61,7 @@ def decide_stop(
     reason: StopReason | None = None
     if best_score >= target_threshold:
         reason = "target_reached"
-    elif iterations_without_improvement >= patience:
+    elif iterations_without_improvement >= patience and not unexplored:
         reason = "patience"
     elif iterations_done >= max_iterations:
         reason = "max_iterations"

@@ -48,7 +48,7 @@ def write_study(folder: Path, name: str = "scripted", **overrides: object) -> Pa
         "seed_prompt": {"output_prompt": "{review}"},
         "target_threshold": 1.01,
         "patience": 1,
-        "max_iterations": 4,
+        "max_iterations": 2,
         "candidates_per_iteration": 3,
         "minibatch_size": 6,
         "metrics": ["f1"],

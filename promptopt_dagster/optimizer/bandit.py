@@ -1,4 +1,4 @@
-"""The prompt-space explorer: a bandit over prompt EDIT STRATEGIES (not over prompts).
+"""A bandit over proposal strategies (not over prompts).
 
 Why strategies: a study sees a few dozen candidates at most, far too few to learn a value per
 prompt text, but enough to learn which kind of edit pays off for this task and model (e.g. with a
@@ -23,15 +23,9 @@ from typing import Any, Literal
 import numpy as np
 
 from promptopt_dagster.core.errors import OptimizerError
+from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 
-STRATEGIES: tuple[str, ...] = (
-    "add_format_rule",
-    "add_examples",
-    "shorten",
-    "restate_task",
-    "add_reasoning",
-    "reflect",
-)
+STRATEGIES: tuple[str, ...] = STRATEGY_NAMES
 
 Method = Literal["thompson", "ucb1"]
 STATE_VERSION = 1
@@ -63,7 +57,7 @@ class StrategyBandit:
     ) -> None:
         names = list(dict.fromkeys(strategies))
         if not names:
-            raise OptimizerError("StrategyBandit needs at least one strategy, e.g. core.explorer.STRATEGIES")
+            raise OptimizerError("StrategyBandit needs at least one strategy name")
         if method not in ("thompson", "ucb1"):
             raise OptimizerError(f"unknown bandit method {method!r}; use 'thompson' or 'ucb1'")
         lo, hi = reward_range

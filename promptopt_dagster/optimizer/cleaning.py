@@ -1,0 +1,76 @@
+"""Clean an instruction an optimizer LLM wrote before it is screened.
+
+Small optimizer models paste parts of the cases they were shown into the instruction: a training
+question, a paraphrase of it, an expected answer alone on a line ("123", "15 - 14"), or a
+`{column}` placeholder that nothing fills in a system prompt. Such lines overfit one row and leak
+training data into the prompt that gets shipped. Lines are dropped when most of their words come
+from a single training row (by token overlap, so paraphrases are caught, not only verbatim
+copies), when they hold no words at all (numbers, arithmetic), or when they carry a placeholder;
+a line that merely names one value of a row (a country in a look-up task) stays.
+Demonstrations are composed separately (optimizer.parts) and never pass through here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+_TOKEN = re.compile(r"[a-z0-9]+")
+_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_STOP = frozenset(
+    {"a", "an", "the", "of", "to", "in", "on", "for", "and", "or", "is", "are", "be", "it"}
+    | {"this", "that", "with", "as", "by", "at", "from", "your", "you"}
+)
+
+
+def _tokens(text: str) -> list[str]:
+    return [t for t in _TOKEN.findall(text.lower()) if t not in _STOP]
+
+
+@dataclass
+class Cleaned:
+    text: str
+    dropped: list[str] = field(default_factory=list)
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in re.split(r"\n+|(?<=[a-z0-9]{2}[.!?])\s+(?=[A-Z])", text) if line.strip()]
+
+
+def _fragment_of(line: str, rows: Sequence[set[str]], threshold: float) -> bool:
+    tokens = _tokens(line)
+    if len(tokens) < 4:
+        return False
+    distinct = set(tokens)
+    return any(len(distinct & row) / len(distinct) >= threshold for row in rows)
+
+
+def clean_instruction(
+    text: str, training_rows: Iterable[Iterable[str]], threshold: float = 0.5
+) -> Cleaned:
+    """`text` without stray lines: a training value alone on a line, fragments of a training row
+    (inputs and outputs of one row count together), lines with no words, lines with a
+    `{placeholder}`."""
+    values: set[str] = set()
+    token_rows: list[set[str]] = []
+    for row in training_rows:
+        row = [str(v) for v in row]
+        values.update(" ".join(_TOKEN.findall(v.lower())) for v in row)
+        tokens = set(_tokens(" ".join(row)))
+        if len(tokens) >= 2:
+            token_rows.append(tokens)
+    kept, dropped = [], []
+    for line in _lines(text):
+        verbatim = " ".join(_TOKEN.findall(line.lower())) in values
+        if (
+            verbatim
+            or not _WORD.search(line)
+            or _PLACEHOLDER.search(line)
+            or _fragment_of(line, token_rows, threshold)
+        ):
+            dropped.append(line)
+        else:
+            kept.append(line)
+    return Cleaned(text="\n".join(kept), dropped=dropped)

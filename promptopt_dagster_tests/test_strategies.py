@@ -1,0 +1,187 @@
+"""The optimizer's parts: clean-up of optimizer-LLM text, composition, demonstrations, answer
+parsing, each strategy, and the order strategies are tried in (scripted optimizer LLM)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from promptopt_dagster.core.answers import parse_answer
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.records import CandidateScore
+from promptopt_dagster.llm.base import ChatRequest
+from promptopt_dagster.llm.fake import ScriptedLLM
+from promptopt_dagster.optimizer.bandit import StrategyBandit
+from promptopt_dagster.optimizer.cleaning import clean_instruction
+from promptopt_dagster.optimizer.context import Failure, ProposalContext, Tried
+from promptopt_dagster.optimizer.optimizer import Optimizer
+from promptopt_dagster.optimizer.parts import PromptParts, choose_demonstrations, compose
+from promptopt_dagster.optimizer.selection import pick_winner
+from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
+
+ROWS = [
+    ("What would you say about the phone case: it fits exactly as described.", "positive"),
+    ("15 - 14", "1"),
+    ("France", "Paris"),
+]
+
+
+def test_cleaning_drops_pasted_and_paraphrased_rows_numbers_and_placeholders() -> None:
+    text = (
+        "123\nClassify the review as positive or negative. "
+        "What would you say about the phone case, which fits exactly as described?\n"
+        "15 - 14\nAnswer with the capital of the country, e.g. France gives Paris.\nReview: {review}"
+    )
+    cleaned = clean_instruction(text, ROWS)
+    assert cleaned.text.splitlines() == [
+        "Classify the review as positive or negative.",
+        "Answer with the capital of the country, e.g. France gives Paris.",  # names a value: kept
+    ]
+    assert len(cleaned.dropped) == 4
+
+
+def test_cleaning_keeps_a_clean_instruction_whole() -> None:
+    text = "You label customer reviews. Reply with one word: positive or negative."
+    assert clean_instruction(text, ROWS).text == text.replace(". ", ".\n")
+
+
+@pytest.mark.parametrize(
+    ("reply", "raw", "first", "field"),
+    [
+        ("Paris", "Paris", "Paris", "Paris"),
+        ("Paris\nIt is the capital.", "Paris\nIt is the capital.", "Paris", "Paris"),
+        ("Let me think.\nAnswer: `42`", "Let me think.\nAnswer: `42`", "Let me think.", "42"),
+        ("**Answer:** Paris", "**Answer:** Paris", "Answer:** Paris", "Paris"),
+    ],
+)
+def test_answer_parsers(reply: str, raw: str, first: str, field: str) -> None:
+    assert parse_answer(reply, "raw") == raw
+    assert parse_answer(reply, "first_line") == first
+    assert parse_answer(reply, "answer_field") == field
+
+
+def _train(n: int = 24) -> pd.DataFrame:
+    labels = ["A"] * (n // 2) + ["B"] * (n // 3) + ["C"] * (n - n // 2 - n // 3)
+    return pd.DataFrame(
+        {"row_id": [f"r{i}" for i in range(n)], "text": [f"item {i}" for i in range(n)], "label": labels}
+    )
+
+
+def test_demonstrations_cover_every_label_outside_the_minibatch() -> None:
+    train = _train()
+    exclude = {"r0", "r1", "r2"}
+    ids = choose_demonstrations(train, exclude, "label", 4, seed=1)
+    chosen = train.set_index("row_id").loc[list(ids)]
+    assert len(ids) == 4 and not set(ids) & exclude
+    assert set(chosen["label"]) == {"A", "B", "C"}
+    assert choose_demonstrations(train, exclude, "label", 4, seed=1) == ids  # deterministic
+
+
+def test_compose_puts_instruction_rule_framing_and_demonstrations_in_order() -> None:
+    train = _train()
+    parts = PromptParts(
+        instruction="Label the item.",
+        output_prompt="{text}",
+        format_rule="Answer with exactly one of: A, B, C.",
+        demo_ids=("r3", "r20"),
+        answer_parser="answer_field",
+    )
+    system, output = compose(parts, train, ["text"], "label")
+    lines = system.splitlines()
+    assert lines[:3] == ["Label the item.", "Answer with exactly one of: A, B, C.", lines[2]]
+    assert "Answer:" in lines[2]
+    assert "Input: item 3\nOutput: Answer: A" in system and output == "{text}"
+    assert PromptParts.from_dict(parts.to_dict()) == parts
+
+
+def _context(incumbent: PromptState, tried: list[Tried] | None = None) -> ProposalContext:
+    train = _train()
+    return ProposalContext(
+        incumbent=incumbent,
+        metric="exact_match",
+        incumbent_score=0.0,
+        failures=[Failure(inputs={"text": "item 5"}, expected="A", got="I think it is A")],
+        history=[],
+        train=train,
+        minibatch_ids={"r0", "r1"},
+        input_columns=["text"],
+        reference_column="label",
+        iteration=0,
+        seed=0,
+        tried=tried or [],
+        format_rule="Answer with exactly one of: A, B, C. Reply with that label only, no other words.",
+    )
+
+
+def _optimizer_llm(replies: list[str]) -> ScriptedLLM:
+    def respond(request: ChatRequest) -> str:
+        return replies.pop(0) if replies else json.dumps({"candidates": [{"system_prompt": "Label it."}]})
+
+    return ScriptedLLM(respond, model="scripted-optimizer")
+
+
+SEED = PromptState(id="seed", system_prompt="", output_prompt="{text}")
+
+
+def test_untried_strategies_go_first_and_all_are_tried_within_two_rounds() -> None:
+    reply = json.dumps({"candidates": [{"system_prompt": "Label the item with its category."}]})
+    optimizer = Optimizer(_optimizer_llm([reply]))
+    bandit = StrategyBandit(STRATEGY_NAMES, seed=0)
+    first = optimizer.propose(_context(SEED), 4, bandit)
+    assert first.attempted[:3] == ["add_format_rule", "reflect", "add_examples"]
+    assert len(first.candidates) == 4
+    second = optimizer.propose(_context(SEED), 4, bandit, tried_on_incumbent=first.attempted)
+    assert set(first.attempted) | set(second.attempted) == set(STRATEGY_NAMES)
+
+
+def test_reflection_with_pasted_rows_is_cleaned_before_screening() -> None:
+    pasted = json.dumps(
+        {"candidates": [{"system_prompt": "item 5\nLabel each item as A, B or C.\n{text}", "rationale": "r"}]}
+    )
+    result = Optimizer(_optimizer_llm([pasted]), strategies=["reflect"]).propose(
+        _context(SEED), 1, StrategyBandit(STRATEGY_NAMES)
+    )
+    [cand] = result.candidates
+    assert cand.prompt.system_prompt.splitlines()[0] == "Label each item as A, B or C."
+    assert "{text}" not in cand.prompt.system_prompt and "item 5" not in cand.prompt.system_prompt
+    assert any("stray line" in w for w in result.warnings)
+
+
+def test_combine_joins_the_best_instruction_with_the_best_demonstrations() -> None:
+    good_instruction = PromptParts("Label the item with its category.", "{text}")
+    good_demos = PromptParts("", "{text}", demo_ids=("r3", "r20"))
+    tried = [
+        Tried(good_instruction, "reflect", train_score=0.5, val_score=0.6),
+        Tried(PromptParts("Say something.", "{text}"), "reflect", train_score=0.1, val_score=None),
+        Tried(good_demos, "add_examples", train_score=0.7, val_score=0.7),
+    ]
+    result = Optimizer(_optimizer_llm([]), strategies=["combine"]).propose(
+        _context(SEED, tried), 1, StrategyBandit(STRATEGY_NAMES)
+    )
+    [cand] = result.candidates
+    parts = PromptParts.of(cand.prompt)
+    assert parts.instruction == good_instruction.instruction and parts.demo_ids == ("r3", "r20")
+    assert cand.prompt.system_prompt.startswith("Label the item with its category.")
+
+
+def test_frame_answer_and_first_line_carry_their_parser_in_the_prompt() -> None:
+    result = Optimizer(_optimizer_llm([]), strategies=["first_line", "frame_answer"]).propose(
+        _context(SEED), 2, StrategyBandit(STRATEGY_NAMES)
+    )
+    parsers = {c.strategy: c.prompt.answer_parser for c in result.candidates}
+    assert parsers == {"first_line": "first_line", "frame_answer": "answer_field"}
+    framed = next(c.prompt for c in result.candidates if c.strategy == "frame_answer")
+    assert framed.parse("I think.\nAnswer: B") == "B"
+    assert len({c.prompt.content_hash() for c in result.candidates}) == 2
+
+
+def test_a_validation_tie_goes_to_the_shorter_prompt_but_not_at_zero() -> None:
+    short = CandidateScore(
+        candidate_id="s", strategy="shorten", prompt_chars=40, train_score=0.5, val_score=0.6
+    )
+    assert pick_winner([short], incumbent_val=0.6, incumbent_chars=80) == short
+    assert pick_winner([short], incumbent_val=0.6, incumbent_chars=30) is None
+    zero = short.model_copy(update={"val_score": 0.0})
+    assert pick_winner([zero], incumbent_val=0.0, incumbent_chars=80) is None
