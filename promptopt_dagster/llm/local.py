@@ -291,6 +291,9 @@ class LocalLLM:
     before it, in which order, and in a fresh server: every request is evaluated from an empty
     KV cache (cache_prompt=false, no prompt RAM cache) with its own fixed seed. The price: the
     prompt prefix requests share (the system prompt, demonstrations) is evaluated on every call.
+    Measured on 2 (busy) cores, 20 one-word classifications sharing a system prompt: about 2x the
+    CPU time per call (3.2 -> 6.5 s with a 40-token shared prefix, 7.2 -> 13.2 s with a
+    110-token one holding four demonstrations); the response cache spares repeated calls.
     With parallel > 1 concurrent requests are batched together and replies may still depend on
     which requests shared a batch."""
 
