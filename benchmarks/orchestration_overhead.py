@@ -31,8 +31,8 @@ from promptopt_dagster.core.iteration import (
 )
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.partitions import study_iteration_key
-from promptopt_dagster_tests.conftest import make_pipeline
 from promptopt_dagster_tests.support import scripted
+from promptopt_dagster_tests.support.pipeline import make_pipeline
 from promptopt_dagster_tests.test_pipeline import ITERATION_ASSETS
 
 

@@ -24,7 +24,7 @@ from promptopt_dagster.sensors import (
     new_prompt_version_sensor,
     new_study_sensor,
 )
-from promptopt_dagster_tests.conftest import Pipeline
+from promptopt_dagster_tests.support.pipeline import Pipeline
 from promptopt_dagster_tests.support.scripted import primary_responder, write_dataset
 from promptopt_dagster_tests.test_pipeline import materialize_iteration
 from promptopt_dagster_tests.test_pipeline import tick as tick_study

@@ -18,25 +18,13 @@ from promptopt_dagster.core.iteration import (
     usage_of,
 )
 from promptopt_dagster.core.records import IterationRecord
-from promptopt_dagster.definitions import ASSETS
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
-from promptopt_dagster_tests.conftest import Pipeline, make_pipeline
+from promptopt_dagster_tests.support.pipeline import ITERATION_ASSETS, Pipeline, make_pipeline, tick
 from promptopt_dagster_tests.support.scripted import primary_responder, scripted_study
 
-ITERATION_ASSETS = [a for a in ASSETS if a.key.path[-1] != "study_report"]
 # Stop rules other than the budget out of reach, so the budget is what ends each study.
 UNBOUNDED = {"patience": 50, "max_iterations": 50, "target_threshold": 1.01}
-
-
-def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
-    ctx = dg.build_sensor_context(
-        instance=p.instance, resources={"prompt_store": p.defs.resources["prompt_store"]}
-    )
-    result = sensor(ctx)
-    for req in result.dynamic_partitions_requests or []:
-        p.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
-    return result
 
 
 def run_iterations(p: Pipeline, limit: int = 30) -> list[IterationRecord]:

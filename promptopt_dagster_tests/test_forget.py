@@ -14,7 +14,7 @@ from promptopt_dagster.core.errors import StudyConfigError
 from promptopt_dagster.core.storage import UnsafePathError, join
 from promptopt_dagster.driver import drive, forget_study, study_state
 from promptopt_dagster.partitions import parse_key
-from promptopt_dagster_tests.conftest import Pipeline, make_pipeline
+from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
 from promptopt_dagster_tests.support.postgres import (
     postgres_db_url,  # noqa: F401
     postgres_instance,

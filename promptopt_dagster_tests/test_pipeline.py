@@ -7,24 +7,11 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.definitions import ASSETS
 from promptopt_dagster.driver import drive
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
-from promptopt_dagster_tests.conftest import Pipeline, make_pipeline
-
-ITERATION_ASSETS = [a for a in ASSETS if a.key.path[-1] != "study_report"]
-
-
-def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
-    ctx = dg.build_sensor_context(
-        instance=p.instance, resources={"prompt_store": p.defs.resources["prompt_store"]}
-    )
-    result = sensor(ctx)
-    for req in result.dynamic_partitions_requests or []:
-        p.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
-    return result
+from promptopt_dagster_tests.support.pipeline import ITERATION_ASSETS, Pipeline, make_pipeline, tick
 
 
 def materialize_iteration(

@@ -38,8 +38,8 @@ from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
-from promptopt_dagster_tests.conftest import Pipeline, make_pipeline
 from promptopt_dagster_tests.support.mlflow_server import MlflowServer
+from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
 from promptopt_dagster_tests.support.scripted import optimizer_responder, primary_responder
 
 
