@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="folder for the joined packaged model (default: the library's default)")
     parser.add_argument("--model-path", default=os.environ.get("LOCAL_MODEL_PATH"),
                         help="a GGUF file instead of the packaged model")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="llama.cpp threads for scoring and the third-party optimizers (default: all "
+                             "cores; 1 is faster when other processes share the cores)")
     args = parser.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = sorted(set(args.systems) - set(SYSTEMS))
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from promptopt_dagster.llm.local import DEFAULT_CACHE_DIR, LocalLLM
 
-    llm = LocalLLM(model_path=args.model_path, cache_dir=args.model_cache or DEFAULT_CACHE_DIR)
+    llm = LocalLLM(model_path=args.model_path, cache_dir=args.model_cache or DEFAULT_CACHE_DIR,
+                   threads=args.threads)
     started = time.perf_counter()
     report: dict[str, Any] = {
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -223,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         "python": platform.python_version(),
         "model": str(llm.model_file.name),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "llama_threads": llm.threads,
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "suite": str(SUITE_DIR.relative_to(REPO)),
         "reused_from": args.reuse_peers,
         "tasks": {},
