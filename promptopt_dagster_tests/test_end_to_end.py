@@ -17,7 +17,13 @@ from promptopt_dagster.settings import Settings
 def test_tiny_study_improves_on_the_seed_over_two_iterations(tmp_path: Path) -> None:
     raw = yaml.safe_load((EXAMPLES_DIR / "tiny_sentiment.yaml").read_text())
     # Out of reach, so the sensors must carry the study into a second iteration.
-    raw.update(target_threshold=1.01, max_iterations=2, dataset=str(EXAMPLES_DIR / raw["dataset"]))
+    # Two candidates an iteration (four while the seed scores zero) keep it to a few minutes.
+    raw.update(
+        target_threshold=1.01,
+        max_iterations=2,
+        candidates_per_iteration=2,
+        dataset=str(EXAMPLES_DIR / raw["dataset"]),
+    )
     study_file = tmp_path / "tiny.yaml"
     study_file.write_text(yaml.safe_dump(raw))
     study = load_study(study_file)
