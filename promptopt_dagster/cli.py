@@ -70,6 +70,8 @@ def _quiet_dagster(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.CRITICAL
     for name in ("dagster", "dagster_graphql", "dagster_webserver"):
         logging.getLogger(name).setLevel(level)
+    # MLflow's table-creation notices are noise here; its warnings (an outage) still show.
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _check_models(defs, study) -> None:  # type: ignore[no-untyped-def]
