@@ -15,7 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from promptopt_dagster.core.errors import PromptoptError
+from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.settings import Settings, get_settings
 
 # Plain text on stderr: an error message may hold brackets, carets and file names that rich
@@ -259,8 +259,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from promptopt_dagster.core.errors import StudyConfigError
     from promptopt_dagster.core.study import check_study_name
+    from promptopt_dagster.errors import StudyConfigError
 
     name = check_study_name(args.study)
     defs, instance, store = _open_project()

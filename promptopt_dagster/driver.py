@@ -19,8 +19,8 @@ from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 from dagster._core.utils import make_new_run_id
 from dagster._utils.error import SerializableErrorInfo
 
-from promptopt_dagster.core.errors import PromptoptError
 from promptopt_dagster.core.prompt_store import PromptStore
+from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor

@@ -11,7 +11,7 @@ Why not dagster's `UPathIOManager`: it names a multi-partition ``arith/0003`` (v
 dimension names), and its file extension is fixed per class, while this manager picks the
 format by the object's type. Why not dagster-gcp's `GCSPickleIOManager`/`GCSResource`: the former
 pickles, and the latter hands out a google-cloud-storage client, whereas reads and writes here go
-through `promptopt_dagster.core.storage` (gcsfs), which takes its credentials from the
+through `promptopt_dagster.storage` (gcsfs), which takes its credentials from the
 environment (application-default credentials) and owns retries and error messages.
 """
 
@@ -38,8 +38,8 @@ from dagster import (
 )
 from pydantic import Field, field_validator
 
-from promptopt_dagster.core import storage
-from promptopt_dagster.core.errors import StorageError
+from promptopt_dagster import storage
+from promptopt_dagster.errors import StorageError
 
 PARQUET = "parquet"
 JSON = "json"

@@ -8,8 +8,8 @@ from dagster._core.storage.tags import RUN_KEY_TAG
 
 from promptopt_dagster.assets.backfill import DatasetsResource
 from promptopt_dagster.core import backfill
-from promptopt_dagster.core.errors import PromptoptError
 from promptopt_dagster.core.prompt_store import PromptStore, iteration_key
+from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.jobs import (
     EVALUATION_JOB,
     ITERATION_JOB,

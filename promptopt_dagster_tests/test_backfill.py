@@ -13,9 +13,9 @@ import pytest
 from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
 from promptopt_dagster.assets.launch import StartStudyConfig, start_study_job
 from promptopt_dagster.core import backfill
-from promptopt_dagster.core.errors import DatasetError
 from promptopt_dagster.core.iteration import evaluator_for
 from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.errors import DatasetError
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.partitions import evaluation_key
 from promptopt_dagster.sensors import (

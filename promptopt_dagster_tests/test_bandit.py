@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from promptopt_dagster.core.errors import OptimizerError
+from promptopt_dagster.errors import OptimizerError
 from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from promptopt_dagster.core.errors import StudyConfigError
 from promptopt_dagster.core.iteration import (
     evaluator_for,
     load_study_data,
@@ -18,6 +17,7 @@ from promptopt_dagster.core.iteration import (
     usage_of,
 )
 from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.errors import StudyConfigError
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster_tests.support.pipeline import ITERATION_ASSETS, Pipeline, make_pipeline, tick

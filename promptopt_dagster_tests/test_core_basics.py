@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from promptopt_dagster.core.errors import StudyConfigError
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.stopping import decide_stop
 from promptopt_dagster.core.study import load_study, parse_study
+from promptopt_dagster.errors import StudyConfigError
 
 STUDY = """
 name: demo

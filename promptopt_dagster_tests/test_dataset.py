@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from promptopt_dagster.core import storage
+from promptopt_dagster import storage
 from promptopt_dagster.core.dataset import (
     ROW_ID,
     SPLITS,
@@ -18,7 +18,7 @@ from promptopt_dagster.core.dataset import (
     minibatch,
     split_dataset,
 )
-from promptopt_dagster.core.errors import DatasetError
+from promptopt_dagster.errors import DatasetError
 from promptopt_dagster_tests.support.gcs_emulator import (
     GcsEmulator,
     gcs_emulator,  # noqa: F401

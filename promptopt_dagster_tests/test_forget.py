@@ -10,10 +10,10 @@ import dagster as dg
 import pytest
 
 from promptopt_dagster.core import prompt_store as prompt_store_module
-from promptopt_dagster.core.errors import StudyConfigError
-from promptopt_dagster.core.storage import UnsafePathError, join
 from promptopt_dagster.driver import drive, forget_study, study_state
+from promptopt_dagster.errors import StudyConfigError
 from promptopt_dagster.partitions import parse_key
+from promptopt_dagster.storage import UnsafePathError, join
 from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
 from promptopt_dagster_tests.support.postgres import (
     postgres_db_url,  # noqa: F401

@@ -14,7 +14,7 @@ import pytest
 from dagster import AssetExecutionContext
 from pydantic import BaseModel
 
-from promptopt_dagster.core import storage
+from promptopt_dagster import storage
 from promptopt_dagster.io_managers import PromptoptIOManager
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, gcs_emulator  # noqa: F401
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from promptopt_dagster.core.errors import StorageError
+from promptopt_dagster.errors import StorageError
 from promptopt_dagster.llm.base import ChatRequest, LLMClient, Usage
 from promptopt_dagster.llm.cache import CachedLLM
 from promptopt_dagster.llm.fake import ScriptedLLM

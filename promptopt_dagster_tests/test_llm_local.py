@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from promptopt_dagster.core.errors import ModelError
+from promptopt_dagster.errors import ModelError
 from promptopt_dagster.llm.base import ChatRequest, LLMClient, Usage
 from promptopt_dagster.llm.local import (
     PACKAGED_DISTRIBUTIONS,

@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 from google.oauth2.credentials import Credentials
 
-from promptopt_dagster.core.errors import DatasetError, ModelError
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.storage import list_files, read_text
+from promptopt_dagster.errors import DatasetError, ModelError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse, LLMClient
 from promptopt_dagster.llm.ratelimit import SlidingWindowLimiter
 from promptopt_dagster.llm.vertex import BatchProgress, VertexLLM, estimate_cost, retry_after_seconds
+from promptopt_dagster.storage import list_files, read_text
 from promptopt_dagster_tests.support.gcs_emulator import (
     GcsEmulator,
     gcs_emulator,  # noqa: F401

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from promptopt_dagster.core.errors import MetricError
 from promptopt_dagster.core.metrics import EvaluatorService, available_metrics, load_metric
+from promptopt_dagster.errors import MetricError
 
 
 def test_available_metrics_lists_the_shipped_modules() -> None:

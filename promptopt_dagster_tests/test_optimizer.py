@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from promptopt_dagster.core.errors import OptimizerError
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import CandidateScore
+from promptopt_dagster.errors import OptimizerError
 from promptopt_dagster.llm.base import ChatRequest
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.optimizer.bandit import StrategyBandit

@@ -20,8 +20,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from promptopt_dagster import cli
-from promptopt_dagster.core import storage
+from promptopt_dagster import cli, storage
 from promptopt_dagster.core.study import ModelConfig, load_study
 from promptopt_dagster.definitions import build_definitions, build_resources
 from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, RunFailedError, RunOutcome, drive

@@ -1,4 +1,4 @@
-"""core.storage on gs:// against the real gcp-storage-emulator: reads, writes, listings, errors,
+"""storage on gs:// against the real gcp-storage-emulator: reads, writes, listings, errors,
 retries, and an outage in the middle of a Dagster run."""
 
 import time
@@ -10,9 +10,9 @@ import dagster as dg
 import pytest
 from gcsfs.retry import HttpError
 
-from promptopt_dagster.core import storage
-from promptopt_dagster.core.errors import StorageError
+from promptopt_dagster import storage
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.errors import StorageError
 from promptopt_dagster.io_managers import PromptoptIOManager
 from promptopt_dagster_tests.support.gcs_emulator import (
     GcsEmulator,

@@ -8,7 +8,6 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from promptopt_dagster.core.errors import StudyConfigError
 from promptopt_dagster.core.prompt_state import (
     PromptState,
     fill_template,
@@ -18,6 +17,7 @@ from promptopt_dagster.core.prompt_state import (
 )
 from promptopt_dagster.core.study import parse_study
 from promptopt_dagster.core.tracking import MlflowTracker, prompt_name
+from promptopt_dagster.errors import StudyConfigError
 
 ROW = {"review": "Nice {lamp}", "n": 3}
 VALID = [

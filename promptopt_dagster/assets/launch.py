@@ -14,11 +14,11 @@ import yaml
 from pydantic import Field
 
 from promptopt_dagster.assets.backfill import DatasetsResource
-from promptopt_dagster.core.errors import PromptoptError
 from promptopt_dagster.core.iteration import evaluator_for, load_study_data
-from promptopt_dagster.core.storage import join
 from promptopt_dagster.core.study import StudyConfig, parse_study
+from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.resources import PromptStoreResource
+from promptopt_dagster.storage import join
 
 START_STUDY_JOB = "start_study"
 

@@ -33,12 +33,14 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from promptopt_dagster.core.errors import DatasetError
 from promptopt_dagster.core.iteration import run_prompt, score_predictions, usage_of
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.prompt_store import PromptStore
-from promptopt_dagster.core.storage import (
+from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.errors import DatasetError
+from promptopt_dagster.llm.base import LLMClient, Usage
+from promptopt_dagster.storage import (
     as_path,
     exists,
     join,
@@ -48,8 +50,6 @@ from promptopt_dagster.core.storage import (
     with_retries,
     write_text,
 )
-from promptopt_dagster.core.study import StudyConfig
-from promptopt_dagster.llm.base import LLMClient, Usage
 
 CSV_EXTENSIONS = (".csv",)
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")

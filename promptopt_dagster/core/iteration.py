@@ -17,13 +17,12 @@ from typing import Any
 import pandas as pd
 
 from promptopt_dagster.core.dataset import load_dataset, minibatch, split_dataset
-from promptopt_dagster.core.errors import DatasetError, StudyConfigError
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import Candidate, CandidateScore, IterationRecord
 from promptopt_dagster.core.stopping import decide_stop
-from promptopt_dagster.core.storage import redact
 from promptopt_dagster.core.study import ModelConfig, StudyConfig
+from promptopt_dagster.errors import DatasetError, StudyConfigError
 from promptopt_dagster.llm.base import ChatRequest, GenerationParams, LLMClient, Usage
 from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.optimizer.context import (
@@ -37,6 +36,7 @@ from promptopt_dagster.optimizer.optimizer import Optimizer
 from promptopt_dagster.optimizer.parts import PromptParts, infer_format_rule
 from promptopt_dagster.optimizer.selection import choose_for_validation, collect_failures, pick_winner
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
+from promptopt_dagster.storage import redact
 
 Progress = Callable[[str], None]
 PREDICTION_COLUMNS = (

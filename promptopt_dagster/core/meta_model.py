@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
-from promptopt_dagster.core.errors import OptimizerError
+from promptopt_dagster.errors import OptimizerError
 
 if TYPE_CHECKING:
     from promptopt_dagster.core.prompt_store import PromptStore
@@ -380,7 +380,7 @@ def save_to_store(model: MetaModel, root: str, info: Mapping[str, Any]) -> str:
     policy) under ``<root>/meta_model/``, local or gs://, for the next iteration's optimizer."""
     import skops.io as sio
 
-    from promptopt_dagster.core.storage import join, write_bytes, write_text
+    from promptopt_dagster.storage import join, write_bytes, write_text
 
     if model.pipeline is None:
         raise OptimizerError("nothing to save: the meta-model is not fitted")
@@ -394,7 +394,7 @@ def load_from_store(root: str) -> tuple[MetaModel, dict[str, Any]] | None:
     """The saved meta-model and its info, or None when none was trained yet."""
     import skops.io as sio
 
-    from promptopt_dagster.core.storage import exists, join, read_bytes, read_text
+    from promptopt_dagster.storage import exists, join, read_bytes, read_text
 
     folder = join(root, STORE_DIR)
     if not exists(join(folder, INFO_FILE)) or not exists(join(folder, MODEL_FILE)):

@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from promptopt_dagster.core.errors import MetricError
+from promptopt_dagster.errors import MetricError
 
 METRICS_DIR = Path(__file__).resolve().parent.parent / "metrics"
 

@@ -13,8 +13,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from promptopt_dagster.core.answers import AnswerParser, parse_answer
-from promptopt_dagster.core.storage import read_text, write_text
 from promptopt_dagster.llm.base import Message
+from promptopt_dagster.storage import read_text, write_text
 
 # The one template rule, as in Python's `str.format`: in the output prompt `{column}` is filled
 # with the row's value, and `{{` / `}}` stand for literal braces. The system prompt is plain text,

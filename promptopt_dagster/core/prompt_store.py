@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import uuid
 
-from promptopt_dagster.core.errors import StudyConfigError
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import IterationRecord
-from promptopt_dagster.core.storage import (
+from promptopt_dagster.core.study import StudyConfig, check_study_name, dump_study, parse_study
+from promptopt_dagster.errors import StudyConfigError
+from promptopt_dagster.storage import (
     as_path,
     delete,
     exists,
@@ -28,7 +29,6 @@ from promptopt_dagster.core.storage import (
     read_text,
     write_text,
 )
-from promptopt_dagster.core.study import StudyConfig, check_study_name, dump_study, parse_study
 
 FORGOTTEN = "forgotten"  # marks a study whose removal has begun
 

@@ -10,9 +10,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from promptopt_dagster.core.errors import StudyConfigError
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.storage import as_path, read_text
+from promptopt_dagster.errors import StudyConfigError
+from promptopt_dagster.storage import as_path, read_text
 
 Backend = Literal["local", "vertex", "fake"]
 

@@ -51,7 +51,7 @@ import pandas as pd
 import requests
 from filelock import FileLock
 
-from promptopt_dagster.core.errors import StorageError
+from promptopt_dagster.errors import StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -146,3 +146,14 @@ class LLMClient(Protocol):
     model: str
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]: ...
+
+
+class PromptTemplate(Protocol):
+    """What a backend needs of a prompt to run it over rows (core.prompt_state.PromptState is
+    one): the columns it lacks, the messages for a row, and how to read the answer in a reply."""
+
+    def missing_columns(self, columns: list[str]) -> list[str]: ...
+
+    def render(self, row: Any) -> list[Message]: ...
+
+    def parse(self, reply: str) -> str: ...

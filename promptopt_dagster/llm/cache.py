@@ -16,7 +16,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from promptopt_dagster.core.errors import StorageError
+from promptopt_dagster.errors import StorageError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse, LLMClient
 
 _SCHEMA = """

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from promptopt_dagster.core.errors import ModelError
+from promptopt_dagster.errors import ModelError
 from promptopt_dagster.llm.base import LLMClient
 from promptopt_dagster.llm.cache import CachedLLM
 

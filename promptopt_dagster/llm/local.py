@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from promptopt_dagster.core.errors import ModelError
+from promptopt_dagster.errors import ModelError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse
 
 GGUF_MAGIC = b"GGUF"

@@ -49,7 +49,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from promptopt_dagster.core.errors import DatasetError, ModelError
+from promptopt_dagster.errors import DatasetError, ModelError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse, GenerationParams, Message, Usage
 from promptopt_dagster.llm.ratelimit import RateLimiter
 
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from google import genai
     from google.genai import types
 
-    from promptopt_dagster.core.prompt_state import PromptState
+    from promptopt_dagster.llm.base import PromptTemplate
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -639,7 +639,7 @@ class VertexLLM:
         answer come back with `error`. A job that fails as a whole raises ModelError."""
         from google.genai import types
 
-        from promptopt_dagster.core.storage import write_text
+        from promptopt_dagster.storage import write_text
 
         model = model or self.model
         if not self.batch_gcs_prefix:
@@ -699,7 +699,7 @@ class VertexLLM:
     def _read_predictions(
         self, out_dir: str, keys: list[str], bodies: list[dict[str, Any]], model: str, seconds: float
     ) -> list[ChatResponse]:
-        from promptopt_dagster.core.storage import list_files, read_text
+        from promptopt_dagster.storage import list_files, read_text
 
         files = list_files(out_dir, "**/*.jsonl") or list_files(out_dir, "*.jsonl")
         index = {k: i for i, k in enumerate(keys)}
@@ -763,10 +763,11 @@ class VertexLLM:
         return reply.text
 
     def batch_predict(
-        self, df: pd.DataFrame, prompt_state: PromptState, model_name: str | None = None
+        self, df: pd.DataFrame, prompt_state: PromptTemplate, model_name: str | None = None
     ) -> pd.DataFrame:
-        """A copy of `df` with `prediction` (reply text, "" on failure) and `error` (None or why),
-        each row rendered by `prompt_state.render(row)` with `default_params`."""
+        """A copy of `df` with `prediction` (the answer `prompt_state.parse` reads from the reply,
+        "" on failure) and `error` (None or why), each row rendered by `prompt_state.render(row)`
+        with `default_params`."""
         missing = prompt_state.missing_columns(list(map(str, df.columns)))
         if missing:
             raise DatasetError(f"the prompt uses column(s) {missing} that the dataset lacks "
@@ -776,7 +777,7 @@ class VertexLLM:
                     for row in df.to_dict(orient="records")]
         replies = self._generate(requests, model_name or self.model)
         out = df.copy()
-        out["prediction"] = [r.text for r in replies]
+        out["prediction"] = [prompt_state.parse(r.text) if r.ok else r.text for r in replies]
         out["error"] = [r.error for r in replies]
         return out
 

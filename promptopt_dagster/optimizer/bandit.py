@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from promptopt_dagster.core.errors import OptimizerError
+from promptopt_dagster.errors import OptimizerError
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 
 STRATEGIES: tuple[str, ...] = STRATEGY_NAMES

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from promptopt_dagster.core.errors import OptimizerError
 from promptopt_dagster.core.records import Candidate
+from promptopt_dagster.errors import OptimizerError
 from promptopt_dagster.llm.base import LLMClient
 from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.optimizer.context import ProposalContext, ProposalResult

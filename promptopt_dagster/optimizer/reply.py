@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from promptopt_dagster.core.errors import OptimizerError
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.errors import OptimizerError
 from promptopt_dagster.llm.base import ChatRequest, LLMClient, Message, Usage
 from promptopt_dagster.optimizer.context import Failure, HistoryEntry
 

@@ -23,7 +23,7 @@ google-cloud-storage 3.17):
   ``token="anon"`` (``gcsfs.GCSFileSystem(token="anon")``, ``UPath("gs://b/k", token="anon")``,
   ``pd.read_csv(uri, storage_options={"token": "anon"})``); without it
   gcsfs tries application-default credentials and the GCE metadata server first, which is
-  slow or fails on a laptop. ``promptopt_dagster.core.storage`` passes ``token="anon"``
+  slow or fails on a laptop. ``promptopt_dagster.storage`` passes ``token="anon"``
   whenever ``STORAGE_EMULATOR_HOST`` is set.
 - google-cloud-storage: ``storage.Client(project="test", credentials=AnonymousCredentials())``
   (``from google.auth.credentials import AnonymousCredentials``). With the variable set, a bare

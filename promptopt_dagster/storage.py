@@ -37,7 +37,7 @@ import tenacity  # noqa: E402
 from fsspec import AbstractFileSystem  # noqa: E402
 from upath import UPath  # noqa: E402
 
-from promptopt_dagster.core.errors import StorageError  # noqa: E402
+from promptopt_dagster.errors import StorageError  # noqa: E402
 
 T = TypeVar("T")
 
