@@ -185,3 +185,19 @@ def test_a_validation_tie_goes_to_the_shorter_prompt_but_not_at_zero() -> None:
     assert pick_winner([short], incumbent_val=0.6, incumbent_chars=30) is None
     zero = short.model_copy(update={"val_score": 0.0})
     assert pick_winner([zero], incumbent_val=0.0, incumbent_chars=80) is None
+
+
+def test_an_exhausted_search_gives_no_candidate_instead_of_failing_the_run() -> None:
+    """Reflection that only pastes a case, and nothing else new to try: the iteration goes on
+    with no candidate (found by the benchmark, where it failed the run)."""
+    pasted = json.dumps({"candidates": [{"system_prompt": "item 5", "rationale": "r"}]})
+    rule = "Answer with exactly one of: A, B, C. Reply with that label only, no other words."
+    parts = PromptParts(instruction="", output_prompt="{text}", format_rule=rule)
+    incumbent = PromptState(
+        id="inc", system_prompt=rule, output_prompt="{text}", metadata={"parts": parts.to_dict()}
+    )
+    result = Optimizer(_optimizer_llm([pasted]), strategies=["reflect", "add_format_rule"]).propose(
+        _context(incumbent), 2, StrategyBandit(STRATEGY_NAMES)
+    )
+    assert result.candidates == [] and result.attempted == ["reflect", "add_format_rule"]
+    assert any("no new candidate" in w for w in result.warnings), result.warnings

@@ -61,8 +61,9 @@ class Optimizer:
         tried_on_incumbent: Sequence[str] = (),
     ) -> ProposalResult:
         """Up to k distinct candidates. `max_calls` caps the optimizer LLM's live calls (the
-        budget): an LLM strategy is skipped, or stops retrying, once they are spent; if that
-        leaves no candidate, the result is empty with a warning instead of an error."""
+        budget): an LLM strategy is skipped, or stops retrying, once they are spent. No candidate
+        is an empty result with a warning, unless the optimizer LLM's replies never parsed
+        (OptimizerError, naming the fix)."""
         result = ProposalResult(candidates=[])
         llm = OptimizerLLM(self.llm, self.temperature, self.max_tokens, result, max_calls)
         seen = {ctx.incumbent.content_hash()}
@@ -88,10 +89,11 @@ class Optimizer:
             if llm.budget_hit:
                 result.warnings.append("budget: no candidate could be proposed within the LLM calls left")
                 return result
-            raise OptimizerError(
-                "no candidate prompt could be proposed: "
-                + ("; ".join(result.warnings) or "every strategy returned the incumbent unchanged")
-            )
+            if llm.unusable:
+                raise OptimizerError("no candidate prompt could be proposed: " + "; ".join(result.warnings))
+            # Every strategy ran and had nothing new (or only text the clean-up removed): the
+            # iteration screens nothing, and patience can end the study.
+            result.warnings.append("no new candidate: every strategy gave the incumbent or nothing usable")
         return result
 
     @staticmethod

@@ -40,6 +40,7 @@ class OptimizerLLM:
         self.llm, self.temperature, self.max_tokens = llm, temperature, max_tokens
         self.result, self.max_calls = result, max_calls
         self.budget_hit = False
+        self.unusable = False  # a reply never parsed: the optimizer model itself is the problem
 
     def ask(self, name: str, messages: list[Message], seed: int) -> list[ProposedPrompt]:
         left = None if self.max_calls is None else self.max_calls - self.result.usage.calls
@@ -51,6 +52,7 @@ class OptimizerLLM:
         self.result.usage = self.result.usage + asked.usage  # failed attempts cost calls too
         if asked.proposals is None:
             self.budget_hit = self.budget_hit or asked.out_of_budget
+            self.unusable = self.unusable or not asked.out_of_budget
             self.result.warnings.append(f"{name}: {no_json_error(self.llm, asked)}")
             return []
         return asked.proposals
