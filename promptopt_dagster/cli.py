@@ -327,12 +327,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
         "-w",
         str(Path(__file__).parent.parent / "workspace.yaml"),
     ]
-    from promptopt_dagster.core.tracking import scrub
+    from promptopt_dagster.redaction import redact
 
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM stops both UIs, like Ctrl-C
     mlflow_proc, mlflow_url = _start_mlflow_ui(settings)
     console.print(f"Dagster UI: http://{args.host}:{args.port}  (DAGSTER_HOME={os.environ['DAGSTER_HOME']})")
-    console.print(f"MLflow UI:  {mlflow_url}  (tracking {scrub(settings.mlflow_uri)})")
+    console.print(f"MLflow UI:  {mlflow_url}  (tracking {redact(settings.mlflow_uri)})")
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
         return proc.wait()

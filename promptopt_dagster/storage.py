@@ -24,7 +24,6 @@ import contextlib
 import functools
 import os
 import posixpath
-import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from fsspec import AbstractFileSystem  # noqa: E402
 from upath import UPath  # noqa: E402
 
 from promptopt_dagster.errors import StorageError  # noqa: E402
+from promptopt_dagster.redaction import redact  # noqa: E402
 
 T = TypeVar("T")
 
@@ -116,17 +116,6 @@ def join(base: str, *parts: str) -> str:
             "or lead out of their folder"
         )
     return str(joined)
-
-
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-_SECRET_PARAM = re.compile(
-    r"(?i)\b(access_token|token|key|sig|signature|x-goog-signature|x-goog-credential)=[^&\s]+"
-)
-
-
-def redact(text: str | os.PathLike[str]) -> str:
-    """`text` (a URI or a message) without user:password@ parts or token-like query parameters."""
-    return _SECRET_PARAM.sub(r"\1=***", _USERINFO.sub("", str(text)))
 
 
 # --- filesystems ------------------------------------------------------------------------------

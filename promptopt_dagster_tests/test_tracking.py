@@ -19,10 +19,7 @@ from promptopt_dagster.core.tracking import (
     MlflowTracker,
     TrackingError,
     experiment_name,
-    is_secret_key,
     prompt_name,
-    redact,
-    scrub,
 )
 from promptopt_dagster_tests.support.mlflow_server import MlflowServer
 
@@ -182,15 +179,6 @@ def test_secrets_are_never_logged(sqlite_tracker: MlflowTracker, caplog: pytest.
     assert "api_key" not in table
     for value in ("hunter2", FAKE_GOOGLE_TOKEN, "AIza" + "x" * 35, "/home/me/sa.json"):
         assert value not in caplog.text
-    assert (
-        is_secret_key("OPENAI_API_KEY")
-        and is_secret_key("refreshToken")
-        and not is_secret_key("prompt_tokens")
-    )
-    assert redact("no secrets here") == "no secrets here"
-    assert (
-        scrub("GET https://bob:pw@mlflow.example/api failed") == "GET https://***@mlflow.example/api failed"
-    )
 
 
 def test_bad_inputs_fail_clearly(sqlite_tracker: MlflowTracker) -> None:

@@ -15,8 +15,8 @@ from promptopt_dagster.assets.common import GROUP, scope_of
 from promptopt_dagster.assets.tracking import dagster_tags
 from promptopt_dagster.core.meta_model import MetaModel, history_from_store, save_to_store, training_frame
 from promptopt_dagster.core.prompt_store import iteration_key
-from promptopt_dagster.core.tracking import scrub
 from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.redaction import redact
 from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource, PromptStoreResource
 
 EXPERIMENT = "meta-model"  # MLflow experiment promptopt/meta-model, one run per fit
@@ -82,7 +82,7 @@ def meta_model(
         link = mlflow.run_link(run_id)
         metadata["mlflow_run"] = dg.MetadataValue.url(link) if link else "queued (MLflow unreachable)"
     except Exception as exc:  # the model is saved; only its tracking is missing
-        metadata["mlflow_status"] = f"MLflow logging failed ({type(exc).__name__}: {scrub(str(exc))[:300]})"
+        metadata["mlflow_status"] = f"MLflow logging failed ({type(exc).__name__}: {redact(str(exc))[:300]})"
         context.log.warning(str(metadata["mlflow_status"]))
     context.add_output_metadata(metadata)
     return {"status": cv["status"], "useful": useful, "cv": cv, "n_rows": len(history)}

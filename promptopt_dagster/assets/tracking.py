@@ -13,8 +13,9 @@ from promptopt_dagster.core.experiment_log import build_iteration_log, log_itera
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import IterationRecord
 from promptopt_dagster.core.study import ModelConfig
-from promptopt_dagster.core.tracking import experiment_name, prompt_name, scrub
+from promptopt_dagster.core.tracking import experiment_name, prompt_name
 from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.redaction import redact
 from promptopt_dagster.resources import LLMResource, MlflowTrackerResource, PromptStoreResource
 
 
@@ -75,7 +76,7 @@ def iteration_tracking(
     try:
         logged = log_iteration(tracker, log)
     except Exception as exc:  # tracking must never fail an optimization that is already saved
-        message = f"MLflow logging failed ({type(exc).__name__}: {scrub(str(exc))[:300]})"
+        message = f"MLflow logging failed ({type(exc).__name__}: {redact(str(exc))[:300]})"
         context.log.warning(message + "; the iteration's decision is saved, only its tracking is missing")
         context.add_output_metadata({**metadata, "mlflow_status": message})
         return {"status": "failed", "error": message}

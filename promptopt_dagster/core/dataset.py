@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from promptopt_dagster.errors import DatasetError, StorageError
-from promptopt_dagster.storage import MissingObjectError, as_path, read_bytes, redact
+from promptopt_dagster.redaction import redact
+from promptopt_dagster.storage import MissingObjectError, as_path, read_bytes
 
 ROW_ID = "row_id"
 # load_dataset records the reference column here, so split_dataset can stratify by it.

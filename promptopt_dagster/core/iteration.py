@@ -36,7 +36,7 @@ from promptopt_dagster.optimizer.optimizer import Optimizer
 from promptopt_dagster.optimizer.parts import PromptParts, infer_format_rule
 from promptopt_dagster.optimizer.selection import choose_for_validation, collect_failures, pick_winner
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
-from promptopt_dagster.storage import redact
+from promptopt_dagster.redaction import redact
 
 Progress = Callable[[str], None]
 PREDICTION_COLUMNS = (

@@ -52,6 +52,7 @@ import requests
 from filelock import FileLock
 
 from promptopt_dagster.errors import StorageError
+from promptopt_dagster.redaction import is_secret_key, looks_like_secret_value, redact
 
 logger = logging.getLogger(__name__)
 
@@ -74,64 +75,11 @@ MAX_KEY_LENGTH = 250
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
-_SECRET_WORDS = frozenset(
-    {
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "pwd",
-        "credential",
-        "credentials",
-        "apikey",
-        "key",
-        "auth",
-        "authorization",
-        "cookie",
-        "private",
-        "privatekey",
-        "signature",
-    }
-)
-# Keys that contain a secret word but name no secret.
-_SAFE_KEYS = frozenset(
-    {"partition_key", "run_key", "asset_key", "cache_key", "sort_key", "metric_key", "study_key"}
-)
-_SECRET_SUFFIXES = ("token", "secret", "password", "apikey", "credentials")
-# Values that are secrets whatever their key says (Google OAuth / API keys, PEM keys, common tokens).
-_SECRET_VALUE = re.compile(
-    r"ya29\.[\w.-]{20,}|AIza[0-9A-Za-z_-]{35}"
-    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"
-    r"|\bsk-[A-Za-z0-9_-]{20,}|\bgh[pousr]_[A-Za-z0-9]{30,}|\bhf_[A-Za-z0-9]{30,}"
-)
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,249}")
 
 
 class TrackingError(StorageError):
     """MLflow refused a call or cannot be reached for a read (writes are queued instead)."""
-
-
-def is_secret_key(key: str) -> bool:
-    """True when a key's name suggests its value is a credential (token, key, secret, password...)."""
-    lowered = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
-    if lowered.startswith("mlflow.") or lowered.rsplit(".", 1)[-1] in _SAFE_KEYS:
-        return False
-    words = [w for w in re.split(r"[^a-z0-9]+", lowered) if w]
-    return any(w in _SECRET_WORDS or w.endswith(_SECRET_SUFFIXES) for w in words)
-
-
-def looks_like_secret_value(value: str) -> bool:
-    return bool(_SECRET_VALUE.search(value))
-
-
-def redact(text: str) -> str:
-    """Replace well-known credential shapes in free text (artifacts) by ``[REDACTED]``."""
-    return _SECRET_VALUE.sub("[REDACTED]", text)
-
-
-def scrub(message: str) -> str:
-    """An error message fit for logs: no ``user:password@`` in URLs, no credential-shaped values."""
-    return redact(re.sub(r"//[^/@\s]*@", "//***@", message))
 
 
 def safe_items(values: Mapping[str, Any] | None, limit: int) -> dict[str, str]:
@@ -387,7 +335,7 @@ class MlflowTracker:
                 except Exception as exc:
                     if not self._is_outage(exc):
                         raise
-                    reason = f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
+                    reason = f"{type(exc).__name__}: {redact(str(exc))[:200]}"
             else:
                 reason = "earlier calls are still queued" if self._has_pending() else "server unreachable"
             queued = to_json(args) if to_json else args
@@ -445,12 +393,12 @@ class MlflowTracker:
                         "(%s: %s); kept in %s",
                         entry["op"],
                         type(exc).__name__,
-                        scrub(str(exc))[:300],
+                        redact(str(exc))[:300],
                         self._failed_path,
                     )
                     with self._failed_path.open("a", encoding="utf-8") as fh:
                         fh.write(
-                            json.dumps({**entry, "error": f"{type(exc).__name__}: {scrub(str(exc))}"[:2000]})
+                            json.dumps({**entry, "error": f"{type(exc).__name__}: {redact(str(exc))}"[:2000]})
                             + "\n"
                         )
                 else:
@@ -466,7 +414,7 @@ class MlflowTracker:
 
     def _display_uri(self) -> str:
         """The URI without any user:password part, for messages."""
-        return scrub(self.tracking_uri)
+        return redact(self.tracking_uri)
 
     def _execute(self, op: str, args: dict[str, Any]) -> Any:
         return getattr(self, f"_op_{op}")(**args)

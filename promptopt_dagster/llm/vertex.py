@@ -28,7 +28,7 @@ each line. Batch prices are half the online ones on Vertex; `batch_discount` say
 
 Credentials: production uses application-default credentials (`credentials=None`); tests pass a
 static token. The token is never logged, stored or put in an error message: every text that
-leaves this module goes through `_Redactor`.
+leaves this module goes through `promptopt_dagster.redaction.Redactor`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from promptopt_dagster.errors import DatasetError, ModelError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse, GenerationParams, Message, Usage
 from promptopt_dagster.llm.ratelimit import RateLimiter
+from promptopt_dagster.redaction import Redactor
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,28 +112,6 @@ def estimate_cost(
         return 0.0
     per_input, per_output = table[key]
     return (prompt_tokens * per_input + completion_tokens * per_output) / 1e6 * discount
-
-
-# --- secrets --------------------------------------------------------------------------------------
-
-
-class _Redactor:
-    """Removes bearer tokens (the known one, and any `Bearer ...`) from text before it is logged,
-    raised or stored."""
-
-    _BEARER = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]+")
-
-    def __init__(self) -> None:
-        self._secrets: set[str] = set()
-
-    def add(self, secret: str | None) -> None:
-        if secret and len(secret) >= 4:
-            self._secrets.add(secret)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return self._BEARER.sub(r"\1***", text)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -363,7 +341,7 @@ class VertexLLM:
         self.progress = progress
         self.default_params = default_params or GenerationParams()
         self.limiter = RateLimiter(requests_per_minute, tokens_per_minute, window_s=rate_window_s)
-        self._redact = _Redactor()
+        self._redact = Redactor()
         self._redact.add(getattr(credentials, "token", None))
         self._credentials = credentials
         self._client_obj: genai.Client | None = None
