@@ -1,5 +1,5 @@
 """Jobs: one iteration of a study, and the study report. In-process execution: the multiprocess
-executor costs about 3 s of process start per step (DESIGN.md)."""
+executor starts a Python process per step, about 3 s each on this project's imports."""
 
 from __future__ import annotations
 
