@@ -1,100 +1,96 @@
 """`start_study`: launch a study from the Dagster UI launchpad.
 
-The op config mirrors core/study.py StudyConfig field by field, with a description on each, so
-the launchpad documents every field. The op validates it through StudyConfig (the same checks
-and messages as a study file), checks that the dataset and metrics load, and registers the study
-in the prompt store; new_study_sensor then starts iteration 0 and continue_study_sensor carries
-it on. A relative `dataset` is resolved against the datasets location (settings DATASETS_URI).
+The op config is derived from core/study.py StudyConfig and its sub-models (SeedPrompt,
+ModelConfig, Splits): the same fields, defaults and descriptions, so the Launchpad offers, and
+documents, what a study file does. The op validates the config through StudyConfig (the same
+checks and messages as a study file), checks that the dataset and metrics load, and registers
+the study in the prompt store; new_study_sensor then starts iteration 0 and
+continue_study_sensor carries it on. A relative `dataset` is resolved against the datasets
+location (settings DATASETS_URI).
 """
 
-from typing import Any
+import types
+from typing import Any, Literal, Union, get_args, get_origin
 
 import dagster as dg
 import yaml
-from pydantic import Field
+from pydantic import BaseModel, Field, create_model
 
 from promptopt_dagster.assets.backfill import DatasetsResource
 from promptopt_dagster.core.iteration import evaluator_for, load_study_data
-from promptopt_dagster.core.study import StudyConfig, parse_study
+from promptopt_dagster.core.study import ModelConfig, SeedPrompt, Splits, StudyConfig, parse_study
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.resources import PromptStoreResource
 from promptopt_dagster.storage import join
 
 START_STUDY_JOB = "start_study"
 
-
-def _doc(name: str, fallback: str) -> str:
-    """StudyConfig's own description of a field, so the two cannot drift apart."""
-    return StudyConfig.model_fields[name].description or fallback
+_LAUNCHPAD_CONFIGS: dict[type[BaseModel], type[dg.Config]] = {}
 
 
-class SeedPromptConfig(dg.Config):
-    system_prompt: str = Field("", description="System message of the seed prompt; may be empty.")
-    output_prompt: str = Field(
-        description="User message template; each {column} is replaced by the row's value, "
-        "e.g. 'Review: {review}'. Every placeholder must be one of input_columns."
-    )
+def _launchpad_type(annotation: Any) -> Any:
+    """`annotation` as a type Dagster's config schema accepts: a sub-model becomes its Launchpad
+    config class, a Literal the type of its values, and a union of several types Any (Dagster
+    takes neither an optional Literal nor a union). StudyConfig then checks the value itself."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return launchpad_config(annotation)
+    if origin is Literal:
+        kinds = {type(arg) for arg in args}
+        return kinds.pop() if len(kinds) == 1 else Any
+    if origin in (Union, types.UnionType):
+        members = [arg for arg in args if arg is not type(None)]
+        if len(members) > 1:
+            return Any
+        inner = _launchpad_type(members[0])
+        return inner | None if len(members) < len(args) else inner
+    if origin is list:
+        return list[_launchpad_type(args[0])]  # type: ignore[misc]
+    if origin is dict:
+        return dict[args[0], _launchpad_type(args[1])]  # type: ignore[misc]
+    return annotation
 
 
-class ModelSettingsConfig(dg.Config):
-    backend: str | None = Field(
-        None, description="local (embedded GGUF), vertex (Gemini) or fake; empty: setting LLM_BACKEND."
-    )
-    name: str | None = Field(
-        None, description="Model name, e.g. gemini-2.5-flash; for local, a GGUF path; empty: the default."
-    )
-    temperature: float = Field(0.0, description="Sampling temperature, 0.0 to 2.0.")
-    max_tokens: int = Field(64, description="Longest reply, in tokens (1 to 8192).")
+def launchpad_config(model: type[BaseModel], name: str | None = None) -> type[dg.Config]:
+    """The dg.Config for `model`: its fields, with its defaults and descriptions, built once per
+    model (call it for the sub-models first to name them).
+
+    Dagster builds a config schema's defaults from `default=` only: it ignores default_factory
+    (a sub-model's default then becomes its class defaults), so every default is made concrete
+    here. Constraints and validators stay on `model`, which validates the config, with the
+    messages a study file gets; a field that has a default also takes None (null), so that
+    StudyConfig, not Dagster, is the one to refuse it."""
+    if model not in _LAUNCHPAD_CONFIGS:
+        fields: dict[str, Any] = {}
+        for field_name, info in model.model_fields.items():
+            annotation = _launchpad_type(info.annotation)
+            if info.is_required():
+                fields[field_name] = (annotation, Field(description=info.description))
+                continue
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                # A Config instance is the one default Dagster reads for a nested config.
+                default = launchpad_config(type(default))(**default.model_dump())
+            elif get_origin(annotation) not in (Union, types.UnionType):
+                annotation = annotation | None
+            fields[field_name] = (annotation, Field(default=default, description=info.description))
+        _LAUNCHPAD_CONFIGS[model] = create_model(  # type: ignore[call-overload]
+            name or f"{model.__name__}Launchpad",
+            __base__=dg.Config,
+            __doc__=model.__doc__,
+            __module__=__name__,
+            **fields,
+        )
+    return _LAUNCHPAD_CONFIGS[model]
 
 
-class SplitsConfig(dg.Config):
-    train: float = Field(
-        0.4, description="Share of rows for the train split (candidates are screened there)."
-    )
-    val: float = Field(0.3, description="Share of rows for validation (decides acceptance).")
-    test: float = Field(0.3, description="Share of held-out rows, scored only by the study report.")
+SeedPromptConfig = launchpad_config(SeedPrompt, "SeedPromptConfig")
+ModelSettingsConfig = launchpad_config(ModelConfig, "ModelSettingsConfig")
+SplitsConfig = launchpad_config(Splits, "SplitsConfig")
+StartStudyConfig = launchpad_config(StudyConfig, "StartStudyConfig")
 
 
-class StartStudyConfig(dg.Config):
-    """A study, as in a study YAML file (see README 'Writing a study')."""
-
-    name: str = Field(description=_doc("name", "study id"))
-    description: str = Field("", description="Free text shown with the study.")
-    dataset: str = Field(
-        description="CSV, JSONL or Parquet file: a gs:// URI, an absolute path, or a path relative to "
-        "the datasets location (setting DATASETS_URI, default <PROMPTOPT_HOME>/datasets)."
-    )
-    input_columns: list[str] = Field(description=_doc("input_columns", "columns the template uses"))
-    reference_column: str = Field(description=_doc("reference_column", "expected output"))
-    id_column: str | None = Field(None, description=_doc("id_column", "stable row id"))
-    seed_prompt: SeedPromptConfig = Field(description="The prompt the study starts from.")
-    primary_model: ModelSettingsConfig = Field(
-        default_factory=ModelSettingsConfig, description="The model that answers the prompts."
-    )
-    optimizer_model: ModelSettingsConfig = Field(
-        default_factory=lambda: ModelSettingsConfig(temperature=0.7, max_tokens=512),
-        description="The model that writes refined prompts.",
-    )
-    target_metric: str = Field("exact_match", description=_doc("target_metric", "deciding metric"))
-    metrics: list[str] = Field(default_factory=list, description=_doc("metrics", "extra metrics"))
-    metric_options: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description=_doc("metric_options", "per-metric options")
-    )
-    target_threshold: float = Field(1.0, description=_doc("target_threshold", "target score"))
-    patience: int = Field(2, description=_doc("patience", "iterations without improvement"))
-    max_iterations: int = Field(5, description=_doc("max_iterations", "iteration limit"))
-    candidates_per_iteration: int = Field(
-        4, description="Candidate prompts proposed per iteration (1 to 32)."
-    )
-    minibatch_size: int = Field(12, description=_doc("minibatch_size", "minibatch size"))
-    splits: SplitsConfig = Field(
-        default_factory=SplitsConfig, description="train / val / test shares; they must sum to 1."
-    )
-    budget_calls: int | None = Field(None, description=_doc("budget_calls", "LLM call budget"))
-    seed: int = Field(0, description="Seed of the splits, minibatches and sampling: same seed, same study.")
-
-
-def study_from_config(config: StartStudyConfig, datasets_uri: str) -> StudyConfig:
+def study_from_config(config: dg.Config, datasets_uri: str) -> StudyConfig:
     """Validate through StudyConfig, with its messages; a relative dataset path is resolved
     against the datasets location."""
     raw = config.model_dump()

@@ -33,27 +33,50 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Backend | None = Field(None, description="local (embedded GGUF), vertex (Gemini) or fake")
-    name: str | None = Field(None, description="model name, e.g. gemini-2.5-flash; local: a GGUF path")
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(64, ge=1, le=8192)
+    backend: Backend | None = Field(
+        None,
+        description="local (embedded GGUF model), vertex (Gemini) or fake; empty: setting LLM_BACKEND.",
+    )
+    name: str | None = Field(
+        None,
+        description="Model name, e.g. gemini-2.5-flash; for local, a GGUF path; empty: the default "
+        "model of the backend.",
+    )
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature, 0.0 to 2.0.")
+    max_tokens: int = Field(64, ge=1, le=8192, description="Longest reply, in tokens (1 to 8192).")
 
 
 class SeedPrompt(BaseModel):
+    """The prompt a study starts from (version 0)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    system_prompt: str = Field("", description="system message; may be empty")
+    system_prompt: str = Field("", description="System message, sent as written; may be empty.")
     output_prompt: str = Field(
-        ..., description="user message template; {column} is replaced by the row's value"
+        ...,
+        description="User message template; each {column} is replaced by the row's value, e.g. "
+        "'Review: {review}'. Every placeholder must be one of input_columns; literal braces are "
+        "doubled, {{ and }}.",
     )
 
 
 class Splits(BaseModel):
+    """Shares of the dataset's rows per split; they must sum to 1."""
+
     model_config = ConfigDict(extra="forbid")
 
-    train: float = Field(0.4, gt=0.0, lt=1.0)
-    val: float = Field(0.3, gt=0.0, lt=1.0)
-    test: float = Field(0.3, gt=0.0, lt=1.0)
+    train: float = Field(
+        0.4, gt=0.0, lt=1.0, description="Share of rows for the train split (candidates are screened there)."
+    )
+    val: float = Field(
+        0.3,
+        gt=0.0,
+        lt=1.0,
+        description="Share of rows for validation (decides whether a candidate is accepted).",
+    )
+    test: float = Field(
+        0.3, gt=0.0, lt=1.0, description="Share of held-out rows, scored only by the study report."
+    )
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> Splits:
@@ -63,36 +86,72 @@ class Splits(BaseModel):
         return self
 
 
+# The Launchpad's start_study config is built from StudyConfig's fields, defaults and
+# descriptions (assets/launch.py): each is declared here once.
 class StudyConfig(BaseModel):
-    """One optimization study. Field names follow the seed document's flow parameters."""
+    """One optimization study, as a study file or the Launchpad gives it (README 'Writing a study')."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., description="study id: lowercase letters, digits, '-' and '_'")
-    description: str = ""
-    dataset: str = Field(
-        ..., description="CSV, JSONL or Parquet; local path (relative to the study file) or gs:// URI"
+    name: str = Field(
+        ...,
+        description=f"Study id ({STUDY_NAME_RULE}); it names partitions and files.",
     )
-    input_columns: list[str] = Field(..., min_length=1, description="columns the prompt template uses")
-    reference_column: str = Field(..., description="column holding the expected output")
-    id_column: str | None = Field(None, description="stable row id; default: a hash of the inputs")
-    seed_prompt: SeedPrompt
-    primary_model: ModelConfig = Field(default_factory=ModelConfig)
-    optimizer_model: ModelConfig = Field(default_factory=lambda: ModelConfig(temperature=0.7, max_tokens=512))
-    target_metric: str = Field("exact_match", description="metric the decisions use")
-    metrics: list[str] = Field(default_factory=list, description="extra metrics, reported only")
+    description: str = Field("", description="Free text shown with the study.")
+    dataset: str = Field(
+        ...,
+        description="CSV, JSONL or Parquet file: a gs:// URI, an absolute path, or a relative path "
+        "(in a study file: relative to the file; in the Launchpad: relative to the datasets "
+        "location, setting DATASETS_URI, default <PROMPTOPT_HOME>/datasets).",
+    )
+    input_columns: list[str] = Field(
+        ..., min_length=1, description="Columns the prompt template uses, as {column}."
+    )
+    reference_column: str = Field(..., description="Column holding the expected output.")
+    id_column: str | None = Field(
+        None, description="Column with a stable row id; empty: a hash of the row's inputs."
+    )
+    seed_prompt: SeedPrompt = Field(..., description="The prompt the study starts from.")
+    primary_model: ModelConfig = Field(
+        default_factory=ModelConfig, description="The model that answers the prompts."
+    )
+    optimizer_model: ModelConfig = Field(
+        default_factory=lambda: ModelConfig(temperature=0.7, max_tokens=512),
+        description="The model that writes refined prompts (warmer and longer replies than the "
+        "primary model, so its rationales are not cut off).",
+    )
+    target_metric: str = Field(
+        "exact_match",
+        description="The metric that decides: candidates are accepted and the study stops on it.",
+    )
+    metrics: list[str] = Field(default_factory=list, description="Extra metrics, only reported.")
     metric_options: dict[str, dict[str, bool | str | float]] = Field(
         default_factory=dict,
-        description="per-metric options, e.g. exact_match: {ignore_case: true}",
+        description="Options per metric, e.g. exact_match: {ignore_case: true}.",
     )
-    target_threshold: float = Field(1.0, description="stop when validation score reaches this")
-    patience: int = Field(2, ge=1, description="stop after this many iterations without improvement")
-    max_iterations: int = Field(5, ge=1, description="stop after this many iterations")
-    candidates_per_iteration: int = Field(4, ge=1, le=32)
-    minibatch_size: int = Field(12, ge=1, description="train rows each candidate is screened on")
-    splits: Splits = Field(default_factory=Splits)
-    budget_calls: int | None = Field(None, ge=1, description="stop when this many LLM calls are spent")
-    seed: int = 0
+    target_threshold: float = Field(
+        1.0, description="Stop when the champion's validation score reaches this."
+    )
+    patience: int = Field(
+        2,
+        ge=1,
+        description="Stop after this many iterations without improvement, once every proposal "
+        "strategy has been tried.",
+    )
+    max_iterations: int = Field(5, ge=1, description="Stop after this many iterations.")
+    candidates_per_iteration: int = Field(
+        4, ge=1, le=32, description="Candidate prompts proposed per iteration (1 to 32)."
+    )
+    minibatch_size: int = Field(
+        12, ge=1, description="Train rows each candidate is screened on before validation."
+    )
+    splits: Splits = Field(
+        default_factory=Splits, description="train / val / test shares of the rows; they must sum to 1."
+    )
+    budget_calls: int | None = Field(
+        None, ge=1, description="Stop before the LLM calls spent would exceed this; empty: no budget."
+    )
+    seed: int = Field(0, description="Seed of the splits, minibatches and sampling: same seed, same study.")
 
     @field_validator("name")
     @classmethod
