@@ -11,9 +11,9 @@ from pydantic import PrivateAttr
 
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import ModelConfig, StudyConfig
-from promptopt_dagster.core.tracking import MlflowTracker
 from promptopt_dagster.llm.base import LLMClient
 from promptopt_dagster.llm.factory import VertexOptions, build_client
+from promptopt_dagster.tracking import MlflowTracker
 
 
 class PromptStoreResource(dg.ConfigurableResource):

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from promptopt_dagster.core.meta_model import MetaModel, prompt_features
-from promptopt_dagster.core.tracking import MlflowTracker
 from promptopt_dagster.errors import OptimizerError
+from promptopt_dagster.tracking import MlflowTracker
 
 TASKS = [
     "Classify the sentiment of the review.",

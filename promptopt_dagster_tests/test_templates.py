@@ -16,8 +16,8 @@ from promptopt_dagster.core.prompt_state import (
     template_fields,
 )
 from promptopt_dagster.core.study import parse_study
-from promptopt_dagster.core.tracking import MlflowTracker, prompt_name
 from promptopt_dagster.errors import StudyConfigError
+from promptopt_dagster.tracking import MlflowTracker, prompt_name
 
 ROW = {"review": "Nice {lamp}", "n": 3}
 VALID = [

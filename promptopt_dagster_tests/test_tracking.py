@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import requests
 
-from promptopt_dagster.core.tracking import (
+from promptopt_dagster.tracking import (
     CHAMPION_ALIAS,
     PENDING_PREFIX,
     MlflowTracker,
@@ -278,7 +278,7 @@ def test_outage_queues_then_replays(
 
 
 def test_unreachable_server_is_detected_fast(tmp_path: Path) -> None:
-    from promptopt_dagster_tests.support.mlflow_server import _free_port
+    from promptopt_dagster_tests.support.server_process import free_port as _free_port
 
     tracker = MlflowTracker(f"http://127.0.0.1:{_free_port()}", outbox_path=tmp_path / "ob.jsonl")
     started = time.monotonic()

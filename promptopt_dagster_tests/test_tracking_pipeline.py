@@ -25,19 +25,19 @@ from promptopt_dagster.core.meta_model import (
     ranking_plan,
     save_to_store,
 )
-from promptopt_dagster.core.tracking import (
-    CHAMPION_ALIAS,
-    MlflowTracker,
-    _mlflow_global_uris,
-    experiment_name,
-    prompt_name,
-)
 from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS
 from promptopt_dagster.driver import drive
 from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
+from promptopt_dagster.tracking import (
+    CHAMPION_ALIAS,
+    MlflowTracker,
+    experiment_name,
+    mlflow_global_uris,
+    prompt_name,
+)
 from promptopt_dagster_tests.support.mlflow_server import MlflowServer
 from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
 from promptopt_dagster_tests.support.scripted import optimizer_responder, primary_responder
@@ -199,7 +199,7 @@ def test_the_driven_study_is_in_mlflow_runs_metrics_artifacts_and_prompt_registr
     assert len(versions) == 1 + sum(r.accepted for r in records)
     assert all("val_score" in v.tags for v in versions)
     # What a user does to ship it (the URIs set for this block only: no ./mlflow.db left behind).
-    with _mlflow_global_uris(tracking_uri, tracking_uri):
+    with mlflow_global_uris(tracking_uri, tracking_uri):
         shipped = mlflow.genai.load_prompt(f"prompts:/{prompt_name(name)}@{CHAMPION_ALIAS}")
     champion = records[-1].champion
     assert shipped.template[0]["content"] == champion.system_prompt

@@ -9,14 +9,13 @@ import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.assets.common import GROUP, scope_of
-from promptopt_dagster.core.experiment_log import build_iteration_log, log_iteration
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import IterationRecord
 from promptopt_dagster.core.study import ModelConfig
-from promptopt_dagster.core.tracking import experiment_name, prompt_name
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.redaction import redact
 from promptopt_dagster.resources import LLMResource, MlflowTrackerResource, PromptStoreResource
+from promptopt_dagster.tracking import build_iteration_log, experiment_name, log_iteration, prompt_name
 
 
 def model_name(llm: LLMResource, model: ModelConfig, role: str) -> str:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,7 +26,20 @@ from promptopt_dagster.errors import OptimizerError
 if TYPE_CHECKING:
     from promptopt_dagster.core.prompt_store import PromptStore
     from promptopt_dagster.core.records import Candidate
-    from promptopt_dagster.core.tracking import MlflowTracker
+
+
+class RunLogger(Protocol):
+    """What `MetaModel.log_to_mlflow` needs of a tracker; `tracking.MlflowTracker` is one. A
+    Protocol, because core/ sits below tracking/ and does not import it."""
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None: ...
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None: ...
+
+    def log_sklearn_model(self, run_id: str, model: Any, name: str = "meta_model") -> None: ...
+
 
 MIN_ROWS = 8  # below this, cross-validation says "not enough data"
 REQUIRED_COLUMNS = ("system_prompt", "output_prompt", "score")
@@ -298,9 +311,7 @@ class MetaModel:
         model.cv_result = meta.get("cv_result")
         return model
 
-    def log_to_mlflow(
-        self, tracker: MlflowTracker, run_id: str, name: str = "meta_model", step: int = 0
-    ) -> None:
+    def log_to_mlflow(self, tracker: RunLogger, run_id: str, name: str = "meta_model", step: int = 0) -> None:
         """Log the fitted pipeline (`mlflow.sklearn.log_model` on the tracker's URI, explicit pip
         requirements), its CV quality as metrics and its settings as params."""
         if self.pipeline is None:

@@ -1,0 +1,87 @@
+"""What MLflow records for one iteration, decided without Dagster (`build_iteration_log`) and
+written by `log_iteration`: the parent run ``iteration-NNNN`` in experiment ``promptopt/<study>``
+(`iteration_run.py`), one nested run per candidate (`candidates.py`), and the Prompt Registry
+versions (`prompt_versions.py`). Runs are found again by tag, so re-logging is idempotent."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.records import Candidate, IterationRecord
+from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.tracking.candidates import CandidateLog, candidate_run_logs, log_candidates
+from promptopt_dagster.tracking.client import MlflowTracker
+from promptopt_dagster.tracking.iteration_run import iteration_run_log
+from promptopt_dagster.tracking.prompt_versions import (
+    PromptVersionLog,
+    prompt_version_logs,
+    register_versions,
+)
+from promptopt_dagster.tracking.run_log import IterationValues, RunLog, log_run, model_params
+
+
+@dataclass
+class IterationLog:
+    study: str
+    iteration: int
+    parent: RunLog
+    candidates: list[CandidateLog]
+    prompts: list[PromptVersionLog]
+
+
+@dataclass
+class LoggedIteration:
+    run_id: str
+    candidate_runs: dict[str, str]
+    prompt_versions: dict[str, int | None]  # PromptState id -> registry version (None: queued)
+    queued: int  # calls waiting in the outbox after logging (0 when MLflow was reachable)
+
+
+def build_iteration_log(
+    study: StudyConfig,
+    record: IterationRecord,
+    incumbent: PromptState,
+    baseline_predictions: pd.DataFrame,
+    baseline_metrics: Mapping[str, Any],
+    candidate_prompts: Mapping[str, Any],
+    candidate_predictions: pd.DataFrame,
+    candidate_metrics: Mapping[str, Any],
+    models: Mapping[str, str],
+    tags: Mapping[str, str],
+) -> IterationLog:
+    """Everything to log for `record`, from the values of the iteration's assets. `models` maps
+    ``primary`` / ``optimizer`` to the model names actually used; `tags` are added to every run
+    (the orchestrator's run id, partition and asset key)."""
+    values = IterationValues(
+        study=study,
+        record=record,
+        incumbent=incumbent,
+        candidates=[Candidate.model_validate(c) for c in candidate_prompts["candidates"]],
+        baseline_predictions=baseline_predictions,
+        baseline_metrics=baseline_metrics,
+        candidate_prompts=candidate_prompts,
+        candidate_predictions=candidate_predictions,
+        candidate_metrics=candidate_metrics,
+        common_params=model_params(study, models),
+        run_tags={str(k): str(tag) for k, tag in tags.items()},
+    )
+    parent, candidates = iteration_run_log(values), candidate_run_logs(values)
+    prompts = prompt_version_logs(values)
+    return IterationLog(study.name, record.iteration, parent, candidates, prompts)
+
+
+def log_iteration(tracker: MlflowTracker, log: IterationLog) -> LoggedIteration:
+    """Write `log` to MLflow. During an outage every call is queued in the tracker's outbox and
+    replayed later; nothing here raises for an outage. A rejected iteration registers nothing:
+    the alias stays on the champion it already points at."""
+    run_id = tracker.iteration_run(log.study, log.iteration, params=log.parent.params, tags=log.parent.tags)
+    log_run(tracker, run_id, log.parent, log.iteration)
+    candidate_runs = log_candidates(tracker, run_id, log.candidates, log.iteration)
+    versions = register_versions(tracker, log.study, log.prompts, candidate_runs, run_id)
+    tracker.end_run(run_id)
+    return LoggedIteration(run_id, candidate_runs, versions, len(tracker.pending()))

@@ -1,0 +1,76 @@
+"""Where the pipeline's records live in MLflow, and what MLflow accepts in them.
+
+- one experiment per study, ``promptopt/<study>``;
+- one parent run per iteration, ``iteration-0003`` (tags ``promptopt.study``,
+  ``promptopt.iteration``), found again by tag, so re-materializing an asset reuses it;
+- one nested run per candidate prompt (tag ``mlflow.parentRunId``), also found again by tag;
+- prompt versions in the MLflow Prompt Registry under ``promptopt-<study>``, as a chat template
+  ``[{"role": "system", ...}, {"role": "user", ...}]``; the accepted one carries alias ``champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from promptopt_dagster.redaction import is_secret_key, looks_like_secret_value
+from promptopt_dagster.tracking.errors import TrackingError
+
+logger = logging.getLogger(__name__)
+
+EXPERIMENT_PREFIX = "promptopt"
+PROMPT_PREFIX = "promptopt"
+CHAMPION_ALIAS = "champion"
+TAG_STUDY = "promptopt.study"
+TAG_ITERATION = "promptopt.iteration"
+TAG_CANDIDATE = "promptopt.candidate"
+TAG_KIND = "promptopt.kind"
+TAG_KEY = "promptopt.key"
+TAG_PROMPT_ID = "promptopt.prompt_id"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
+
+# MLflow's own limits (mlflow.utils.validation); repeated so importing this module stays light.
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,249}")
+
+
+def experiment_name(study: str) -> str:
+    return f"{EXPERIMENT_PREFIX}/{study}"
+
+
+def prompt_name(study: str) -> str:
+    """A Prompt Registry name for a study slug (letters, digits, '-', '_', '.')."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study).strip("-") or "study"
+    return f"{PROMPT_PREFIX}-{slug}"
+
+
+def check_id(what: str, value: str) -> None:
+    """Ids go into MLflow search filters and run names, so keep them to a safe alphabet."""
+    if not _SAFE_ID.fullmatch(value):
+        raise TrackingError(
+            f"{what} {value!r} cannot name an MLflow run: use letters, digits, '_', '-', '.', ':' (max 250)"
+        )
+
+
+def safe_items(values: Mapping[str, Any] | None, limit: int) -> dict[str, str]:
+    """Stringify, drop secret-looking keys or values, truncate to MLflow's limits."""
+    out: dict[str, str] = {}
+    dropped: list[str] = []
+    for key, value in (values or {}).items():
+        key = str(key)
+        text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
+        if is_secret_key(key) or looks_like_secret_value(text):
+            dropped.append(key)
+            continue
+        out[key[:MAX_KEY_LENGTH]] = text if len(text) <= limit else text[: limit - 3] + "..."
+    if dropped:
+        logger.info("not logging %d secret-looking setting(s): %s", len(dropped), ", ".join(sorted(dropped)))
+    return out
