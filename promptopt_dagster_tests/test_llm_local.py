@@ -11,10 +11,10 @@ import pytest
 
 from promptopt_dagster.errors import ModelError
 from promptopt_dagster.llm.base import ChatRequest, LLMClient, Usage
-from promptopt_dagster.llm.local import (
+from promptopt_dagster.llm.local import LocalLLM
+from promptopt_dagster.llm.weights import (
     PACKAGED_DISTRIBUTIONS,
     PACKAGED_MODEL_FILE,
-    LocalLLM,
     ModelPart,
     packaged_model_parts,
     resolve_model_path,
