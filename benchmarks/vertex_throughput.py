@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from google.oauth2.credentials import Credentials  # noqa: E402
-
 from promptopt_dagster.llm.base import ChatRequest  # noqa: E402
 from promptopt_dagster.llm.vertex import VertexLLM  # noqa: E402
+from promptopt_dagster.llm.vertex_options import VertexOptions  # noqa: E402
 from promptopt_dagster_tests.support.vertex_server import VertexServerProcess  # noqa: E402
 
 
@@ -44,10 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.rows)]
     with VertexServerProcess(latency_ms=args.latency_ms) as server:
         def client(rpm: float | None) -> VertexLLM:
-            return VertexLLM("gemini-2.0-flash", project="bench", location="us-central1",
-                             credentials=Credentials(token="bench-token"), base_url=server.base_url,
-                             concurrency=args.concurrency, requests_per_minute=rpm,
-                             rate_window_s=args.rate_window_s, timeout_s=30.0)
+            options = VertexOptions(project_id="bench", location="us-central1", api_endpoint=server.base_url,
+                                    access_token="bench-token", concurrency=args.concurrency,
+                                    requests_per_minute=rpm, rate_window_s=args.rate_window_s, timeout_s=30.0)
+            return VertexLLM(options, "gemini-2.0-flash")
 
         if args.warmup:
             client(None).generate(requests[: args.warmup])

@@ -21,6 +21,7 @@ from promptopt_dagster.resources import (
     MetaModelResource,
     MlflowTrackerResource,
     PromptStoreResource,
+    VertexConfig,
 )
 from promptopt_dagster.sensors import (
     continue_study_sensor,
@@ -71,25 +72,10 @@ def build_resources(settings: Settings) -> dict[str, object]:
             model_cache_dir=str(settings.cache_dir / "models"),
             response_cache_path=str(settings.cache_dir / "llm_responses.sqlite"),
             cache_enabled=settings.LLM_CACHE_ENABLED,
-            vertex_project=settings.VERTEX_PROJECT_ID,
-            vertex_location=settings.VERTEX_LOCATION,
-            vertex_api_endpoint=settings.VERTEX_API_ENDPOINT,
-            # By name, so the UI shows the variable, never the token.
-            vertex_access_token=dg.EnvVar("VERTEX_ACCESS_TOKEN") if settings.VERTEX_ACCESS_TOKEN else None,
-            primary_model_name=settings.PRIMARY_MODEL_NAME,
-            optimizer_model_name=settings.OPTIMIZER_MODEL_NAME,
-            vertex_concurrency=settings.VERTEX_CONCURRENCY,
-            vertex_requests_per_minute=settings.VERTEX_REQUESTS_PER_MINUTE,
-            vertex_tokens_per_minute=settings.VERTEX_TOKENS_PER_MINUTE,
-            vertex_max_attempts=settings.VERTEX_MAX_ATTEMPTS,
-            vertex_backoff_initial_s=settings.VERTEX_BACKOFF_INITIAL_S,
-            vertex_timeout_s=settings.VERTEX_TIMEOUT_S,
-            vertex_batch_mode=settings.VERTEX_BATCH_MODE,
-            vertex_batch_threshold=settings.VERTEX_BATCH_THRESHOLD,
-            vertex_batch_gcs_prefix=settings.batch_gcs_prefix,
-            vertex_batch_poll_s=settings.VERTEX_BATCH_POLL_S,
-            vertex_prices=(
-                {k: list(v) for k, v in settings.VERTEX_PRICES.items()} if settings.VERTEX_PRICES else None
+            # The token by name, so the UI shows the variable, never the token.
+            vertex=VertexConfig(
+                **settings.vertex.model_dump(),
+                access_token=dg.EnvVar("VERTEX_ACCESS_TOKEN") if settings.vertex.access_token else None,
             ),
         ),
         **build_tracking_resources(settings),

@@ -12,7 +12,8 @@ from pydantic import PrivateAttr
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import ModelConfig, StudyConfig
 from promptopt_dagster.llm.base import LLMClient
-from promptopt_dagster.llm.factory import VertexOptions, build_client
+from promptopt_dagster.llm.factory import build_client
+from promptopt_dagster.llm.vertex_options import VertexOptions
 from promptopt_dagster.tracking import MlflowTracker
 
 
@@ -26,6 +27,11 @@ class PromptStoreResource(dg.ConfigurableResource):
         return PromptStore(self.root)
 
 
+class VertexConfig(dg.Config, VertexOptions):
+    """VertexOptions as Dagster config: the same fields and defaults, shown and editable in the
+    UI. Dagster nests only `dg.Config` classes, so this mirror adds the base and nothing else."""
+
+
 class LLMResource(dg.ConfigurableResource):
     """Builds the client for a study's primary or optimizer model. A study's `backend`/`name`
     override the defaults here."""
@@ -35,26 +41,19 @@ class LLMResource(dg.ConfigurableResource):
     model_cache_dir: str
     response_cache_path: str | None = None
     cache_enabled: bool = True
-    vertex_project: str | None = None
-    vertex_location: str = "us-central1"
-    vertex_api_endpoint: str | None = None
-    vertex_access_token: str | None = None
-    primary_model_name: str = "gemini-2.5-flash"
-    optimizer_model_name: str = "gemini-2.5-pro"
-    # VertexLLM options (settings VERTEX_*; see llm/vertex.py for what each does).
-    vertex_concurrency: int = 16
-    vertex_requests_per_minute: float | None = None
-    vertex_tokens_per_minute: float | None = None
-    vertex_max_attempts: int = 5
-    vertex_backoff_initial_s: float = 1.0
-    vertex_timeout_s: float = 120.0
-    vertex_batch_mode: Literal["auto", "online", "batch"] = "auto"
-    vertex_batch_threshold: int | None = None
-    vertex_batch_gcs_prefix: str | None = None
-    vertex_batch_poll_s: float = 30.0
-    vertex_prices: dict[str, list[float]] | None = None
+    vertex: VertexConfig = VertexConfig()
 
     _clients: dict[tuple, LLMClient] = PrivateAttr(default_factory=dict)
+
+    @property
+    def primary_model_name(self) -> str:
+        """The Gemini model that runs the prompts when a study names none."""
+        return self.vertex.primary_model
+
+    @property
+    def optimizer_model_name(self) -> str:
+        """The Gemini model that rewrites the prompts when a study names none."""
+        return self.vertex.optimizer_model
 
     def client(self, model: ModelConfig, role: Literal["primary", "optimizer"]) -> LLMClient:
         backend = model.backend or self.backend
@@ -67,23 +66,7 @@ class LLMResource(dg.ConfigurableResource):
                 model_name=name,
                 model_cache_dir=self.model_cache_dir,
                 response_cache_path=self.response_cache_path if self.cache_enabled else None,
-                vertex_project=self.vertex_project,
-                vertex_location=self.vertex_location,
-                vertex_api_endpoint=self.vertex_api_endpoint,
-                vertex_access_token=self.vertex_access_token,
-                vertex_options=VertexOptions(
-                    concurrency=self.vertex_concurrency,
-                    requests_per_minute=self.vertex_requests_per_minute,
-                    tokens_per_minute=self.vertex_tokens_per_minute,
-                    max_attempts=self.vertex_max_attempts,
-                    backoff_initial_s=self.vertex_backoff_initial_s,
-                    timeout_s=self.vertex_timeout_s,
-                    mode=self.vertex_batch_mode,
-                    batch_threshold=self.vertex_batch_threshold,
-                    batch_gcs_prefix=self.vertex_batch_gcs_prefix,
-                    batch_poll_s=self.vertex_batch_poll_s,
-                    prices=self.vertex_prices,
-                ),
+                vertex=self.vertex,
             )
         return self._clients[key]
 

@@ -1,17 +1,24 @@
-"""Settings from the environment or `.env`, under the seed document's names."""
+"""Settings from the environment or `.env`, under the names the original API used."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from promptopt_dagster.llm.vertex_options import VertexOptions
+
+_VERTEX = "VERTEX_"
+_ROLE_MODELS = {"PRIMARY_MODEL_NAME": "primary_model", "OPTIMIZER_MODEL_NAME": "optimizer_model"}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    # VERTEX_CONCURRENCY -> vertex.concurrency: the variable's name split once at the first "_".
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore",
+                                      env_nested_delimiter="_", env_nested_max_split=1)
 
     # Where everything the embedded default writes lives: asset store, prompt store, LLM cache,
     # MLflow's SQLite file. DAGSTER_HOME defaults to <PROMPTOPT_HOME>/dagster.
@@ -22,30 +29,14 @@ class Settings(BaseSettings):
     LOCAL_MODEL_PATH: str | None = None
     LLM_CACHE_ENABLED: bool = True
 
-    # Vertex AI (production)
-    VERTEX_PROJECT_ID: str | None = None
-    VERTEX_LOCATION: str = "us-central1"
-    PRIMARY_MODEL_NAME: str = "gemini-2.5-flash"
-    OPTIMIZER_MODEL_NAME: str = "gemini-2.5-pro"
-    VERTEX_API_ENDPOINT: str | None = None  # only to point the client at a test server
-    VERTEX_ACCESS_TOKEN: SecretStr | None = None  # only for test servers; production uses ADC
-    # Throughput and faults: calls in flight, client-side quota (per minute), retries of 429/5xx.
-    VERTEX_CONCURRENCY: int = Field(16, ge=1)
-    VERTEX_REQUESTS_PER_MINUTE: float | None = None
-    VERTEX_TOKENS_PER_MINUTE: float | None = None
-    VERTEX_MAX_ATTEMPTS: int = Field(5, ge=1)
-    VERTEX_BACKOFF_INITIAL_S: float = Field(1.0, ge=0.0)
-    VERTEX_TIMEOUT_S: float = Field(120.0, gt=0.0)
-    # Batch prediction jobs: always ("batch"), never ("online"), or ("auto") for calls of at least
-    # VERTEX_BATCH_THRESHOLD rows. Staging files go under VERTEX_BATCH_GCS_PREFIX, by default
-    # gs://GCS_BUCKET_NAME/GCS_PREFIX/batch.
-    VERTEX_BATCH_MODE: Literal["auto", "online", "batch"] = "auto"
-    VERTEX_BATCH_THRESHOLD: int | None = Field(None, ge=1)
-    VERTEX_BATCH_GCS_PREFIX: str | None = None
-    VERTEX_BATCH_POLL_S: float = Field(30.0, gt=0.0)
-    # USD per 1M tokens, {"model": [input, output]} (JSON in the environment); replaces the
-    # built-in table of llm/vertex.py DEFAULT_PRICES when set.
-    VERTEX_PRICES: dict[str, tuple[float, float]] | None = None
+    # Vertex AI (production): VERTEX_<FIELD> sets VertexOptions.<field> (llm/vertex_options.py
+    # declares each with its default), e.g. VERTEX_PROJECT_ID, VERTEX_CONCURRENCY, VERTEX_PRICES
+    # (JSON). VERTEX_BATCH_GCS_PREFIX defaults to gs://GCS_BUCKET_NAME/GCS_PREFIX/batch.
+    vertex: VertexOptions = VertexOptions()
+    # The two roles' Gemini models (VertexOptions.primary_model / optimizer_model); unset keeps
+    # the defaults there.
+    PRIMARY_MODEL_NAME: str | None = None
+    OPTIMIZER_MODEL_NAME: str | None = None
 
     # Storage (production): assets, prompts and datasets under gs://GCS_BUCKET_NAME/GCS_PREFIX
     GCS_BUCKET_NAME: str | None = None
@@ -68,19 +59,41 @@ class Settings(BaseSettings):
     META_MODEL_OVERGENERATE: int = Field(2, ge=1)
     META_MODEL_KEEP_FRACTION: float = Field(0.5, gt=0.0, le=1.0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_vertex_options(cls, data: Any) -> Any:
+        """Keyword arguments by their variable names (`Settings(VERTEX_CONCURRENCY=4)`) join those
+        from the environment in `vertex`; other VERTEX_* variables are not ours and are ignored."""
+        if not isinstance(data, dict) or isinstance(data.get("vertex"), VertexOptions):
+            return data
+        fields = VertexOptions.model_fields
+        options = {k: v for k, v in dict(data.get("vertex") or {}).items() if k in fields}
+        rest: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key.upper()
+            field = name[len(_VERTEX):].lower() if name.startswith(_VERTEX) else None
+            if field in fields:
+                options[field] = value
+            elif key != "vertex":
+                rest[key] = value
+        return {**rest, "vertex": options}
+
     @model_validator(mode="after")
-    def _vertex_by_default_in_production(self) -> Settings:
-        """Setting VERTEX_PROJECT_ID is enough to run on Gemini; an explicit LLM_BACKEND wins."""
-        if "LLM_BACKEND" not in self.model_fields_set and self.VERTEX_PROJECT_ID:
+    def _resolve_vertex_options(self) -> Settings:
+        """The options as the client gets them: role models and the batch staging folder filled
+        in. Setting VERTEX_PROJECT_ID is enough to run on Gemini; an explicit LLM_BACKEND wins."""
+        updates: dict[str, Any] = {field: getattr(self, name) for name, field in _ROLE_MODELS.items()
+                                   if getattr(self, name)}
+        prefix = self.vertex.batch_gcs_prefix
+        if prefix:
+            updates["batch_gcs_prefix"] = prefix.rstrip("/")
+        elif self.GCS_BUCKET_NAME:
+            updates["batch_gcs_prefix"] = f"{self.storage_root}/batch"
+        if updates:
+            self.vertex = self.vertex.model_copy(update=updates)
+        if "LLM_BACKEND" not in self.model_fields_set and self.vertex.project_id:
             self.LLM_BACKEND = "vertex"
         return self
-
-    @property
-    def batch_gcs_prefix(self) -> str | None:
-        """Where Vertex batch jobs stage their JSONL: the setting, else <bucket>/<prefix>/batch."""
-        if self.VERTEX_BATCH_GCS_PREFIX:
-            return self.VERTEX_BATCH_GCS_PREFIX.rstrip("/")
-        return f"{self.storage_root}/batch" if self.GCS_BUCKET_NAME else None
 
     @property
     def storage_root(self) -> str:

@@ -19,13 +19,16 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from google.oauth2.credentials import Credentials
 
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.errors import DatasetError, ModelError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse, LLMClient
 from promptopt_dagster.llm.ratelimit import SlidingWindowLimiter
-from promptopt_dagster.llm.vertex import BatchProgress, VertexLLM, estimate_cost, retry_after_seconds
+from promptopt_dagster.llm.vertex import VertexLLM
+from promptopt_dagster.llm.vertex_batch import BatchProgress
+from promptopt_dagster.llm.vertex_errors import retry_after_seconds
+from promptopt_dagster.llm.vertex_options import VertexOptions
+from promptopt_dagster.llm.vertex_prices import estimate_cost
 from promptopt_dagster.storage import list_files, read_text
 from promptopt_dagster_tests.support.gcs_emulator import (
     GcsEmulator,
@@ -44,10 +47,13 @@ def server() -> Iterator[VertexServer]:
 
 
 def make_llm(server: VertexServer, **options: Any) -> VertexLLM:
-    defaults: dict[str, Any] = {"backoff_initial_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
-    defaults.update(options)
-    return VertexLLM(MODEL, project="proj", location="us-central1", credentials=Credentials(token=TOKEN),
-                     base_url=server.base_url, **defaults)
+    """A client of the test server: VertexOptions from `options`, the rest (checkpoint_path,
+    progress) passed to VertexLLM itself."""
+    client_args = {k: options.pop(k) for k in ("checkpoint_path", "progress") if k in options}
+    values: dict[str, Any] = {"project_id": "proj", "api_endpoint": server.base_url, "access_token": TOKEN,
+                              "backoff_initial_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
+    values.update(options)
+    return VertexLLM(VertexOptions(**values), MODEL, **client_args)
 
 
 def ask(text: str, **params: Any) -> ChatRequest:
@@ -264,7 +270,7 @@ def test_partial_failure_keeps_good_rows_and_checkpoint_resends_only_missing(
     assert sum(r.cached for r in second) == 8
 
 
-def test_seed_interface_generate_response_and_batch_predict(server: VertexServer) -> None:
+def test_original_api_generate_response_and_batch_predict(server: VertexServer) -> None:
     llm = make_llm(server)
     text = llm.generate_response(MODEL, "hi", system_content="sys", response_mime_type="application/json")
     assert json.loads(text) == {"answer": "hi"}
@@ -298,11 +304,23 @@ def test_generate_works_inside_a_running_event_loop(server: VertexServer) -> Non
 def test_factory_builds_vertex_from_settings(server: VertexServer) -> None:
     from promptopt_dagster.llm.factory import build_client
 
+    options = VertexOptions(project_id="proj", api_endpoint=server.base_url, access_token=TOKEN)
     llm = build_client(backend="vertex", model_name=MODEL, model_cache_dir="unused", response_cache_path=None,
-                       vertex_project="proj", vertex_api_endpoint=server.base_url, vertex_access_token=TOKEN)
+                       vertex=options)
+    assert isinstance(llm, VertexLLM) and llm.options is options  # passed through as it is
     assert llm.generate([ask("f")])[0].text == "echo: f"
     with pytest.raises(ModelError, match="VERTEX_PROJECT_ID"):
-        VertexLLM(MODEL, project=None)
+        VertexLLM(VertexOptions())
+    assert VertexLLM(VertexOptions(project_id="p")).model == VertexOptions().primary_model
+
+
+def test_options_check_the_price_table() -> None:
+    assert VertexOptions().price_table()["gemini-2.5-flash"] == (0.30, 2.50)  # the built-in table
+    assert VertexOptions(prices={MODEL: (1, 2)}).price_table() == {MODEL: (1.0, 2.0)}
+    with pytest.raises(ValueError, match=r"VERTEX_PRICES\['m'\] must be \[input, output\]"):
+        VertexOptions(prices={"m": [1.0]})
+    with pytest.raises(ValueError, match="VERTEX_PRICES"):
+        VertexOptions(prices={"m": [1.0, -2.0]})
 
 
 def test_token_never_in_errors_logs_or_stored_rows(
@@ -320,7 +338,8 @@ def test_token_never_in_errors_logs_or_stored_rows(
     llm = make_llm(server, max_attempts=2, raise_on_client_error=False, checkpoint_path=checkpoint)
     replies = llm.generate([ask("y"), ask("z")])
     shown = "".join(traceback.format_exception(caught.value))  # what a logged traceback would print
-    seen = [shown, str(caught.value), repr(llm), *(r.error or "" for r in replies),
+    seen = [shown, str(caught.value), repr(llm), repr(llm.options), llm.options.model_dump_json(),
+            *(r.error or "" for r in replies),
             *(record.getMessage() for record in caplog.records), checkpoint.read_bytes().decode("latin-1")]
     assert any("***" in s for s in seen)  # the reflected token was there, and was masked
     for text in seen:
@@ -376,8 +395,8 @@ def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulat
 def test_batch_job_that_fails_as_a_whole_raises(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
     server.fail_batch_jobs_with = "quota for batch prediction exceeded"
     prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])
-    llm = make_llm(server, mode="batch", batch_gcs_prefix=prefix, batch_poll_s=0.05)
+    llm = make_llm(server, batch_mode="batch", batch_gcs_prefix=prefix, batch_poll_s=0.05)
     with pytest.raises(ModelError, match="JOB_STATE_FAILED: .*quota for batch prediction exceeded"):
         llm.generate([ask("a")])
     with pytest.raises(ModelError, match="batch_gcs_prefix"):
-        make_llm(server, mode="batch")
+        make_llm(server, batch_mode="batch")

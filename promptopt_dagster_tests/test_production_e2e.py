@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +27,9 @@ from promptopt_dagster.definitions import build_definitions, build_resources
 from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, RunFailedError, RunOutcome, drive
 from promptopt_dagster.llm.cache import CachedLLM
 from promptopt_dagster.llm.vertex import VertexLLM
+from promptopt_dagster.llm.vertex_options import VertexOptions
 from promptopt_dagster.partitions import parse_key, study_iteration_key
+from promptopt_dagster.resources import LLMResource, VertexConfig
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment
 from promptopt_dagster_tests.support.scripted import GOOD, write_study
@@ -89,8 +92,8 @@ class Production:
     tmp: Path
 
     def settings(self, **overrides: Any) -> Settings:
-        """What a user sets in production (the seed document's names), plus the two test-only
-        settings that point the client at the local server."""
+        """What a user sets in production (the names the original API used), plus the two
+        test-only settings that point the client at the local server."""
         values: dict[str, Any] = {
             "PROMPTOPT_HOME": self.tmp / "home",
             "VERTEX_PROJECT_ID": "test-project",
@@ -205,7 +208,7 @@ def assert_token_nowhere(instance: dg.DagsterInstance, home: Path, *texts: str) 
 def test_production_settings_come_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The seed document's five names switch everything to Gemini and the bucket."""
+    """Five names (those the original API used) switch everything to Gemini and the bucket."""
     monkeypatch.chdir(tmp_path)
     for name in ("LLM_BACKEND", "VERTEX_ACCESS_TOKEN", "VERTEX_API_ENDPOINT", "VERTEX_BATCH_GCS_PREFIX"):
         monkeypatch.delenv(name, raising=False)
@@ -222,13 +225,13 @@ def test_production_settings_come_from_the_environment(
     assert resources["io_manager"].base_uri == "gs://my-bucket/promptopt/assets"  # type: ignore[attr-defined]
     assert resources["prompt_store"].root == "gs://my-bucket/promptopt"  # type: ignore[attr-defined]
     llm = resources["llm"]
-    assert llm.backend == "vertex" and llm.vertex_project == "my-project"  # type: ignore[attr-defined]
-    assert llm.vertex_location == "europe-west4"  # type: ignore[attr-defined]
-    assert llm.optimizer_model_name == "gemini-2.5-pro"  # type: ignore[attr-defined]
-    assert llm.vertex_batch_threshold == 500  # type: ignore[attr-defined]
-    assert llm.vertex_batch_gcs_prefix == "gs://my-bucket/promptopt/batch"  # type: ignore[attr-defined]
-    assert llm.vertex_prices == {"gemini-2.5-flash": [0.3, 2.5]}  # type: ignore[attr-defined]
-    assert llm.vertex_access_token is None  # type: ignore[attr-defined]  # production: ADC
+    assert isinstance(llm, LLMResource) and llm.backend == "vertex"
+    assert llm.vertex.project_id == "my-project" and llm.vertex.location == "europe-west4"
+    assert llm.primary_model_name == "gemini-2.5-flash" and llm.optimizer_model_name == "gemini-2.5-pro"
+    assert llm.vertex.batch_threshold == 500
+    assert llm.vertex.batch_gcs_prefix == "gs://my-bucket/promptopt/batch"
+    assert llm.vertex.prices == {"gemini-2.5-flash": [0.3, 2.5]}
+    assert llm.vertex.access_token is None  # production: ADC
     assert llm.response_cache_path.startswith(str(tmp_path))  # type: ignore[attr-defined]  # local SQLite
     # ... and on to the client: throughput, batch and price options from the VERTEX_* settings
     monkeypatch.setenv("VERTEX_CONCURRENCY", "4")
@@ -237,16 +240,47 @@ def test_production_settings_come_from_the_environment(
     client = build_resources(Settings())["llm"].client(ModelConfig(), "primary")  # type: ignore[attr-defined]
     assert isinstance(client, CachedLLM) and isinstance(client.inner, VertexLLM)
     vertex = client.inner
-    assert (vertex.model, vertex.project) == ("gemini-2.5-flash", "my-project")
-    assert vertex.location == "europe-west4"
-    assert vertex.concurrency == 4 and vertex.batch_threshold == 500 and vertex.mode == "auto"
-    assert vertex.batch_gcs_prefix == "gs://my-bucket/promptopt/batch"
+    assert (vertex.model, vertex.options.project_id) == ("gemini-2.5-flash", "my-project")
+    assert vertex.options.location == "europe-west4"
+    assert vertex.options.concurrency == 4 and vertex.options.batch_threshold == 500
+    assert vertex.options.batch_mode == "auto"
+    assert vertex.options.batch_gcs_prefix == "gs://my-bucket/promptopt/batch"
     assert vertex.prices == {"gemini-2.5-flash": (0.3, 2.5)}
     assert vertex.limiter.requests is not None and vertex.limiter.requests.limit == 600
     assert vertex.limiter.tokens is not None and vertex.limiter.tokens.limit == 100000
     # An explicit backend still wins.
     monkeypatch.setenv("LLM_BACKEND", "local")
     assert Settings().LLM_BACKEND == "local"
+
+
+def test_vertex_options_are_the_single_source_of_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing set, the settings, the Dagster resource and the client all carry exactly
+    VertexOptions' defaults (declared nowhere else); an unknown VERTEX_* variable is ignored."""
+    monkeypatch.chdir(tmp_path)  # no .env
+    for name in [n for n in os.environ if n.upper().startswith("VERTEX_")]:
+        monkeypatch.delenv(name)
+    for name in ("PRIMARY_MODEL_NAME", "OPTIMIZER_MODEL_NAME", "GCS_BUCKET_NAME", "LLM_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("VERTEX_AI_SOMETHING_ELSE", "not ours")
+    defaults = VertexOptions()
+    settings = Settings(PROMPTOPT_HOME=tmp_path)
+    assert settings.vertex == defaults and settings.LLM_BACKEND == "local"
+    llm = build_resources(settings)["llm"]
+    assert isinstance(llm, LLMResource) and isinstance(llm.vertex, VertexOptions)
+    assert llm.vertex.model_dump() == defaults.model_dump() and llm.vertex.access_token is None
+    assert LLMResource(model_cache_dir=str(tmp_path)).vertex.model_dump() == defaults.model_dump()
+    assert llm.primary_model_name == defaults.primary_model
+    # The client takes the resource's options as they are.
+    with_project = LLMResource(model_cache_dir=str(tmp_path), vertex=VertexConfig(project_id="p"))
+    client = with_project.client(ModelConfig(backend="vertex"), "optimizer")
+    assert isinstance(client, VertexLLM) and client.options is with_project.vertex
+    assert client.model == defaults.optimizer_model
+    assert client.options.model_dump(exclude={"project_id"}) == defaults.model_dump(exclude={"project_id"})
+    # Keyword arguments by their variable names set the same fields.
+    assert Settings(VERTEX_CONCURRENCY=3, PRIMARY_MODEL_NAME="m").vertex == VertexOptions(
+        concurrency=3, primary_model="m")
 
 
 def test_the_ui_shows_the_token_variable_never_the_token(
