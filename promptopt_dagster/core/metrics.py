@@ -86,7 +86,7 @@ class MetricResult:
 
 
 class EvaluatorService:
-    """A fixed set of metrics with their options (the seed document's EvaluatorService).
+    """A fixed set of metrics with their options, keeping the original API's name EvaluatorService.
     Unknown metrics and unknown options fail here, at construction, not mid-study."""
 
     def __init__(self, metric_names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None):
