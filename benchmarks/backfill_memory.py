@@ -24,7 +24,8 @@ import pandas as pd
 
 from promptopt_dagster.core import backfill
 from promptopt_dagster.core.dataset import load_dataset
-from promptopt_dagster.core.iteration import evaluator_for, run_prompt, score_predictions
+from promptopt_dagster.core.inference import run_prompt
+from promptopt_dagster.core.scoring import evaluator_for, score_predictions
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse
 from promptopt_dagster.llm.fake import ScriptedLLM

@@ -21,9 +21,10 @@ from typing import Any
 
 import dagster as dg
 
-from promptopt_dagster.core.iteration import evaluate_prompt, evaluator_for, load_study_data
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.scoring import evaluate_prompt, evaluator_for
 from promptopt_dagster.core.study import load_study
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.definitions import build_definitions
 from promptopt_dagster.driver import drive
 from promptopt_dagster.llm.base import ChatRequest, GenerationParams, Message

@@ -18,18 +18,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from promptopt_dagster.core.iteration import (
-    candidate_scores,
-    decide,
-    evaluator_for,
-    load_study_data,
-    propose_candidates,
-    run_prompt,
-    score_predictions,
-    screen_and_confirm,
-    usage_of,
-)
+from promptopt_dagster.core.inference import run_prompt, usage_of
+from promptopt_dagster.core.iteration import decide, screen_and_confirm
 from promptopt_dagster.core.prompt_store import PromptStore
+from promptopt_dagster.core.proposal import propose_candidates
+from promptopt_dagster.core.scoring import candidate_scores, evaluator_for, score_predictions
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster_tests.support import scripted
 from promptopt_dagster_tests.support.pipeline import make_pipeline

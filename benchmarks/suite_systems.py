@@ -34,10 +34,11 @@ from typing import Any
 
 import yaml
 
-from promptopt_dagster.core.iteration import StudyData, evaluate_prompt, evaluator_for, load_study_data
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.scoring import evaluate_prompt, evaluator_for
 from promptopt_dagster.core.study import StudyConfig, load_study
+from promptopt_dagster.core.study_data import StudyData, load_study_data
 from promptopt_dagster.llm.base import ChatRequest, GenerationParams, Message
 from promptopt_dagster.llm.local import LocalLLM
 

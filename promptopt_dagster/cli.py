@@ -83,8 +83,9 @@ def _check_models(defs, study) -> None:  # type: ignore[no-untyped-def]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from promptopt_dagster.core.iteration import evaluator_for, load_study_data
+    from promptopt_dagster.core.scoring import evaluator_for
     from promptopt_dagster.core.study import load_study
+    from promptopt_dagster.core.study_data import load_study_data
 
     settings = get_settings()
     _quiet_dagster(args.verbose)

@@ -13,7 +13,7 @@ import pytest
 from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
 from promptopt_dagster.assets.launch import StartStudyConfig, start_study_job
 from promptopt_dagster.core import backfill
-from promptopt_dagster.core.iteration import evaluator_for
+from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError
 from promptopt_dagster.llm.fake import ScriptedLLM

@@ -8,15 +8,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from promptopt_dagster.core.iteration import (
-    evaluator_for,
-    load_study_data,
-    min_iteration_calls,
-    score_predictions,
-    screen_and_confirm,
-    usage_of,
-)
+from promptopt_dagster.core.budget import min_iteration_calls
+from promptopt_dagster.core.inference import usage_of
+from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.scoring import evaluator_for, score_predictions
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.errors import StudyConfigError
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from promptopt_dagster.core.iteration import MIN_ROWS, load_study_data
 from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.core.study_data import MIN_ROWS, load_study_data
 from promptopt_dagster.errors import DatasetError
 from promptopt_dagster_tests.support.scripted import scripted_study, write_dataset
 

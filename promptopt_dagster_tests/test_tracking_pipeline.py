@@ -16,7 +16,6 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from promptopt_dagster.core.iteration import load_study_data, propose_candidates
 from promptopt_dagster.core.meta_model import (
     MetaModel,
     history_from_store,
@@ -25,6 +24,8 @@ from promptopt_dagster.core.meta_model import (
     ranking_plan,
     save_to_store,
 )
+from promptopt_dagster.core.proposal import propose_candidates
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS
 from promptopt_dagster.driver import drive
 from promptopt_dagster.jobs import iteration_job, report_job

@@ -11,7 +11,7 @@ import dagster as dg
 from promptopt_dagster.assets.common import prompt_markdown, usage_metadata
 from promptopt_dagster.core import backfill
 from promptopt_dagster.core.backfill import EvaluationSummary
-from promptopt_dagster.core.iteration import evaluator_for
+from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.partitions import evaluation_partitions, parse_evaluation_key
 from promptopt_dagster.resources import LLMResource, PromptStoreResource

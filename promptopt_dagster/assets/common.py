@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import dagster as dg
 
-from promptopt_dagster.core.iteration import StudyData, load_study_data
 from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.core.study_data import StudyData, load_study_data
 from promptopt_dagster.partitions import parse_key
 from promptopt_dagster.resources import PromptStoreResource
 

@@ -7,7 +7,8 @@ import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
-from promptopt_dagster.core.iteration import decide, usage_of
+from promptopt_dagster.core.inference import usage_of
+from promptopt_dagster.core.iteration import decide
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import Candidate, CandidateScore
 from promptopt_dagster.llm.base import Usage

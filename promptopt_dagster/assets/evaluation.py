@@ -4,8 +4,8 @@ import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.assets.common import GROUP, scope_of
-from promptopt_dagster.core.iteration import candidate_scores, evaluator_for, score_predictions
 from promptopt_dagster.core.records import Candidate
+from promptopt_dagster.core.scoring import candidate_scores, evaluator_for, score_predictions
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 

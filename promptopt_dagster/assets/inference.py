@@ -4,9 +4,11 @@ import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.assets.common import GROUP, scope_of, usage_metadata
-from promptopt_dagster.core.iteration import evaluator_for, run_prompt, screen_and_confirm, usage_of
+from promptopt_dagster.core.inference import run_prompt, usage_of
+from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import Candidate
+from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 

@@ -17,8 +17,9 @@ import yaml
 from pydantic import BaseModel, Field, create_model
 
 from promptopt_dagster.assets.backfill import DatasetsResource
-from promptopt_dagster.core.iteration import evaluator_for, load_study_data
+from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study import ModelConfig, SeedPrompt, Splits, StudyConfig, parse_study
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.resources import PromptStoreResource
 from promptopt_dagster.storage import join

@@ -4,9 +4,9 @@ import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
-from promptopt_dagster.core.iteration import propose_candidates
 from promptopt_dagster.core.meta_model import ranking_plan
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.proposal import propose_candidates
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 

@@ -4,8 +4,9 @@ The test split is scored here only, after the study stopped, and never feeds a d
 import dagster as dg
 
 from promptopt_dagster.assets.common import prompt_markdown
-from promptopt_dagster.core.iteration import evaluator_for, load_study_data
 from promptopt_dagster.core.report import build_report
+from promptopt_dagster.core.scoring import evaluator_for
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 from promptopt_dagster.study_runs import REGISTRATION

@@ -33,10 +33,11 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from promptopt_dagster.core.iteration import run_prompt, score_predictions, usage_of
+from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.prompt_store import PromptStore
+from promptopt_dagster.core.scoring import score_predictions
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError
 from promptopt_dagster.llm.base import LLMClient, Usage

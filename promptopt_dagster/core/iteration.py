@@ -1,355 +1,41 @@
 """The five steps of one iteration as plain functions; the Dagster assets call these one each.
 
 1. primary inference     run_prompt(incumbent) on the train minibatch and the validation split
-2. evaluation            score_predictions
-3. refinement            propose_candidates (the optimizer package)
+                         (core/inference.py)
+2. evaluation            score_predictions (core/scoring.py)
+3. refinement            propose_candidates (core/proposal.py, the optimizer package)
 4. refined inference     screen_and_confirm: every candidate on the minibatch, the best on val
-5. evaluation + decision decide
+5. evaluation + decision candidate_scores (core/scoring.py), then decide
+
+The rows come from load_study_data (core/study_data.py); the budget rules from core/budget.py.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from promptopt_dagster.core.dataset import load_dataset, minibatch, split_dataset
+from promptopt_dagster.core.budget import live_calls, min_iteration_calls
+from promptopt_dagster.core.inference import PREDICTION_COLUMNS, run_prompt
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.proposal import BANDIT_STRATEGIES, tried_on_champion
 from promptopt_dagster.core.records import Candidate, CandidateScore, IterationRecord
+from promptopt_dagster.core.scoring import score_of, score_predictions
 from promptopt_dagster.core.stopping import decide_stop
-from promptopt_dagster.core.study import ModelConfig, StudyConfig
-from promptopt_dagster.errors import DatasetError, StudyConfigError
-from promptopt_dagster.llm.base import ChatRequest, GenerationParams, LLMClient, Usage
+from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.core.study_data import StudyData
+from promptopt_dagster.llm.base import LLMClient, Usage
 from promptopt_dagster.optimizer.bandit import StrategyBandit
-from promptopt_dagster.optimizer.context import (
-    HistoryEntry,
-    ProposalContext,
-    ProposalResult,
-    Ranker,
-    Tried,
-)
-from promptopt_dagster.optimizer.optimizer import Optimizer
-from promptopt_dagster.optimizer.parts import PromptParts, infer_format_rule
-from promptopt_dagster.optimizer.selection import choose_for_validation, collect_failures, pick_winner
+from promptopt_dagster.optimizer.selection import choose_for_validation, pick_winner
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
-from promptopt_dagster.redaction import redact
 
 Progress = Callable[[str], None]
-PREDICTION_COLUMNS = (
-    "row_id",
-    "split",
-    "prediction",
-    "reply",
-    "error",
-    "cached",
-    "prompt_tokens",
-    "completion_tokens",
-    "seconds",
-    "cost_usd",
-)
-BANDIT_STRATEGIES = STRATEGY_NAMES
 # A 10-row minibatch is noisy: the best two candidates there go on to validation (successive
 # halving in its smallest form), when the budget allows.
 CONFIRM_TOP = 2
-# With the incumbent at zero on the minibatch, propose this many times the candidates: the search
-# widens instead of stopping.
-WIDEN_AT_ZERO = 2
-
-
-# The smallest study that can measure anything: fewer rows, or a split with fewer rows, is
-# refused; validation or test splits smaller than WARN_SPLIT_ROWS give warnings.
-MIN_ROWS = 10
-MIN_SPLIT_ROWS = 2
-WARN_SPLIT_ROWS = 10
-SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
-
-
-@dataclass
-class StudyData:
-    """A study's rows, split. `warnings` are plain sentences about data too small to measure
-    well (e.g. a validation split under 10 rows), for the CLI and asset metadata to show."""
-
-    study: StudyConfig
-    splits: dict[str, pd.DataFrame]
-    warnings: list[str] = field(default_factory=list)
-
-    def iteration_rows(self, iteration: int) -> pd.DataFrame:
-        """The rows an incumbent is measured on: this iteration's train minibatch, and val."""
-        mb = minibatch(self.splits["train"], self.study.minibatch_size, self.study.seed, iteration)
-        return pd.concat(
-            [mb.assign(split="train"), self.splits["val"].assign(split="val")], ignore_index=True
-        )
-
-    def rows(self, split: str) -> pd.DataFrame:
-        return self.splits[split].assign(split=split)
-
-
-def load_study_data(study: StudyConfig) -> StudyData:
-    """Load, check and split the study's dataset. Raises DatasetError when the data cannot measure
-    anything: fewer than MIN_ROWS rows, or a split with fewer than MIN_SPLIT_ROWS rows. Smaller
-    than WARN_SPLIT_ROWS validation or test splits are allowed, with a warning each."""
-    df = load_dataset(study.dataset, study.input_columns, study.reference_column, study.id_column)
-    shown = redact(study.dataset)
-    fractions = study.splits
-    if len(df) < MIN_ROWS:
-        raise DatasetError(
-            f"dataset {shown} has {len(df)} rows; a study needs at least {MIN_ROWS} (with at least "
-            f"{MIN_SPLIT_ROWS} rows in each of train, val and test) to measure anything, and 30 or "
-            "more to measure it well. Add rows to the dataset."
-        )
-    splits = split_dataset(df, fractions.train, fractions.val, study.seed, study.reference_column)
-    sizes = {name: len(part) for name, part in splits.items()}
-    shown_sizes = ", ".join(f"{name} {size}" for name, size in sizes.items())
-    small = [name for name, size in sizes.items() if size < MIN_SPLIT_ROWS]
-    if small:
-        raise DatasetError(
-            f"dataset {shown} has {len(df)} rows, split {shown_sizes} by `splits: {{train: "
-            f"{fractions.train:g}, val: {fractions.val:g}, test: {fractions.test:g}}}`; train, val and "
-            f"test need at least {MIN_SPLIT_ROWS} rows each to measure anything ({' and '.join(small)} "
-            f"{'has' if len(small) == 1 else 'have'} fewer). Add rows to the dataset, or raise "
-            + " and ".join(f"splits.{name}" for name in small)
-            + " in the study."
-        )
-    if study.budget_calls is not None:
-        needed = min_iteration_calls(min(study.minibatch_size, sizes["train"]), sizes["val"])
-        if study.budget_calls < needed:
-            raise StudyConfigError(
-                f"budget_calls {study.budget_calls} cannot pay for one iteration of study "
-                f"{study.name!r}: the smallest iteration may need {needed} LLM calls (the incumbent and "
-                f"one candidate, each on the {min(study.minibatch_size, sizes['train'])}-row minibatch "
-                f"and the {sizes['val']} validation rows). Raise budget_calls to at least {needed}, or "
-                "lower minibatch_size or splits.val."
-            )
-    warnings = [
-        f"{SPLIT_NAMES[name]} has {sizes[name]} rows (fewer than {WARN_SPLIT_ROWS}): one row moves its "
-        f"score by {1 / sizes[name]:.2f}, so {'decisions' if name == 'val' else 'the test score'} "
-        f"will be coarse. Add rows, or raise splits.{name} in the study."
-        for name in ("val", "test")
-        if sizes[name] < WARN_SPLIT_ROWS
-    ]
-    return StudyData(study=study, splits=splits, warnings=warnings)
-
-
-def min_iteration_calls(minibatch_rows: int, val_rows: int) -> int:
-    """The most LLM calls the smallest useful iteration can spend (no reply cached): the incumbent
-    on the minibatch and validation, one candidate on the minibatch, and that candidate on
-    validation. The stop rule ends a study whose budget has less left than this."""
-    return 2 * (minibatch_rows + val_rows)
-
-
-def budget_left(study: StudyConfig, records: list[IterationRecord], spent_now: int = 0) -> int | None:
-    """LLM calls the study may still spend (None without a budget): budget_calls minus what
-    earlier iterations spent minus `spent_now` in this one."""
-    if study.budget_calls is None:
-        return None
-    return study.budget_calls - (records[-1].total_calls if records else 0) - spent_now
-
-
-def evaluator_for(study: StudyConfig) -> EvaluatorService:
-    return EvaluatorService(study.all_metrics(), study.metric_options)
-
-
-def check_prompt_columns(prompt: PromptState, study: StudyConfig, columns: list[str]) -> None:
-    missing = prompt.missing_columns(columns)
-    if missing:
-        raise DatasetError(
-            f"prompt {prompt.id} uses {missing} but the dataset of study {study.name!r} has no such "
-            f"column; available columns: {sorted(columns)}"
-        )
-
-
-def run_prompt(
-    llm: LLMClient, prompt: PromptState, rows: pd.DataFrame, model: ModelConfig, study: StudyConfig
-) -> pd.DataFrame:
-    """One prediction per row; failed rows keep an `error` instead of raising."""
-    check_prompt_columns(prompt, study, list(rows.columns))
-    params = GenerationParams(temperature=model.temperature, max_tokens=model.max_tokens, seed=study.seed)
-    records = rows.to_dict(orient="records")
-    requests = [ChatRequest(messages=tuple(prompt.render(r)), params=params) for r in records]
-    responses = llm.generate(requests)
-    out = pd.DataFrame(
-        {
-            "row_id": rows["row_id"].astype(str).to_numpy(),
-            "split": rows["split"].to_numpy(),
-            "prediction": [prompt.parse(r.text) for r in responses],
-            "reply": [r.text for r in responses],
-            "error": [r.error for r in responses],
-            "cached": [r.cached for r in responses],
-            "prompt_tokens": [r.prompt_tokens for r in responses],
-            "completion_tokens": [r.completion_tokens for r in responses],
-            "seconds": [r.seconds for r in responses],
-            "cost_usd": [r.cost_usd for r in responses],
-        }
-    )
-    out["reference"] = rows[study.reference_column].astype(str).to_numpy()
-    for col in study.input_columns:
-        out[col] = rows[col].to_numpy()
-    return out
-
-
-def usage_of(predictions: pd.DataFrame) -> Usage:
-    live = predictions[~predictions["cached"].astype(bool)]
-    return Usage(
-        calls=len(live),
-        cached_calls=int(predictions["cached"].astype(bool).sum()),
-        failed_calls=int(live["error"].notna().sum()),
-        prompt_tokens=int(live["prompt_tokens"].sum()),
-        completion_tokens=int(live["completion_tokens"].sum()),
-        seconds=float(live["seconds"].sum()),
-        cost_usd=float(live["cost_usd"].sum()) if "cost_usd" in live else 0.0,
-    )
-
-
-def score_predictions(
-    evaluator: EvaluatorService, predictions: pd.DataFrame, target_metric: str, group_by: list[str]
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Per-row scores (one column per metric, `score` = the target metric) and aggregates per group."""
-    result = evaluator.evaluate(predictions["prediction"].tolist(), predictions["reference"].tolist())
-    scored = predictions.reset_index(drop=True).copy()
-    for col in result.per_row.columns:
-        scored[col] = result.per_row[col].to_numpy()
-    scored["score"] = scored[target_metric]
-    metric_cols = list(result.per_row.columns)
-    aggregates: dict[str, Any] = {}
-    for key, group in scored.groupby(group_by, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        node = aggregates
-        for part in key[:-1]:
-            node = node.setdefault(str(part), {})
-        node[str(key[-1])] = {m: float(group[m].mean()) for m in metric_cols} | {"n": len(group)}
-    return scored, aggregates
-
-
-def history_of(records: list[IterationRecord]) -> list[HistoryEntry]:
-    seen: set[str] = set()
-    out = []
-    for r in records:
-        if r.champion.id not in seen:
-            seen.add(r.champion.id)
-            instruction = PromptParts.of(r.champion).instruction
-            out.append(HistoryEntry(system_prompt=instruction, score=r.champion_val_score))
-    return out
-
-
-def tried_of(records: list[IterationRecord], seed: PromptState) -> list[Tried]:
-    """Every measured prompt of earlier iterations as parts and scores: each incumbent (the seed
-    first) and each screened candidate."""
-    out: list[Tried] = []
-    for r in records:
-        if r.incumbent_id == seed.id:
-            out.append(Tried(PromptParts.of(seed), "seed", r.incumbent_train_score, r.incumbent_val_score))
-        for c in r.candidates:
-            if c.parts is not None:
-                out.append(Tried(PromptParts.from_dict(c.parts), c.strategy, c.train_score, c.val_score))
-    return out
-
-
-def tried_on_champion(records: list[IterationRecord]) -> list[str]:
-    return list(records[-1].tried_on_champion) if records else []
-
-
-def bandit_from(records: list[IterationRecord], seed: int) -> StrategyBandit:
-    state = records[-1].bandit if records and records[-1].bandit else None
-    return StrategyBandit(BANDIT_STRATEGIES, seed=seed, state=state)
-
-
-def propose_candidates(
-    optimizer_llm: LLMClient,
-    data: StudyData,
-    incumbent: PromptState,
-    baseline_scored: pd.DataFrame,
-    records: list[IterationRecord],
-    iteration: int,
-    ranker: Ranker | None = None,
-    overgenerate: int = 1,
-    keep: int | None = None,
-) -> ProposalResult:
-    """The optimizer's candidates: `candidates_per_iteration` of them, twice as many when the
-    incumbent scores zero on the minibatch (the search widens rather than stops). With a
-    `ranker` (the meta-model, when it is trusted) it proposes `overgenerate` times as many, and
-    only the `keep` best predicted (default: as many as without a ranker) go on to screening;
-    each keeps its prediction in ``prompt.metadata["predicted_score"]``.
-
-    With a budget (study.budget_calls) this is where the iteration is sized to what is left
-    after the earlier iterations and this one's primary inference: the optimizer LLM may use
-    what remains beyond one candidate's screening and validation, and only as many candidates
-    are kept as can then be screened on the minibatch with the best CONFIRM_TOP validated
-    (counting every call as uncached), so screen_and_confirm cannot overrun the budget."""
-    study = data.study
-    train_rows = baseline_scored[baseline_scored["split"] == "train"]
-    left = budget_left(study, records, _live_calls(baseline_scored))
-    screen_calls, val_calls = max(1, len(train_rows)), len(data.splits["val"])
-    max_calls = None if left is None else max(0, left - screen_calls - val_calls)
-    score = float(train_rows["score"].mean()) if len(train_rows) else 0.0
-    train = data.splits["train"]
-    ctx = ProposalContext(
-        incumbent=incumbent,
-        metric=study.target_metric,
-        incumbent_score=score,
-        failures=collect_failures(train_rows, study.input_columns, "reference"),
-        history=history_of(records),
-        train=train,
-        minibatch_ids=set(train_rows["row_id"].astype(str)),
-        input_columns=study.input_columns,
-        reference_column=study.reference_column,
-        iteration=iteration,
-        seed=study.seed,
-        tried=tried_of(records, study.seed_prompt_state()),
-        format_rule=infer_format_rule(train[study.reference_column].astype(str).tolist()),
-    )
-    optimizer = Optimizer(
-        optimizer_llm,
-        temperature=study.optimizer_model.temperature,
-        max_tokens=study.optimizer_model.max_tokens,
-    )
-    k = study.candidates_per_iteration * (WIDEN_AT_ZERO if score == 0.0 else 1)
-    bandit = bandit_from(records, study.seed)
-    tried = tried_on_champion(records)
-    if ranker is None:
-        result = optimizer.propose(ctx, k, bandit, max_calls, tried)
-        return _within_budget(result, left, screen_calls, val_calls)
-    result = optimizer.propose(ctx, k * max(1, overgenerate), bandit, max_calls, tried)
-    predicted = ranker(result.candidates)
-    order = sorted(
-        range(len(result.candidates)),
-        key=lambda i: (-round(predicted[i], 9), len(result.candidates[i].prompt.system_prompt), i),
-    )[: max(1, keep or k)]
-    for i in order:
-        result.candidates[i].prompt.metadata["predicted_score"] = float(predicted[i])
-    result.candidates = [result.candidates[i] for i in order]
-    result.strategies = [result.strategies[i] for i in order] if result.strategies else []
-    return _within_budget(result, left, screen_calls, val_calls)
-
-
-def _live_calls(predictions: pd.DataFrame) -> int:
-    """Uncached calls behind these predictions; every row when the frame cannot tell."""
-    if "cached" not in predictions.columns:
-        return len(predictions)
-    return int((~predictions["cached"].astype(bool)).sum())
-
-
-def _within_budget(
-    result: ProposalResult, left: int | None, screen_calls: int, val_calls: int
-) -> ProposalResult:
-    """Keep only the candidates the budget left can screen and validate (the first ones: the
-    order the optimizer, or the ranker, put them in)."""
-    if left is None:
-        return result
-    result.calls_left = left - result.usage.calls
-    affordable = max(0, (left - result.usage.calls - val_calls) // screen_calls)
-    if len(result.candidates) > affordable:
-        result.warnings.append(
-            f"budget: {left - result.usage.calls} LLM calls left for screening and validation; kept "
-            f"{affordable} of {len(result.candidates)} candidates ({screen_calls} calls each on the "
-            f"minibatch, {val_calls} to validate the best)"
-        )
-        result.candidates = result.candidates[:affordable]
-        result.strategies = result.strategies[:affordable]
-    return result
 
 
 def screen_and_confirm(
@@ -380,7 +66,7 @@ def screen_and_confirm(
         scored, agg = score_predictions(evaluator, preds, study.target_metric, ["split"])
         frames.append(preds.assign(candidate_id=cand.prompt.id))
         if calls_left is not None:
-            calls_left -= _live_calls(preds)
+            calls_left -= live_calls(preds)
         scores.append(score_of(cand, agg["train"][study.target_metric]))
     if calls_left is not None:
         confirm_top = min(confirm_top, max(0, calls_left) // max(1, len(val)))
@@ -394,28 +80,6 @@ def screen_and_confirm(
         columns = [*PREDICTION_COLUMNS, "reference", *study.input_columns, "candidate_id"]
         return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
     return pd.concat(frames, ignore_index=True)
-
-
-def score_of(cand: Candidate, train_score: float, val_score: float | None = None) -> CandidateScore:
-    return CandidateScore(
-        candidate_id=cand.prompt.id,
-        strategy=cand.strategy,
-        prompt_chars=len(cand.prompt.system_prompt + cand.prompt.output_prompt),
-        train_score=train_score,
-        val_score=val_score,
-        parts=cand.prompt.metadata.get("parts"),
-    )
-
-
-def candidate_scores(
-    candidates: list[Candidate], aggregates: dict[str, Any], target: str
-) -> list[CandidateScore]:
-    out = []
-    for cand in candidates:
-        agg = aggregates.get(cand.prompt.id, {})
-        val = agg["val"][target] if "val" in agg else None
-        out.append(score_of(cand, agg.get("train", {}).get(target, 0.0), val))
-    return out
 
 
 def decide(
@@ -502,17 +166,3 @@ def decide(
         tried_on_champion=tried,
         warnings=warnings or [],
     )
-
-
-def evaluate_prompt(
-    llm: LLMClient, evaluator: EvaluatorService, data: StudyData, prompt: PromptState, split: str
-) -> tuple[dict[str, float], Usage]:
-    """Score a prompt on a whole split (the test split only for reporting)."""
-    preds = run_prompt(llm, prompt, data.rows(split), data.study.primary_model, data.study)
-    _, agg = score_predictions(evaluator, preds, data.study.target_metric, ["split"])
-    return agg[split], usage_of(preds)
-
-
-def timed() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start

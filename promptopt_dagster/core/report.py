@@ -5,11 +5,12 @@ from __future__ import annotations
 import pandas as pd
 from pydantic import BaseModel
 
-from promptopt_dagster.core.iteration import StudyData, evaluate_prompt
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.scoring import evaluate_prompt
 from promptopt_dagster.core.study import StudyConfig
+from promptopt_dagster.core.study_data import StudyData
 from promptopt_dagster.llm.base import LLMClient
 
 
