@@ -10,8 +10,9 @@ from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
 from promptopt_dagster.core.inference import usage_of
 from promptopt_dagster.core.iteration import decide
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.records import Candidate, CandidateScore
-from promptopt_dagster.llm.base import Usage
+from promptopt_dagster.core.proposal import CandidateSet
+from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 from promptopt_dagster.study_runs import REGISTRATION
@@ -21,39 +22,37 @@ from promptopt_dagster.study_runs import REGISTRATION
 def iteration_decision(
     context: dg.AssetExecutionContext,
     prompt_store: PromptStoreResource,
-    current_prompt: dict,
+    current_prompt: PromptState,
     baseline_predictions: pd.DataFrame,
-    baseline_metrics: dict,
-    candidate_prompts: dict,
+    baseline_metrics: EvaluationMetrics,
+    candidate_prompts: CandidateSet,
     candidate_predictions: pd.DataFrame,
-    candidate_metrics: dict,
-) -> dict:
+    candidate_metrics: CandidateMetrics,
+) -> IterationRecord:
     """The iteration's record; its champion is saved in the prompt store for iteration N+1."""
     scope = scope_of(context, prompt_store)
     store = prompt_store.store
     usage = (
-        usage_of(baseline_predictions)
-        + usage_of(candidate_predictions)
-        + Usage.from_dict(candidate_prompts["usage"])
+        usage_of(baseline_predictions) + usage_of(candidate_predictions) + candidate_prompts.optimizer_usage()
     )
     previous = store.records_before(scope.study.name, scope.iteration)
     record = decide(
         scope.study,
         scope.iteration,
-        PromptState.model_validate(current_prompt),
-        baseline_metrics["aggregates"],
-        [Candidate.model_validate(c) for c in candidate_prompts["candidates"]],
-        [CandidateScore.model_validate(s) for s in candidate_metrics["scores"]],
+        current_prompt,
+        baseline_metrics.aggregates,
+        candidate_prompts.candidates,
+        candidate_metrics.scores,
         previous,
         usage,
-        warnings=candidate_prompts.get("warnings", []),
-        attempted=candidate_prompts.get("attempted", []),
+        warnings=candidate_prompts.warnings,
+        attempted=candidate_prompts.attempted,
     )
     started = context.instance.get_run_stats(context.run_id).start_time
     if started is not None:
         record = record.model_copy(update={"wall_seconds": time.time() - started})
-    for cand in candidate_prompts["candidates"]:  # every text, for the meta-model's history
-        store.save_prompt(scope.study.name, PromptState.model_validate(cand["prompt"]))
+    for cand in candidate_prompts.candidates:  # every text, for the meta-model's history
+        store.save_prompt(scope.study.name, cand.prompt)
     store.save_record(record)
     context.log.info(
         f"{scope.study.name} iteration {scope.iteration}: "
@@ -80,4 +79,4 @@ def iteration_decision(
             "champion": prompt_markdown(record.champion.system_prompt, record.champion.output_prompt),
         }
     )
-    return record.model_dump(mode="json")
+    return record

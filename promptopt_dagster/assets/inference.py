@@ -7,8 +7,8 @@ from promptopt_dagster.assets.common import GROUP, scope_of, usage_metadata
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.records import Candidate
-from promptopt_dagster.core.scoring import evaluator_for
+from promptopt_dagster.core.proposal import CandidateSet
+from promptopt_dagster.core.scoring import EvaluationMetrics, evaluator_for
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
@@ -18,7 +18,7 @@ def baseline_predictions(
     context: dg.AssetExecutionContext,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
-    current_prompt: dict,
+    current_prompt: PromptState,
 ) -> pd.DataFrame:
     """The incumbent's predictions on this iteration's train minibatch and on validation."""
     scope = scope_of(context, prompt_store)
@@ -27,7 +27,7 @@ def baseline_predictions(
     context.log.info(f"primary inference: {len(rows)} rows")
     preds = run_prompt(
         llm.primary(scope.study),
-        PromptState.model_validate(current_prompt),
+        current_prompt,
         rows,
         scope.study.primary_model,
         scope.study,
@@ -51,22 +51,20 @@ def candidate_predictions(
     context: dg.AssetExecutionContext,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
-    candidate_prompts: dict,
-    baseline_metrics: dict,
+    candidate_prompts: CandidateSet,
+    baseline_metrics: EvaluationMetrics,
 ) -> pd.DataFrame:
     """Every candidate on the train minibatch; the best that matches the incumbent there, on val."""
     scope = scope_of(context, prompt_store)
-    candidates = [Candidate.model_validate(c) for c in candidate_prompts["candidates"]]
-    target = scope.study.target_metric
     preds = screen_and_confirm(
         llm.primary(scope.study),
         evaluator_for(scope.study),
         scope.data(),
-        candidates,
-        incumbent_train_score=baseline_metrics["aggregates"]["train"][target],
+        candidate_prompts.candidates,
+        incumbent_train_score=baseline_metrics.score("train", scope.study.target_metric),
         iteration=scope.iteration,
         progress=context.log.info,
-        calls_left=candidate_prompts.get("calls_left"),
+        calls_left=candidate_prompts.calls_left,
     )
     context.add_output_metadata(
         {

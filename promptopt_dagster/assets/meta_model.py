@@ -9,7 +9,10 @@ finds it in the prompt store (`<root>/meta_model/`). Each partition is "the mode
 after that iteration"; all are trained on the whole history across studies.
 """
 
+from typing import Any
+
 import dagster as dg
+from pydantic import BaseModel, Field
 
 from promptopt_dagster.assets.common import GROUP, scope_of
 from promptopt_dagster.assets.tracking import dagster_tags
@@ -20,6 +23,15 @@ from promptopt_dagster.redaction import redact
 from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource, PromptStoreResource
 
 EXPERIMENT = "meta-model"  # MLflow experiment promptopt/meta-model, one run per fit
+
+
+class MetaModelFit(BaseModel):
+    """One fit of the meta-model: its cross-validation and whether the optimizer will use it."""
+
+    status: str  # the cross-validation's status, or "no history" before any candidate was scored
+    n_rows: int  # scored candidates it was trained on
+    useful: bool = False  # cleared META_MODEL_MIN_SPEARMAN: the optimizer ranks with it
+    cv: dict[str, Any] = Field(default_factory=dict)
 
 
 @dg.asset(
@@ -33,7 +45,7 @@ def meta_model(
     prompt_store: PromptStoreResource,
     mlflow: MlflowTrackerResource,
     meta_model_policy: MetaModelResource,
-) -> dict:
+) -> MetaModelFit:
     """Predicts a candidate's minibatch score from its text; cross-validated (GroupKFold by
     study) and trusted by the optimizer only above META_MODEL_MIN_SPEARMAN."""
     scope = scope_of(context, prompt_store)
@@ -41,7 +53,7 @@ def meta_model(
     history = history_from_store(store)
     if history.empty:
         context.add_output_metadata({"status": "no scored candidates yet"})
-        return {"status": "no history", "n_rows": 0}
+        return MetaModelFit(status="no history", n_rows=0)
     model = MetaModel(meta_model_policy.estimator).fit(training_frame(history))
     cv = model.cross_validate()
     useful = model.is_useful(meta_model_policy.min_spearman)
@@ -85,4 +97,4 @@ def meta_model(
         metadata["mlflow_status"] = f"MLflow logging failed ({type(exc).__name__}: {redact(str(exc))[:300]})"
         context.log.warning(str(metadata["mlflow_status"]))
     context.add_output_metadata(metadata)
-    return {"status": cv["status"], "useful": useful, "cv": cv, "n_rows": len(history)}
+    return MetaModelFit(status=cv["status"], n_rows=len(history), useful=useful, cv=cv)

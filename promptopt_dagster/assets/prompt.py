@@ -3,12 +3,13 @@
 import dagster as dg
 
 from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
+from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 
 
 @dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
-def current_prompt(context: dg.AssetExecutionContext, prompt_store: PromptStoreResource) -> dict:
+def current_prompt(context: dg.AssetExecutionContext, prompt_store: PromptStoreResource) -> PromptState:
     """The incumbent prompt, loaded through the prompt store: iteration N+1 cannot depend on
     iteration N as an asset (Dagster forbids the cycle), so lineage is kept by parent_id."""
     scope = scope_of(context, prompt_store)
@@ -22,4 +23,4 @@ def current_prompt(context: dg.AssetExecutionContext, prompt_store: PromptStoreR
             "chars": len(prompt.system_prompt) + len(prompt.output_prompt),
         }
     )
-    return prompt.model_dump(mode="json")
+    return prompt

@@ -6,7 +6,8 @@ import pandas as pd
 from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
 from promptopt_dagster.core.meta_model import ranking_plan
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.proposal import propose_candidates
+from promptopt_dagster.core.proposal import CandidateSet, propose_candidates
+from promptopt_dagster.core.scoring import EvaluationMetrics
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
@@ -16,16 +17,15 @@ def candidate_prompts(
     context: dg.AssetExecutionContext,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
-    current_prompt: dict,
+    current_prompt: PromptState,
     baseline_predictions: pd.DataFrame,
-    baseline_metrics: dict,
-) -> dict:
+    baseline_metrics: EvaluationMetrics,
+) -> CandidateSet:
     """Candidates from the optimizer's strategies (optimizer/strategies): reflection by the
     optimizer LLM, the data-inferred format rule, demonstrations, answer parsing, combination of
     the best parts measured so far, and edits; untried strategies first, then the bandit's."""
     scope = scope_of(context, prompt_store)
-    scores = pd.DataFrame(baseline_metrics["rows"])[["row_id", "split", "score"]]
-    scored = baseline_predictions.merge(scores, on=["row_id", "split"], how="left")
+    scored = baseline_predictions.merge(baseline_metrics.row_scores(), on=["row_id", "split"], how="left")
     # The meta-model (meta_model asset), only when its cross-validated quality cleared the bar.
     plan = ranking_plan(
         prompt_store.store.root,
@@ -36,7 +36,7 @@ def candidate_prompts(
     result = propose_candidates(
         llm.optimizer(scope.study),
         scope.data(),
-        PromptState.model_validate(current_prompt),
+        current_prompt,
         scored,
         prompt_store.store.records_before(scope.study.name, scope.iteration),
         scope.iteration,
@@ -58,10 +58,4 @@ def candidate_prompts(
             cand.prompt.system_prompt, cand.prompt.output_prompt
         )
     context.add_output_metadata(metadata)
-    return {
-        "candidates": [c.model_dump(mode="json") for c in result.candidates],
-        "usage": result.usage.as_dict(),
-        "warnings": result.warnings,
-        "attempted": result.attempted,
-        "calls_left": result.calls_left,
-    }
+    return CandidateSet.of(result)

@@ -4,7 +4,7 @@ The test split is scored here only, after the study stopped, and never feeds a d
 import dagster as dg
 
 from promptopt_dagster.assets.common import prompt_markdown
-from promptopt_dagster.core.report import build_report
+from promptopt_dagster.core.report import StudyReport, build_report
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_partitions
@@ -15,7 +15,7 @@ from promptopt_dagster.study_runs import REGISTRATION
 @dg.asset(partitions_def=study_partitions, group_name="report", kinds={"python"})
 def study_report(
     context: dg.AssetExecutionContext, llm: LLMResource, prompt_store: PromptStoreResource
-) -> dict:
+) -> StudyReport:
     store = prompt_store.store
     study = store.load_study(context.partition_key)
     records = store.records(study.name)
@@ -36,4 +36,4 @@ def study_report(
             ),
         }
     )
-    return report.model_dump(mode="json")
+    return report

@@ -7,15 +7,30 @@ successful call), and any other MLflow error is logged as a warning and shown in
 
 import dagster as dg
 import pandas as pd
+from pydantic import BaseModel, Field
 
 from promptopt_dagster.assets.common import GROUP, scope_of
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
 from promptopt_dagster.core.study import ModelConfig
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.redaction import redact
 from promptopt_dagster.resources import LLMResource, MlflowTrackerResource, PromptStoreResource
 from promptopt_dagster.tracking import build_iteration_log, experiment_name, log_iteration, prompt_name
+
+
+class TrackingOutcome(BaseModel):
+    """What the iteration_tracking asset logged: the MLflow run, its candidate runs and the
+    registered prompt versions, or the error when MLflow logging failed."""
+
+    status: str  # "logged", "<n> call(s) queued (MLflow unreachable)" or "failed"
+    error: str | None = None
+    run_id: str | None = None
+    run_url: str | None = None
+    candidate_runs: dict[str, str] = Field(default_factory=dict)  # candidate id -> run id
+    prompt_versions: dict[str, int | None] = Field(default_factory=dict)  # None: queued
 
 
 def model_name(llm: LLMResource, model: ModelConfig, role: str) -> str:
@@ -40,27 +55,27 @@ def iteration_tracking(
     mlflow: MlflowTrackerResource,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
-    current_prompt: dict,
+    current_prompt: PromptState,
     baseline_predictions: pd.DataFrame,
-    baseline_metrics: dict,
-    candidate_prompts: dict,
+    baseline_metrics: EvaluationMetrics,
+    candidate_prompts: CandidateSet,
     candidate_predictions: pd.DataFrame,
-    candidate_metrics: dict,
-    iteration_decision: dict,
-) -> dict:
+    candidate_metrics: CandidateMetrics,
+    iteration_decision: IterationRecord,
+) -> TrackingOutcome:
     """The iteration's MLflow run (nested runs per candidate) and the accepted prompt's version
     in the Prompt Registry; the metadata links to the run."""
     scope = scope_of(context, prompt_store)
     study = scope.study
     log = build_iteration_log(
         study,
-        IterationRecord.model_validate(iteration_decision),
-        PromptState.model_validate(current_prompt),
+        iteration_decision,
+        current_prompt,
         baseline_predictions,
-        baseline_metrics,
-        candidate_prompts,
+        baseline_metrics.model_dump(mode="json"),
+        candidate_prompts.model_dump(mode="json"),
         candidate_predictions,
-        candidate_metrics,
+        candidate_metrics.model_dump(mode="json"),
         models={
             "primary": model_name(llm, study.primary_model, "primary"),
             "optimizer": model_name(llm, study.optimizer_model, "optimizer"),
@@ -78,7 +93,7 @@ def iteration_tracking(
         message = f"MLflow logging failed ({type(exc).__name__}: {redact(str(exc))[:300]})"
         context.log.warning(message + "; the iteration's decision is saved, only its tracking is missing")
         context.add_output_metadata({**metadata, "mlflow_status": message})
-        return {"status": "failed", "error": message}
+        return TrackingOutcome(status="failed", error=message)
     link = mlflow.run_link(logged.run_id)
     status = "logged" if not logged.queued else f"{logged.queued} call(s) queued (MLflow unreachable)"
     if logged.queued:
@@ -91,10 +106,10 @@ def iteration_tracking(
         "prompt_versions": dg.MetadataValue.json({k: v for k, v in logged.prompt_versions.items()}),
     }
     context.add_output_metadata(metadata)
-    return {
-        "status": status,
-        "run_id": logged.run_id,
-        "run_url": link,
-        "candidate_runs": logged.candidate_runs,
-        "prompt_versions": logged.prompt_versions,
-    }
+    return TrackingOutcome(
+        status=status,
+        run_id=logged.run_id,
+        run_url=link,
+        candidate_runs=logged.candidate_runs,
+        prompt_versions=logged.prompt_versions,
+    )

@@ -4,12 +4,13 @@ study's history and the budget left."""
 from __future__ import annotations
 
 import pandas as pd
+from pydantic import BaseModel, Field
 
 from promptopt_dagster.core.budget import budget_left, live_calls, within_budget
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.records import Candidate, IterationRecord
 from promptopt_dagster.core.study_data import StudyData
-from promptopt_dagster.llm.base import LLMClient
+from promptopt_dagster.llm.base import LLMClient, Usage
 from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.optimizer.context import (
     HistoryEntry,
@@ -27,6 +28,30 @@ BANDIT_STRATEGIES = STRATEGY_NAMES
 # With the incumbent at zero on the minibatch, propose this many times the candidates: the search
 # widens instead of stopping.
 WIDEN_AT_ZERO = 2
+
+
+class CandidateSet(BaseModel):
+    """What step 3 hands on: the candidates, in the order they are to be screened, and what
+    proposing them cost and left."""
+
+    candidates: list[Candidate] = Field(default_factory=list)
+    usage: dict[str, float | int] = Field(default_factory=dict)  # the optimizer LLM's, Usage.as_dict()
+    warnings: list[str] = Field(default_factory=list)
+    attempted: list[str] = Field(default_factory=list)  # every strategy run on the incumbent
+    calls_left: int | None = None  # for screening and validation (None: no budget)
+
+    @classmethod
+    def of(cls, result: ProposalResult) -> CandidateSet:
+        return cls(
+            candidates=result.candidates,
+            usage=result.usage.as_dict(),
+            warnings=result.warnings,
+            attempted=result.attempted,
+            calls_left=result.calls_left,
+        )
+
+    def optimizer_usage(self) -> Usage:
+        return Usage.from_dict(self.usage)
 
 
 def history_of(records: list[IterationRecord]) -> list[HistoryEntry]:

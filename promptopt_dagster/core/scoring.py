@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pandas as pd
+from pydantic import BaseModel, Field
 
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.metrics import EvaluatorService
@@ -13,6 +14,39 @@ from promptopt_dagster.core.records import Candidate, CandidateScore
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.core.study_data import StudyData
 from promptopt_dagster.llm.base import LLMClient, Usage
+
+# metric -> mean over a group's rows, and "n": how many rows (int)
+Aggregate = dict[str, float | int]
+ROW_KEYS = ["row_id", "split"]
+
+
+class EvaluationMetrics(BaseModel):
+    """The incumbent's scores on an iteration's rows: `aggregates` per split (train is the
+    minibatch, val the validation split) and one entry per row (its id, split, `score` = the
+    target metric, and every metric)."""
+
+    aggregates: dict[str, Aggregate]
+    rows: list[dict[str, Any]] = Field(default_factory=list)
+
+    def score(self, split: str, metric: str) -> float:
+        return float(self.aggregates[split][metric])
+
+    def rows_in(self, split: str) -> int:
+        return int(self.aggregates.get(split, {}).get("n", 0))
+
+    def row_scores(self) -> pd.DataFrame:
+        """row_id, split and score of every row."""
+        return pd.DataFrame(self.rows, columns=[*ROW_KEYS, "score"])
+
+
+class CandidateMetrics(BaseModel):
+    """Each candidate's scores: `aggregates` per candidate id and split (train for every
+    candidate, val for those that went on to validation), the `scores` the decision compares,
+    and one entry per row (candidate_id, row_id, split, score)."""
+
+    aggregates: dict[str, dict[str, Aggregate]]
+    scores: list[CandidateScore]
+    rows: list[dict[str, Any]] = Field(default_factory=list)
 
 
 def evaluator_for(study: StudyConfig) -> EvaluatorService:
@@ -68,3 +102,25 @@ def evaluate_prompt(
     preds = run_prompt(llm, prompt, data.rows(split), data.study.primary_model, data.study)
     _, agg = score_predictions(evaluator, preds, data.study.target_metric, ["split"])
     return agg[split], usage_of(preds)
+
+
+def evaluate_incumbent(
+    evaluator: EvaluatorService, predictions: pd.DataFrame, study: StudyConfig
+) -> EvaluationMetrics:
+    """Step 2: the incumbent's predictions scored, per split and per row."""
+    scored, aggregates = score_predictions(evaluator, predictions, study.target_metric, ["split"])
+    columns = [*ROW_KEYS, "score", *study.all_metrics()]
+    return EvaluationMetrics(aggregates=aggregates, rows=scored[columns].to_dict(orient="records"))
+
+
+def evaluate_candidates(
+    evaluator: EvaluatorService, predictions: pd.DataFrame, candidates: list[Candidate], study: StudyConfig
+) -> CandidateMetrics:
+    """Step 5 (first half): every candidate's predictions scored, per split and per row."""
+    group_by = ["candidate_id", "split"]
+    scored, aggregates = score_predictions(evaluator, predictions, study.target_metric, group_by)
+    return CandidateMetrics(
+        aggregates=aggregates,
+        scores=candidate_scores(candidates, aggregates, study.target_metric),
+        rows=scored[["candidate_id", *ROW_KEYS, "score"]].to_dict(orient="records"),
+    )
