@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dagster as dg
 
-from promptopt_dagster.core.backfill import parse_prompt_version, prompt_version_key  # noqa: F401
 from promptopt_dagster.core.prompt_store import iteration_key
 
 study_partitions = dg.DynamicPartitionsDefinition(name="study")

@@ -12,7 +12,7 @@ import pytest
 
 from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
 from promptopt_dagster.assets.launch import StartStudyConfig, start_study_job
-from promptopt_dagster.core import backfill
+from promptopt_dagster.core import dataset_evaluation
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError
@@ -57,8 +57,8 @@ def reason(result: dg.SensorResult) -> str:
     return result.skip_reason.skip_message if result.skip_reason else ""
 
 
-def info_for(path: Path) -> backfill.DatasetInfo:
-    return backfill.inspect_dataset(path.name, str(path))
+def info_for(path: Path) -> dataset_evaluation.DatasetInfo:
+    return dataset_evaluation.inspect_dataset(path.name, str(path))
 
 
 # --- core -------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_evaluate_dataset_streams_chunks_and_scores_every_row(
     }[fmt]()
     llm = ScriptedLLM(primary_responder)
     good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
-    summary = backfill.evaluate_dataset(
+    summary = dataset_evaluation.evaluate_dataset(
         llm,
         evaluator_for(study),
         study,
@@ -93,7 +93,7 @@ def test_evaluate_dataset_streams_chunks_and_scores_every_row(
     table = pq.read_table(summary.predictions_uri)
     assert table.num_rows == 23 and pq.ParquetFile(summary.predictions_uri).metadata.num_row_groups == 5
     assert table.column("row_id").to_pylist()[:2] == ["1", "2"]
-    seed = backfill.evaluate_dataset(
+    seed = dataset_evaluation.evaluate_dataset(
         llm, evaluator_for(study), study, study.seed_prompt_state(), info_for(path), str(tmp_path / "o2"), "s"
     )
     assert seed.scores["exact_match"] == 0.0  # the chatty seed never answers with the bare label
@@ -105,14 +105,15 @@ def test_sidecar_renames_columns_and_names_the_reference(pipeline: Pipeline, tmp
     frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=10), dtype=str)
     path = tmp_path / "renamed.csv"
     frame.rename(columns={"review": "text", "label": "gold", "id": "key"}).to_csv(path, index=False)
-    assert backfill.missing_columns(study.seed_prompt_state(), study, info_for(path)) == ["review", "label"]
+    missing = dataset_evaluation.missing_columns(study.seed_prompt_state(), study, info_for(path))
+    assert missing == ["review", "label"]
     (tmp_path / "renamed.yaml").write_text(
         "columns: {text: review}\nreference_column: gold\nid_column: key\n"
     )
     info = info_for(path)
-    assert backfill.missing_columns(study.seed_prompt_state(), study, info) == []
+    assert dataset_evaluation.missing_columns(study.seed_prompt_state(), study, info) == []
     good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
-    summary = backfill.evaluate_dataset(
+    summary = dataset_evaluation.evaluate_dataset(
         ScriptedLLM(primary_responder), evaluator_for(study), study, good, info, str(tmp_path / "o"), "v"
     )
     assert summary.scores["exact_match"] == 1.0
@@ -123,7 +124,7 @@ def test_missing_columns_is_a_clear_error(pipeline: Pipeline, tmp_path: Path) ->
     path = tmp_path / "other.csv"
     pd.DataFrame({"question": ["1+1"], "answer": ["2"]}).to_csv(path, index=False)
     with pytest.raises(DatasetError, match=r"\['review', 'label'\]"):
-        backfill.evaluate_dataset(
+        dataset_evaluation.evaluate_dataset(
             ScriptedLLM(primary_responder),
             evaluator_for(pipeline.study),
             pipeline.study,

@@ -3,14 +3,14 @@
 `prompt_evaluation` is partitioned by prompt version x dataset (both dynamic; the sensors at the
 end of sensors.py add the keys). Backfill it from the UI over a new dataset or a new prompt
 version; `evaluation_comparison` then gathers every evaluation into one table (prompt version x
-dataset x metric) in its metadata. The work is core/backfill.py; this file only translates.
+dataset x metric) in its metadata. The work is core/dataset_evaluation.py; this file only
+translates.
 """
 
 import dagster as dg
 
 from promptopt_dagster.assets.common import prompt_markdown, usage_metadata
-from promptopt_dagster.core import backfill
-from promptopt_dagster.core.backfill import EvaluationSummary
+from promptopt_dagster.core import dataset_evaluation
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.partitions import evaluation_partitions, parse_evaluation_key
@@ -25,20 +25,13 @@ class DatasetsResource(dg.ConfigurableResource):
 
     uri: str
     auto_evaluate: bool = False  # sensors launch evaluations themselves (else: backfill from the UI)
-    chunk_rows: int = backfill.DEFAULT_CHUNK_ROWS  # rows per chunk; bounds an evaluation's memory
+    chunk_rows: int = dataset_evaluation.DEFAULT_CHUNK_ROWS  # rows per chunk; bounds an evaluation's memory
 
     def files(self) -> dict[str, str]:
-        return backfill.list_datasets(self.uri)
+        return dataset_evaluation.list_datasets(self.uri)
 
-    def inspect(self, name: str) -> backfill.DatasetInfo:
-        return backfill.inspect_dataset(name, join(self.uri, name))
-
-
-def record_evaluation(context: dg.AssetExecutionContext, summary: EvaluationSummary) -> None:
-    """Hook for experiment tracking: called once per finished evaluation. MLflow logging of
-    evaluations (one run per prompt version x dataset, tagged with both keys, the scores as
-    metrics and `summary.predictions_uri` as an artifact) belongs here once the tracking resource
-    offers it; until then the summary lives in the store and in the asset's metadata."""
+    def inspect(self, name: str) -> dataset_evaluation.DatasetInfo:
+        return dataset_evaluation.inspect_dataset(name, join(self.uri, name))
 
 
 @dg.asset(
@@ -58,37 +51,37 @@ def prompt_evaluation(
     version, dataset = parse_evaluation_key(context.partition_key)
     store = prompt_store.store
     try:
-        study_name, prompt_id = backfill.parse_prompt_version(version)
+        study_name, prompt_id = dataset_evaluation.parse_prompt_version(version)
         study = store.load_study(study_name)
         prompt = store.load_prompt(study_name, prompt_id)
         info = datasets.inspect(dataset)
-        missing = backfill.missing_columns(prompt, study, info)
+        missing = dataset_evaluation.missing_columns(prompt, study, info)
         if missing:
             raise dg.Failure(
                 description=(
                     f"Dataset {dataset} lacks column(s) {missing} that prompt version {version} needs "
                     f"(its template uses {sorted(prompt.placeholders())}, its reference column is "
-                    f"{backfill.reference_for(study, info.spec)!r}); the dataset has {info.columns}. "
-                    "Backfill this prompt version only over datasets with those columns, or add a sidecar "
-                    f"{as_path(backfill.sidecar_uri(info.uri)).name} that renames columns."
+                    f"{dataset_evaluation.reference_for(study, info.spec)!r}); the dataset has "
+                    f"{info.columns}. Backfill this prompt version only over datasets with those columns, "
+                    f"or add a sidecar {as_path(dataset_evaluation.sidecar_uri(info.uri)).name} that "
+                    "renames columns."
                 ),
                 metadata={"missing_columns": missing, "dataset_columns": info.columns},
                 allow_retries=False,
             )
-        summary = backfill.evaluate_dataset(
+        summary = dataset_evaluation.evaluate_dataset(
             llm.primary(study),
             evaluator_for(study),
             study,
             prompt,
             info,
-            backfill.evaluation_dir(store.root, version, dataset),
+            dataset_evaluation.evaluation_dir(store.root, version, dataset),
             version,
             chunk_rows=datasets.chunk_rows,
             progress=context.log.info,
         )
     except PromptoptError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
-    record_evaluation(context, summary)
     return dg.MaterializeResult(
         metadata={
             "study": study.name,
@@ -113,9 +106,9 @@ def evaluation_comparison(
 ) -> dg.MaterializeResult:
     """Every evaluation in one table: prompt version x dataset x metric (refreshed by
     evaluation_comparison_sensor after evaluations land)."""
-    summaries = backfill.load_summaries(prompt_store.store.root)
-    frame = backfill.comparison_frame(summaries)
-    pivot = backfill.comparison_pivot(frame)
+    summaries = dataset_evaluation.load_summaries(prompt_store.store.root)
+    frame = dataset_evaluation.comparison_frame(summaries)
+    pivot = dataset_evaluation.comparison_pivot(frame)
     schema = dg.TableSchema(
         columns=[
             dg.TableColumn("prompt_version", "string"),

@@ -1,29 +1,26 @@
-"""What every iteration asset needs: its study and iteration, from the partition key."""
+"""What the iteration assets share: the study and iteration of their partition, and metadata."""
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import dagster as dg
 
 from promptopt_dagster.core.study import StudyConfig
-from promptopt_dagster.core.study_data import StudyData, load_study_data
 from promptopt_dagster.partitions import parse_key
 from promptopt_dagster.resources import PromptStoreResource
 
 GROUP = "iteration"
 
 
-@dataclass
-class Scope:
+class StudyIteration(NamedTuple):
+    """The study (its registered config) and the iteration an asset's partition key names."""
+
     study: StudyConfig
     iteration: int
 
-    def data(self) -> StudyData:
-        return load_study_data(self.study)
 
-
-def scope_of(context: dg.AssetExecutionContext, prompt_store: PromptStoreResource) -> Scope:
+def study_iteration(context: dg.AssetExecutionContext, prompt_store: PromptStoreResource) -> StudyIteration:
     name, iteration = parse_key(context.partition_key)
-    return Scope(study=prompt_store.store.load_study(name), iteration=iteration)
+    return StudyIteration(prompt_store.store.load_study(name), iteration)
 
 
 def prompt_markdown(system_prompt: str, output_prompt: str) -> dg.MetadataValue:

@@ -6,7 +6,7 @@ import time
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
+from promptopt_dagster.assets.common import GROUP, prompt_markdown, study_iteration
 from promptopt_dagster.core.inference import usage_of
 from promptopt_dagster.core.iteration import decide
 from promptopt_dagster.core.prompt_state import PromptState
@@ -30,15 +30,15 @@ def iteration_decision(
     candidate_metrics: CandidateMetrics,
 ) -> IterationRecord:
     """The iteration's record; its champion is saved in the prompt store for iteration N+1."""
-    scope = scope_of(context, prompt_store)
+    study, iteration = study_iteration(context, prompt_store)
     store = prompt_store.store
     usage = (
         usage_of(baseline_predictions) + usage_of(candidate_predictions) + candidate_prompts.optimizer_usage()
     )
-    previous = store.records_before(scope.study.name, scope.iteration)
+    previous = store.records_before(study.name, iteration)
     record = decide(
-        scope.study,
-        scope.iteration,
+        study,
+        iteration,
         current_prompt,
         baseline_metrics.aggregates,
         candidate_prompts.candidates,
@@ -52,10 +52,10 @@ def iteration_decision(
     if started is not None:
         record = record.model_copy(update={"wall_seconds": time.time() - started})
     for cand in candidate_prompts.candidates:  # every text, for the meta-model's history
-        store.save_prompt(scope.study.name, cand.prompt)
+        store.save_prompt(study.name, cand.prompt)
     store.save_record(record)
     context.log.info(
-        f"{scope.study.name} iteration {scope.iteration}: "
+        f"{study.name} iteration {iteration}: "
         f"{'accepted ' + str(record.accepted_id) if record.accepted else 'rejected all candidates'}; "
         f"val {record.champion_val_score:.3f} (best {record.best_val_score:.3f}); {record.stop_message}"
     )
@@ -67,7 +67,7 @@ def iteration_decision(
             "val_score": dg.MetadataValue.float(record.champion_val_score),
             "best_val_score": dg.MetadataValue.float(record.best_val_score),
             "stop": record.stop,
-            REGISTRATION: store.registration_id(scope.study.name),
+            REGISTRATION: store.registration_id(study.name),
             "stop_reason": record.stop_reason or "",
             "stop_message": record.stop_message,
             "llm_calls": record.calls,

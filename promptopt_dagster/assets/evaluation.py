@@ -3,7 +3,7 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, scope_of
+from promptopt_dagster.assets.common import GROUP, study_iteration
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.scoring import (
     CandidateMetrics,
@@ -21,8 +21,7 @@ def baseline_metrics(
     context: dg.AssetExecutionContext, prompt_store: PromptStoreResource, baseline_predictions: pd.DataFrame
 ) -> EvaluationMetrics:
     """Aggregates per split and per-row scores of the incumbent."""
-    scope = scope_of(context, prompt_store)
-    study = scope.study
+    study = study_iteration(context, prompt_store).study
     metrics = evaluate_incumbent(evaluator_for(study), baseline_predictions, study)
     context.add_output_metadata(
         {
@@ -42,8 +41,7 @@ def candidate_metrics(
     candidate_predictions: pd.DataFrame,
 ) -> CandidateMetrics:
     """Each candidate's minibatch score and, for those that went on, its validation score."""
-    scope = scope_of(context, prompt_store)
-    study = scope.study
+    study = study_iteration(context, prompt_store).study
     metrics = evaluate_candidates(
         evaluator_for(study), candidate_predictions, candidate_prompts.candidates, study
     )

@@ -3,12 +3,13 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, scope_of, usage_metadata
+from promptopt_dagster.assets.common import GROUP, study_iteration, usage_metadata
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.scoring import EvaluationMetrics, evaluator_for
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
@@ -21,16 +22,16 @@ def baseline_predictions(
     current_prompt: PromptState,
 ) -> pd.DataFrame:
     """The incumbent's predictions on this iteration's train minibatch and on validation."""
-    scope = scope_of(context, prompt_store)
-    data = scope.data()
-    rows = data.iteration_rows(scope.iteration)
+    study, iteration = study_iteration(context, prompt_store)
+    data = load_study_data(study)
+    rows = data.iteration_rows(iteration)
     context.log.info(f"primary inference: {len(rows)} rows")
     preds = run_prompt(
-        llm.primary(scope.study),
+        llm.primary(study),
         current_prompt,
         rows,
-        scope.study.primary_model,
-        scope.study,
+        study.primary_model,
+        study,
     )
     for line in data.warnings:
         context.log.warning(line)
@@ -55,14 +56,14 @@ def candidate_predictions(
     baseline_metrics: EvaluationMetrics,
 ) -> pd.DataFrame:
     """Every candidate on the train minibatch; the best that matches the incumbent there, on val."""
-    scope = scope_of(context, prompt_store)
+    study, iteration = study_iteration(context, prompt_store)
     preds = screen_and_confirm(
-        llm.primary(scope.study),
-        evaluator_for(scope.study),
-        scope.data(),
+        llm.primary(study),
+        evaluator_for(study),
+        load_study_data(study),
         candidate_prompts.candidates,
-        incumbent_train_score=baseline_metrics.score("train", scope.study.target_metric),
-        iteration=scope.iteration,
+        incumbent_train_score=baseline_metrics.score("train", study.target_metric),
+        iteration=iteration,
         progress=context.log.info,
         calls_left=candidate_prompts.calls_left,
     )

@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 from pydantic import BaseModel, Field
 
-from promptopt_dagster.assets.common import GROUP, scope_of
+from promptopt_dagster.assets.common import GROUP, study_iteration
 from promptopt_dagster.assets.tracking import dagster_tags
 from promptopt_dagster.core.meta_model import MetaModel, history_from_store, save_to_store, training_frame
 from promptopt_dagster.core.prompt_store import iteration_key
@@ -48,7 +48,7 @@ def meta_model(
 ) -> MetaModelFit:
     """Predicts a candidate's minibatch score from its text; cross-validated (GroupKFold by
     study) and trusted by the optimizer only above META_MODEL_MIN_SPEARMAN."""
-    scope = scope_of(context, prompt_store)
+    study, iteration = study_iteration(context, prompt_store)
     store = prompt_store.store
     history = history_from_store(store)
     if history.empty:
@@ -62,7 +62,7 @@ def meta_model(
         "min_spearman": meta_model_policy.min_spearman,
         "overgenerate": meta_model_policy.overgenerate,
         "keep_fraction": meta_model_policy.keep_fraction,
-        "trained_after": f"{scope.study.name}/{iteration_key(scope.iteration)}",
+        "trained_after": f"{study.name}/{iteration_key(iteration)}",
         "studies": sorted(history["study"].unique().tolist()),
     }
     folder = save_to_store(model, store.root, info)
@@ -82,7 +82,7 @@ def meta_model(
     try:
         run_id = tracker.keyed_run(
             EXPERIMENT,
-            f"{scope.study.name}-{iteration_key(scope.iteration)}",
+            f"{study.name}-{iteration_key(iteration)}",
             params={"trained_after": info["trained_after"], "min_spearman": meta_model_policy.min_spearman},
             tags=dagster_tags(context),
         )

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
+from promptopt_dagster.assets.common import GROUP, prompt_markdown, study_iteration
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
@@ -12,8 +12,8 @@ from promptopt_dagster.resources import PromptStoreResource
 def current_prompt(context: dg.AssetExecutionContext, prompt_store: PromptStoreResource) -> PromptState:
     """The incumbent prompt, loaded through the prompt store: iteration N+1 cannot depend on
     iteration N as an asset (Dagster forbids the cycle), so lineage is kept by parent_id."""
-    scope = scope_of(context, prompt_store)
-    prompt = prompt_store.store.champion_before(scope.study, scope.iteration)
+    study, iteration = study_iteration(context, prompt_store)
+    prompt = prompt_store.store.champion_before(study, iteration)
     context.add_output_metadata(
         {
             "prompt": prompt_markdown(prompt.system_prompt, prompt.output_prompt),

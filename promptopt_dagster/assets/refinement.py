@@ -3,11 +3,12 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, prompt_markdown, scope_of
+from promptopt_dagster.assets.common import GROUP, prompt_markdown, study_iteration
 from promptopt_dagster.core.meta_model import ranking_plan
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet, propose_candidates
 from promptopt_dagster.core.scoring import EvaluationMetrics
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
@@ -24,22 +25,22 @@ def candidate_prompts(
     """Candidates from the optimizer's strategies (optimizer/strategies): reflection by the
     optimizer LLM, the data-inferred format rule, demonstrations, answer parsing, combination of
     the best parts measured so far, and edits; untried strategies first, then the bandit's."""
-    scope = scope_of(context, prompt_store)
+    study, iteration = study_iteration(context, prompt_store)
     scored = baseline_predictions.merge(baseline_metrics.row_scores(), on=["row_id", "split"], how="left")
     # The meta-model (meta_model asset), only when its cross-validated quality cleared the bar.
     plan = ranking_plan(
         prompt_store.store.root,
         float(scored.loc[scored["split"] == "train", "score"].mean()),
-        scope.study.candidates_per_iteration,
+        study.candidates_per_iteration,
     )
     context.log.info(plan.note)
     result = propose_candidates(
-        llm.optimizer(scope.study),
-        scope.data(),
+        llm.optimizer(study),
+        load_study_data(study),
         current_prompt,
         scored,
-        prompt_store.store.records_before(scope.study.name, scope.iteration),
-        scope.iteration,
+        prompt_store.store.records_before(study.name, iteration),
+        iteration,
         **plan.kwargs(),
     )
     for warning in result.warnings:

@@ -9,7 +9,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from promptopt_dagster.assets.common import GROUP, scope_of
+from promptopt_dagster.assets.common import GROUP, study_iteration
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.records import IterationRecord
@@ -65,8 +65,7 @@ def iteration_tracking(
 ) -> TrackingOutcome:
     """The iteration's MLflow run (nested runs per candidate) and the accepted prompt's version
     in the Prompt Registry; the metadata links to the run."""
-    scope = scope_of(context, prompt_store)
-    study = scope.study
+    study = study_iteration(context, prompt_store).study
     log = build_iteration_log(
         study,
         iteration_decision,

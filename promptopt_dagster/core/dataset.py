@@ -15,6 +15,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,17 +76,37 @@ def _read_parquet(data: bytes) -> pd.DataFrame:
     return pd.DataFrame(columns, index=pd.RangeIndex(table.num_rows))
 
 
-READERS: dict[str, tuple[str, Callable[[bytes], pd.DataFrame]]] = {
-    ".csv": ("CSV with a header row", _read_csv),
-    ".jsonl": ("JSON Lines (one JSON object per line)", _read_jsonl),
-    ".ndjson": ("JSON Lines (one JSON object per line)", _read_jsonl),
-    ".parquet": ("Parquet", _read_parquet),
-    ".pq": ("Parquet", _read_parquet),
+@dataclass(frozen=True)
+class DatasetFormat:
+    """A dataset file format: `read` loads a whole file (load_dataset); the evaluations over other
+    datasets (core/dataset_evaluation.py) stream the same formats in chunks."""
+
+    name: str
+    description: str
+    read: Callable[[bytes], pd.DataFrame]
+
+
+CSV = DatasetFormat("csv", "CSV with a header row", _read_csv)
+JSONL = DatasetFormat("jsonl", "JSON Lines (one JSON object per line)", _read_jsonl)
+PARQUET = DatasetFormat("parquet", "Parquet", _read_parquet)
+# The dataset file formats, by file extension (lower case).
+FORMATS: dict[str, DatasetFormat] = {
+    ".csv": CSV,
+    ".jsonl": JSONL,
+    ".ndjson": JSONL,
+    ".parquet": PARQUET,
+    ".pq": PARQUET,
 }
 
 
-def _extension(uri: str) -> str:
+def extension(uri: str) -> str:
+    """The file extension of `uri`, lower case, with its dot ('' when it has none)."""
     return os.path.splitext(as_path(uri).name)[1].lower()
+
+
+def format_of(uri: str) -> DatasetFormat | None:
+    """The format of the file at `uri` by its extension; None when it is not a dataset format."""
+    return FORMATS.get(extension(uri))
 
 
 def _row_numbers(mask: pd.Series) -> str:
@@ -116,14 +137,15 @@ def read_table(uri: str) -> pd.DataFrame:
     """The file at `uri` as a DataFrame, with DatasetError for a missing, unsupported,
     unreadable or empty file."""
     shown = redact(uri)
-    ext = _extension(uri)
-    if ext not in READERS:
-        supported = ", ".join(sorted(READERS))
+    ext = extension(uri)
+    fmt = FORMATS.get(ext)
+    if fmt is None:
+        supported = ", ".join(sorted(FORMATS))
         raise DatasetError(
             f"dataset {shown} has unsupported extension {ext or '(none)'!r}; supported: {supported}. "
             "Convert the file or rename it to match its format."
         )
-    kind, reader = READERS[ext]
+    kind = fmt.description
     try:
         data = read_bytes(uri)
     except MissingObjectError as exc:
@@ -136,7 +158,7 @@ def read_table(uri: str) -> pd.DataFrame:
     if not data.strip():
         raise DatasetError(f"dataset {shown} is empty (0 bytes of data); add rows to it")
     try:
-        df = reader(data)
+        df = fmt.read(data)
     except pd.errors.EmptyDataError as exc:
         raise DatasetError(f"dataset {shown} is empty; add a header row and data rows") from exc
     except Exception as exc:  # pandas / pyarrow raise many types for a malformed file

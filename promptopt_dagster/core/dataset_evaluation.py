@@ -2,8 +2,8 @@
 
 Convention for the datasets location (a local folder or a gs:// prefix, settings.datasets_uri):
 
-- every ``*.csv``, ``*.jsonl`` / ``*.ndjson`` and ``*.parquet`` / ``*.pq`` file directly in it is
-  a dataset; its file name is its partition key;
+- every file directly in it in a dataset format (core/dataset.py FORMATS: ``*.csv``, ``*.jsonl`` /
+  ``*.ndjson`` and ``*.parquet`` / ``*.pq``) is a dataset; its file name is its partition key;
 - an optional sidecar ``<file stem>.yaml`` next to it (``reviews.yaml`` for ``reviews.csv``)
   says how to read it: ``reference_column`` (default: each study's own reference column),
   ``id_column`` (default: the row number), ``columns`` (a renaming, file column -> study
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,6 +32,7 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from promptopt_dagster.core.dataset import CSV, FORMATS, JSONL, PARQUET, extension, format_of
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
@@ -52,10 +52,6 @@ from promptopt_dagster.storage import (
     write_text,
 )
 
-CSV_EXTENSIONS = (".csv",)
-JSONL_EXTENSIONS = (".jsonl", ".ndjson")
-PARQUET_EXTENSIONS = (".parquet", ".pq")
-DATASET_EXTENSIONS = CSV_EXTENSIONS + JSONL_EXTENSIONS + PARQUET_EXTENSIONS
 DEFAULT_CHUNK_ROWS = 1000
 # Bytes pyarrow's CSV / JSON readers parse at once: with the chunk size, what bounds memory.
 READ_BLOCK_BYTES = 1 << 20
@@ -132,13 +128,9 @@ def prompt_versions(store: PromptStore) -> list[str]:
 # --- the datasets location ----------------------------------------------------------------------
 
 
-def extension(uri: str) -> str:
-    return os.path.splitext(as_path(uri).name)[1].lower()
-
-
 def list_datasets(folder: str) -> dict[str, str]:
     """Dataset files directly in `folder` (local or gs://): {file name: uri}, sorted."""
-    return {as_path(f).name: f for f in list_files(folder, "*") if extension(f) in DATASET_EXTENSIONS}
+    return {as_path(f).name: f for f in list_files(folder, "*") if extension(f) in FORMATS}
 
 
 def sidecar_uri(dataset_uri: str) -> str:
@@ -178,17 +170,18 @@ def _open(uri: str) -> Any:
 def file_columns(uri: str) -> list[str]:
     """The file's columns, read from its header, first line or Parquet footer only."""
     ext = extension(uri)
+    fmt = format_of(uri)
     shown = redact(uri)
-    if ext not in DATASET_EXTENSIONS:
-        raise DatasetError(f"{shown}: unsupported extension {ext!r}; use one of {DATASET_EXTENSIONS}")
+    if fmt is None:
+        raise DatasetError(f"{shown}: unsupported extension {ext!r}; use one of {tuple(FORMATS)}")
     try:
         with _open(uri) as handle:
-            if ext in PARQUET_EXTENSIONS:
+            if fmt is PARQUET:
                 return [str(n) for n in pq.ParquetFile(handle).schema_arrow.names]
             first = handle.readline().decode("utf-8").strip()
             if not first:
                 raise DatasetError(f"dataset {shown} is empty; add a header row and data rows")
-            if ext in CSV_EXTENSIONS:
+            if fmt is CSV:
                 header = next(csv.reader([first]))
                 if handle.readline().strip() == b"":
                     raise DatasetError(f"dataset {shown} has a header but no data rows; add rows")
@@ -245,13 +238,13 @@ def _source_columns(spec: DatasetSpec, wanted: list[str]) -> dict[str, str]:
 def iter_batches(uri: str, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
     """The file's `columns` (file names) in record batches of at most `chunk_rows` rows; CSV
     values stay strings as written. Only one block of the file is in memory at a time."""
-    ext = extension(uri)
+    fmt = format_of(uri)
     with _open(uri) as handle:
-        if ext in PARQUET_EXTENSIONS:
+        if fmt is PARQUET:
             batches: Iterator[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
                 batch_size=chunk_rows, columns=columns
             )
-        elif ext in CSV_EXTENSIONS:
+        elif fmt is CSV:
             batches = pacsv.open_csv(
                 handle,
                 read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
@@ -262,7 +255,7 @@ def iter_batches(uri: str, columns: list[str], chunk_rows: int) -> Iterator[pa.R
         else:
             batches = pajson.open_json(handle, read_options=pajson.ReadOptions(block_size=READ_BLOCK_BYTES))
         for batch in batches:
-            if ext in JSONL_EXTENSIONS:
+            if fmt is JSONL:
                 batch = batch.select(columns)
             for start in range(0, batch.num_rows, chunk_rows):
                 yield batch.slice(start, chunk_rows)
