@@ -49,6 +49,20 @@ def dagster_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
     }
 
 
+def iteration_started_at(context: dg.AssetExecutionContext) -> float | None:
+    """When the Dagster run that took this partition's decision started (epoch seconds): the
+    start `IterationRecord.wall_seconds` is measured from. That run is this one unless only the
+    tracking step was re-materialized."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("iteration_decision"), asset_partitions=[str(context.partition_key)]
+        ),
+        limit=1,
+    ).records
+    run_id = records[0].run_id if records else context.run_id
+    return context.instance.get_run_stats(run_id).start_time
+
+
 @dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"mlflow"})
 def iteration_tracking(
     context: dg.AssetExecutionContext,
@@ -80,6 +94,7 @@ def iteration_tracking(
             "optimizer": model_name(llm, study.optimizer_model, "optimizer"),
         },
         tags=dagster_tags(context),
+        started_at=iteration_started_at(context),
     )
     tracker = mlflow.tracker
     metadata: dict[str, dg.RawMetadataValue] = {

@@ -191,10 +191,15 @@ class MlflowTracker:
         iteration: int,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
+        start_time_ms: int | None = None,
     ) -> str:
-        """The parent run of `study`'s iteration (created on first call, found by tag afterwards)."""
+        """The parent run of `study`'s iteration (created on first call, found by tag afterwards);
+        `start_time_ms` (epoch milliseconds) is when the iteration's work started, used when
+        the run is created (default: now)."""
         check_id("study", study)
-        args = {"study": study, "iteration": int(iteration), **self._run_args(params, tags)}
+        args: dict[str, Any] = {"study": study, "iteration": int(iteration), **self._run_args(params, tags)}
+        if start_time_ms is not None:
+            args["start_time_ms"] = int(start_time_ms)
         return self._call("iteration_run", args, create_key=[study, int(iteration)])
 
     def candidate_run(
@@ -223,10 +228,12 @@ class MlflowTracker:
         args = {"study": study, "key": key, **self._run_args(params, tags)}
         return self._call("keyed_run", args, create_key=[study, key])
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+    def end_run(self, run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+        """Mark the run ended at `end_time_ms` (epoch milliseconds; default: now)."""
         if status not in RUN_STATUSES:
             raise TrackingError(f"run status {status!r} is not one of {', '.join(RUN_STATUSES)}")
-        self._call("end_run", {"run_id": run_id, "status": status, "end_time_ms": int(time.time() * 1000)})
+        end = int(end_time_ms) if end_time_ms is not None else int(time.time() * 1000)
+        self._call("end_run", {"run_id": run_id, "status": status, "end_time_ms": end})
 
     def experiment_id(self, study: str) -> str:
         """The study's experiment id (created if missing)."""

@@ -32,6 +32,8 @@ class IterationLog:
     parent: RunLog
     candidates: list[CandidateLog]
     prompts: list[PromptVersionLog]
+    start_time_ms: int | None = None  # when the iteration's work started (None: when logged)
+    end_time_ms: int | None = None  # when it took its decision (None: when logged)
 
 
 @dataclass
@@ -53,10 +55,13 @@ def build_iteration_log(
     candidate_metrics: Mapping[str, Any],
     models: Mapping[str, str],
     tags: Mapping[str, str],
+    started_at: float | None = None,
 ) -> IterationLog:
     """Everything to log for `record`, from the values of the iteration's assets. `models` maps
     ``primary`` / ``optimizer`` to the model names actually used; `tags` are added to every run
-    (the orchestrator's run id, partition and asset key)."""
+    (the orchestrator's run id, partition and asset key). `started_at` (epoch seconds) is when
+    the iteration's work started: the iteration run spans from it to the decision,
+    ``started_at + record.wall_seconds``."""
     values = IterationValues(
         study=study,
         record=record,
@@ -72,16 +77,22 @@ def build_iteration_log(
     )
     parent, candidates = iteration_run_log(values), candidate_run_logs(values)
     prompts = prompt_version_logs(values)
-    return IterationLog(study.name, record.iteration, parent, candidates, prompts)
+    start_ms = None if started_at is None else int(started_at * 1000)
+    wall = record.wall_seconds
+    end_ms = None if start_ms is None or wall is None else start_ms + int(wall * 1000)
+    return IterationLog(study.name, record.iteration, parent, candidates, prompts, start_ms, end_ms)
 
 
 def log_iteration(tracker: MlflowTracker, log: IterationLog) -> LoggedIteration:
     """Write `log` to MLflow. During an outage every call is queued in the tracker's outbox and
     replayed later; nothing here raises for an outage. A rejected iteration registers nothing:
     the alias stays on the champion it already points at."""
-    run_id = tracker.iteration_run(log.study, log.iteration, params=log.parent.params, tags=log.parent.tags)
+    parent = log.parent
+    run_id = tracker.iteration_run(
+        log.study, log.iteration, params=parent.params, tags=parent.tags, start_time_ms=log.start_time_ms
+    )
     log_run(tracker, run_id, log.parent, log.iteration)
     candidate_runs = log_candidates(tracker, run_id, log.candidates, log.iteration)
     versions = register_versions(tracker, log.study, log.prompts, candidate_runs, run_id)
-    tracker.end_run(run_id)
+    tracker.end_run(run_id, end_time_ms=log.end_time_ms)
     return LoggedIteration(run_id, candidate_runs, versions, len(tracker.pending()))

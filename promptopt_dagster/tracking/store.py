@@ -221,13 +221,17 @@ class LiveStore:
         params: dict[str, str],
         tags: dict[str, str],
         inherited: Mapping[str, str] | None = None,
+        start_time_ms: int | None = None,
     ) -> str:
-        """The run tagged `ident` (created with `inherited`, `tags` and `ident` if missing);
-        `tags` are set and new `params` logged either way."""
+        """The run tagged `ident` (created with `inherited`, `tags` and `ident`, starting at
+        `start_time_ms` or now, if missing); `tags` are set and new `params` logged either way.
+        MLflow cannot move the start of an existing run, so `start_time_ms` applies at creation."""
         run_id = self._find_run(exp_id, ident)
         if run_id is None:
             tags_at_creation = {**(inherited or {}), **tags, **ident}
-            run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags_at_creation).info.run_id
+            run_id = self.client.create_run(
+                exp_id, start_time=start_time_ms, run_name=run_name, tags=tags_at_creation
+            ).info.run_id
         elif tags:
             self.set_tags(run_id, tags)
         self.run_experiments[run_id] = exp_id
@@ -235,10 +239,19 @@ class LiveStore:
             self.log_params(run_id, params)
         return run_id
 
-    def iteration_run(self, study: str, iteration: int, params: dict[str, str], tags: dict[str, str]) -> str:
+    def iteration_run(
+        self,
+        study: str,
+        iteration: int,
+        params: dict[str, str],
+        tags: dict[str, str],
+        start_time_ms: int | None = None,
+    ) -> str:
         key = iteration_key(iteration)
         ident = {TAG_KIND: "iteration", TAG_STUDY: study, TAG_ITERATION: key}
-        return self._find_or_create_run(self.experiment_id(study), ident, f"iteration-{key}", params, tags)
+        return self._find_or_create_run(
+            self.experiment_id(study), ident, f"iteration-{key}", params, tags, start_time_ms=start_time_ms
+        )
 
     def keyed_run(self, study: str, key: str, params: dict[str, str], tags: dict[str, str]) -> str:
         ident = {TAG_KIND: "keyed", TAG_STUDY: study, TAG_KEY: key}
