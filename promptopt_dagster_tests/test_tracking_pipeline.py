@@ -196,7 +196,7 @@ def test_the_driven_study_is_in_mlflow_runs_metrics_artifacts_and_prompt_registr
     # Prompt Registry: the seed, then the accepted prompt, with champion on the best
     versions = client.search_prompt_versions(prompt_name(name))
     versions = sorted(getattr(versions, "prompt_versions", versions), key=lambda v: int(v.version))
-    assert [v.commit_message for v in versions][0] == "seed prompt"
+    assert versions[0].commit_message.startswith("seed prompt, val ")
     assert len(versions) == 1 + sum(r.accepted for r in records)
     assert all("val_score" in v.tags for v in versions)
     # What a user does to ship it (the URIs set for this block only: no ./mlflow.db left behind).
@@ -210,8 +210,9 @@ def test_the_driven_study_is_in_mlflow_runs_metrics_artifacts_and_prompt_registr
         "candidate_prompts", partition_key=str(study_iteration_key(name, accepted_at)), instance=p.instance
     )["candidates"]
     winner = next(c for c in proposals if c["prompt"]["id"] == records[accepted_at].accepted_id)
-    assert shipped.commit_message == winner["rationale"]
-    assert shipped.commit_message != "seed prompt"
+    head, _, body = shipped.commit_message.partition("\n\n")
+    assert head.startswith(f"iteration {accepted_at}: {winner['strategy']}") and " → " in head
+    assert body == winner["rationale"].strip()
 
     # Re-materializing the tracking step reuses its runs and registers no duplicate version.
     dg.materialize(

@@ -86,3 +86,41 @@ def _json(path: Path) -> Any:
 def _prompt_versions(tracked: Tracked) -> list[Any]:
     versions = tracked.client.search_prompt_versions(prompt_name(STUDY))
     return sorted(getattr(versions, "prompt_versions", versions), key=lambda v: int(v.version))
+
+
+def test_prompt_versions_say_what_changed_with_rounded_scores(tracked: Tracked) -> None:
+    versions = _prompt_versions(tracked)
+    accepted = [r for r in tracked.records if r.accepted]
+    assert accepted, "the scripted study accepts a candidate"
+    assert len(versions) == 1 + len(accepted)
+    assert (
+        versions[0].commit_message == f"seed prompt, val {round(tracked.records[0].incumbent_val_score, 4)}"
+    )
+    for version, record in zip(versions[1:], accepted, strict=True):
+        head = version.commit_message.split("\n\n")[0]
+        winner = next(c for c in record.candidates if c.candidate_id == record.accepted_id)
+        before, after = round(record.incumbent_val_score, 4), round(record.champion_val_score, 4)
+        assert head.startswith(f"iteration {record.iteration}: {winner.strategy}")
+        assert head.endswith(f", val {before} → {after}")
+    for version in versions:
+        for key in ("val_score", "train_score"):
+            decimals = version.tags[key].partition(".")[2]
+            assert len(decimals) <= 4, (key, version.tags[key])
+
+
+def test_describe_change_names_the_parts_that_changed() -> None:
+    from promptopt_dagster.core.prompt_state import PromptState
+    from promptopt_dagster.tracking.prompt_versions import commit_message, describe_change
+
+    def composed(demos: int, rule: str | None) -> PromptState:
+        parts = {"instruction": "Classify.", "output_prompt": "{review}", "format_rule": rule}
+        parts |= {"demo_ids": [str(i) for i in range(demos)], "answer_parser": "raw"}
+        return PromptState(
+            id=f"p{demos}", system_prompt="Classify.", output_prompt="{review}", metadata={"parts": parts}
+        )
+
+    assert describe_change(composed(0, None), composed(4, None)) == "+4 demos"
+    assert describe_change(composed(2, None), composed(1, "One word.")) == "-1 demo, format rule added"
+    assert describe_change(composed(1, None), composed(1, None)) == ""
+    message = commit_message(2, "add_examples", "+4 demos", 0.612345, 0.83, "Demos fix the labels.")
+    assert message == "iteration 2: add_examples (+4 demos), val 0.6123 → 0.83\n\nDemos fix the labels."

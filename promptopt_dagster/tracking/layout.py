@@ -39,6 +39,8 @@ MAX_KEY_LENGTH = 250
 MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
+SCORE_DECIMALS = 4
+
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,249}")
 
 
@@ -50,6 +52,12 @@ def prompt_name(study: str) -> str:
     """A Prompt Registry name for a study slug (letters, digits, '-', '_', '.')."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", study).strip("-") or "study"
     return f"{PROMPT_PREFIX}-{slug}"
+
+
+def score_text(value: float | None) -> str:
+    """A score where it is text (tags, commit messages): rounded to `SCORE_DECIMALS` decimals,
+    e.g. ``0.6667``; metrics keep the full float."""
+    return "" if value is None else str(round(float(value), SCORE_DECIMALS))
 
 
 def check_id(what: str, value: str) -> None:
