@@ -124,3 +124,36 @@ def test_describe_change_names_the_parts_that_changed() -> None:
     assert describe_change(composed(1, None), composed(1, None)) == ""
     message = commit_message(2, "add_examples", "+4 demos", 0.612345, 0.83, "Demos fix the labels.")
     assert message == "iteration 2: add_examples (+4 demos), val 0.6123 → 0.83\n\nDemos fix the labels."
+
+
+def test_the_experiment_has_a_saved_runs_view_whose_columns_every_run_has(tracked: Tracked) -> None:
+    from promptopt_dagster.tracking.layout import (
+        EXPERIMENT_NOTE_TAG,
+        RUNS_VIEW_ID,
+        RUNS_VIEW_METRICS,
+        RUNS_VIEW_NAME,
+        RUNS_VIEW_TAGS,
+    )
+
+    tags = tracked.client.get_experiment(tracked.experiment_id).tags
+    # the envelope MLflow's runs page reads (name, numeric createdAt, state as a JSON string)
+    envelope = json.loads(tags[f"mlflow.sharedViewState.{RUNS_VIEW_ID}"])
+    assert envelope["name"] == RUNS_VIEW_NAME and isinstance(envelope["createdAt"], int)
+    state = json.loads(envelope["state"])
+    columns = state["selectedColumns"]
+    assert "attributes.`Duration`" in columns and "metrics.`val_score`" in columns
+    assert len(columns) <= 8, "a view to read at a glance"
+    assert RUNS_VIEW_NAME in tags[EXPERIMENT_NOTE_TAG]
+
+    for run in tracked.iteration_runs:
+        assert set(RUNS_VIEW_METRICS) <= set(run.data.metrics), run.info.run_name
+        assert set(RUNS_VIEW_TAGS) <= set(run.data.tags), run.info.run_name
+    record, run = tracked.records[0], tracked.iteration_runs[0]
+    winner = next((c for c in record.candidates if c.candidate_id == record.accepted_id), None)
+    expected_train = winner.train_score if winner else record.incumbent_train_score
+    assert run.data.metrics["train_score"] == pytest.approx(expected_train)
+    candidates = tracked.client.search_runs([tracked.experiment_id], "tags.`promptopt.kind` = 'candidate'")
+    assert candidates
+    for cand in candidates:
+        assert {"train_score", "accepted", "llm_calls"} <= set(cand.data.metrics)
+        assert set(RUNS_VIEW_TAGS) <= set(cand.data.tags)

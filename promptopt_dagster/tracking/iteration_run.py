@@ -57,8 +57,13 @@ def iteration_run_log(v: IterationValues) -> RunLog:
             **v.run_tags,
             "promptopt.champion_id": record.champion.id,
             "promptopt.accepted": str(record.accepted),
+            # the saved runs view shows the strategy of every run: here, the accepted one's
+            "promptopt.strategy": next(
+                (c.strategy for c in candidates if c.prompt.id == record.accepted_id), "none accepted"
+            ),
         },
     )
+    winner = next((s for s in record.candidates if s.candidate_id == record.accepted_id), None)
     optimizer_usage = v.candidate_prompts.get("usage", {})
     parent.metrics = {
         **split_metrics(v.baseline_metrics["aggregates"], "incumbent."),
@@ -69,6 +74,8 @@ def iteration_run_log(v: IterationValues) -> RunLog:
         "incumbent_val_score": record.incumbent_val_score,
         "incumbent_train_score": record.incumbent_train_score,
         "val_score": record.champion_val_score,
+        # the champion's score on this iteration's train minibatch (as candidate runs' train_score)
+        "train_score": winner.train_score if winner else record.incumbent_train_score,
         "best_val_score": record.best_val_score,
         "accepted": float(record.accepted),
         "candidates": float(len(candidates)),

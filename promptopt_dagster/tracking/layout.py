@@ -41,6 +41,17 @@ MAX_METRICS_PER_BATCH = 1000
 
 SCORE_DECIMALS = 4
 
+# A saved view of each study's runs table (MLflow >= 3.x reads experiment tags
+# ``mlflow.sharedViewState.<id>`` holding {name, createdAt, updatedAt, state}; it is listed under
+# the runs table's saved views and opened by ``#/experiments/<id>/runs?viewStateShareKey=<id>``).
+# Its columns exist on every iteration run and every candidate run.
+RUNS_VIEW_ID = "promptopt-iterations"
+RUNS_VIEW_NAME = "promptopt: iterations"
+RUNS_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_METRICS = ("val_score", "train_score", "accepted", "llm_calls")
+RUNS_VIEW_TAGS = ("promptopt.strategy",)
+EXPERIMENT_NOTE_TAG = "mlflow.note.content"  # the experiment's description in the UI
+
 _SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,249}")
 
 
@@ -58,6 +69,38 @@ def score_text(value: float | None) -> str:
     """A score where it is text (tags, commit messages): rounded to `SCORE_DECIMALS` decimals,
     e.g. ``0.6667``; metrics keep the full float."""
     return "" if value is None else str(round(float(value), SCORE_DECIMALS))
+
+
+def runs_view_state() -> dict[str, Any]:
+    """The saved view's state: newest iteration first, the columns that answer "how is the
+    study doing" (duration, val and train minibatch score, accepted, LLM calls, strategy)."""
+    return {
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "selectedColumns": [
+            "attributes.`Duration`",
+            *(f"metrics.`{m}`" for m in RUNS_VIEW_METRICS),
+            *(f"tags.`{t}`" for t in RUNS_VIEW_TAGS),
+        ],
+    }
+
+
+def runs_view_tag(now_ms: int) -> tuple[str, str]:
+    """The experiment tag (key, value) that saves `runs_view_state` as a view."""
+    state = json.dumps(runs_view_state(), sort_keys=True)
+    envelope = {"name": RUNS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": state}
+    return RUNS_VIEW_TAG_PREFIX + RUNS_VIEW_ID, json.dumps(envelope)
+
+
+def experiment_note(study: str) -> str:
+    """The experiment's description: where to look in this experiment."""
+    return (
+        f"Study `{study}`: one run per iteration (`iteration-NNNN`, from the iteration's start to its "
+        "decision), one nested run per candidate prompt. Open the saved view "
+        f"**{RUNS_VIEW_NAME}** for val score, train minibatch score, accepted, LLM calls and "
+        f"strategy per run; the Traces tab holds the LLM calls; prompt versions are under Prompts, "
+        f"`{prompt_name(study)}`, alias `{CHAMPION_ALIAS}`."
+    )
 
 
 def check_id(what: str, value: str) -> None:

@@ -15,6 +15,7 @@ import os
 import posixpath
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from io import StringIO
@@ -27,6 +28,7 @@ from promptopt_dagster.core.prompt_store import iteration_key
 from promptopt_dagster.tracking.errors import TrackingError
 from promptopt_dagster.tracking.layout import (
     CHAMPION_ALIAS,
+    EXPERIMENT_NOTE_TAG,
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     TAG_CANDIDATE,
@@ -35,7 +37,9 @@ from promptopt_dagster.tracking.layout import (
     TAG_KIND,
     TAG_STUDY,
     experiment_name,
+    experiment_note,
     prompt_name,
+    runs_view_tag,
 )
 
 logger = logging.getLogger(__name__)
@@ -179,8 +183,22 @@ class LiveStore:
                 exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
+        self._describe_experiment(study, exp_id, {} if exp is None else dict(exp.tags))
         self._experiments[study] = exp_id
         return exp_id
+
+    def _describe_experiment(self, study: str, exp_id: str, tags: Mapping[str, str]) -> None:
+        """The saved runs-table view (rewritten when its state changed) and, unless someone wrote
+        one, the experiment's description."""
+        key, value = runs_view_tag(int(time.time() * 1000))
+        try:
+            current = json.loads(tags.get(key, "{}")).get("state")
+        except ValueError:
+            current = None
+        if current != json.loads(value)["state"]:
+            self.client.set_experiment_tag(exp_id, key, value)
+        if EXPERIMENT_NOTE_TAG not in tags:
+            self.client.set_experiment_tag(exp_id, EXPERIMENT_NOTE_TAG, experiment_note(study))
 
     def experiment_of(self, run_id: str) -> str:
         """The experiment id of a run (remembered once seen)."""
