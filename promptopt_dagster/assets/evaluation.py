@@ -4,6 +4,7 @@ import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.metadata import number, table_value
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.scoring import (
     CandidateMetrics,
@@ -25,12 +26,33 @@ def baseline_metrics(
     metrics = evaluate_incumbent(evaluator_for(study), baseline_predictions, study)
     context.add_output_metadata(
         {
-            f"{split}_{m}": dg.MetadataValue.float(metrics.score(split, m))
+            f"{split}_{m}": number(metrics.score(split, m))
             for split in metrics.aggregates
             for m in study.all_metrics()
         }
     )
     return metrics
+
+
+# The `scores` table of candidate_metrics; a blank cell is a value the candidate does not have.
+SCORE_COLUMNS = [
+    dg.TableColumn("candidate_id", "string", description="the prompt id, as in candidate_prompts"),
+    dg.TableColumn("strategy", "string", description="the optimizer strategy that proposed it"),
+    dg.TableColumn("train_score", "float", description="target metric on the train minibatch"),
+    dg.TableColumn(
+        "val_score",
+        "float",
+        description="target metric on validation; blank: not validated (screening on the minibatch "
+        "did not put it among the best that match the incumbent, or the budget left none)",
+    ),
+    dg.TableColumn(
+        "predicted_score",
+        "float",
+        description="the meta-model's prediction; blank unless the meta-model ranked the candidates "
+        "(its cross-validated quality cleared the bar)",
+    ),
+    dg.TableColumn("prompt_chars", "int", description="length of system and output prompt"),
+]
 
 
 @dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
@@ -45,6 +67,17 @@ def candidate_metrics(
     metrics = evaluate_candidates(
         evaluator_for(study), candidate_predictions, candidate_prompts.candidates, study
     )
-    table = pd.DataFrame([s.model_dump() for s in metrics.scores])
-    context.add_output_metadata({"scores": dg.MetadataValue.md(table.to_markdown(index=False))})
+    context.add_output_metadata(
+        {
+            "scores": dg.MetadataValue.table(
+                records=[
+                    dg.TableRecord({c.name: table_value(getattr(s, c.name)) for c in SCORE_COLUMNS})
+                    for s in metrics.scores
+                ],
+                schema=dg.TableSchema(columns=SCORE_COLUMNS),
+            ),
+            "candidates": len(metrics.scores),
+            "validated": sum(s.val_score is not None for s in metrics.scores),
+        }
+    )
     return metrics

@@ -3,7 +3,8 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, study_iteration, usage_metadata
+from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.metadata import markdown_table, usage_metadata
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.prompt_state import PromptState
@@ -40,7 +41,7 @@ def baseline_predictions(
             "rows": len(preds),
             "split_sizes": ", ".join(f"{name} {len(df)}" for name, df in data.splits.items()),
             "data_warnings": "; ".join(data.warnings) or "none",
-            "preview": dg.MetadataValue.md(preds.head(8).to_markdown(index=False)),
+            "preview": dg.MetadataValue.md(markdown_table(preds.head(8))),
         }
         | usage_metadata(usage_of(preds).as_dict())
     )

@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from promptopt_dagster.assets.common import GROUP, prompt_markdown, study_iteration
+from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.metadata import prompt_markdown
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource

@@ -3,7 +3,8 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, prompt_markdown, study_iteration
+from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.metadata import number, prompt_markdown
 from promptopt_dagster.core.meta_model import ranking_plan
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet, propose_candidates
@@ -47,11 +48,12 @@ def candidate_prompts(
         context.log.warning(warning)
     metadata: dict[str, dg.MetadataValue | str | int] = {
         "count": len(result.candidates),
+        "candidate_ids": ", ".join(c.prompt.id for c in result.candidates),
         "strategies": ", ".join(c.strategy for c in result.candidates),
         "meta_model": plan.note,
         "optimizer_calls": result.usage.calls,
         "optimizer_tokens": result.usage.tokens,
-        "optimizer_cost_usd": dg.MetadataValue.float(result.usage.cost_usd),
+        "optimizer_cost_usd": number(result.usage.cost_usd),
     }
     metadata["strategies_tried"] = ", ".join(result.attempted)
     for cand in result.candidates:  # keyed by the ids candidate_metrics shows
