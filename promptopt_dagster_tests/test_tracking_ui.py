@@ -18,6 +18,7 @@ from promptopt_dagster.core.records import IterationRecord
 from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS
 from promptopt_dagster.driver import drive
 from promptopt_dagster.jobs import iteration_job, report_job
+from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster.tracking import experiment_name, prompt_name
@@ -157,3 +158,33 @@ def test_the_experiment_has_a_saved_runs_view_whose_columns_every_run_has(tracke
     for cand in candidates:
         assert {"train_score", "accepted", "llm_calls"} <= set(cand.data.metrics)
         assert set(RUNS_VIEW_TAGS) <= set(cand.data.tags)
+
+
+def test_each_iteration_logs_its_llm_calls_as_one_trace(tracked: Tracked) -> None:
+    from promptopt_dagster.tracking.traces import MAX_TRACE_SPANS
+
+    for record, run in zip(tracked.records, tracked.iteration_runs, strict=True):
+        traces = tracked.client.search_traces(locations=[tracked.experiment_id], run_id=run.info.run_id)
+        assert len(traces) == 1, run.info.run_name
+        [trace] = traces
+        assert trace.info.trace_metadata["mlflow.sourceRun"] == run.info.run_id
+        spans = trace.data.spans
+        calls = [s for s in spans if s.span_type == "CHAT_MODEL"]
+        groups = [s for s in spans if s.span_type == "CHAIN"]
+        assert len(groups) == 1 + len(record.candidates)  # the incumbent and each candidate
+        skipped = int(trace.info.tags["promptopt.calls_skipped"])
+        assert len(calls) + skipped == trace.data.spans[0].inputs["calls"] and len(calls) <= MAX_TRACE_SPANS
+        assert len(calls) > 0
+        for span in calls:
+            assert span.inputs["messages"] and "reply" in span.outputs
+            assert span.attributes["row_id"] and span.end_time_ns >= span.start_time_ns
+    # re-materializing the tracking step adds no second trace
+    dg.materialize(
+        [*ASSETS, *TRACKING_ASSETS],
+        selection=["iteration_tracking"],
+        partition_key=str(study_iteration_key(STUDY, 0)),
+        instance=tracked.pipeline.instance,
+        resources=dict(tracked.pipeline.defs.resources),
+    )
+    run0 = tracked.iteration_runs[0].info.run_id
+    assert len(tracked.client.search_traces(locations=[tracked.experiment_id], run_id=run0)) == 1

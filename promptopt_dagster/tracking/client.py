@@ -317,6 +317,14 @@ class MlflowTracker:
             to_json=to_json,
         )
 
+    # --- traces --------------------------------------------------------------------------------
+
+    def log_trace(self, run_id: str, key: str, trace: Mapping[str, Any]) -> str | None:
+        """One trace of LLM calls (`tracking/traces.py`, already redacted) linked to `run_id`,
+        once per `key`; returns its id, or None when it existed already or was queued."""
+        check_id("key", key)
+        return self._call("log_trace", {"run_id": run_id, "key": key, "trace": dict(trace)})
+
     # --- Prompt Registry -----------------------------------------------------------------------
 
     def register_prompt(

@@ -23,6 +23,7 @@ from promptopt_dagster.tracking.prompt_versions import (
     register_versions,
 )
 from promptopt_dagster.tracking.run_log import IterationValues, RunLog, log_run, model_params
+from promptopt_dagster.tracking.traces import iteration_trace
 
 
 @dataclass
@@ -34,6 +35,7 @@ class IterationLog:
     prompts: list[PromptVersionLog]
     start_time_ms: int | None = None  # when the iteration's work started (None: when logged)
     end_time_ms: int | None = None  # when it took its decision (None: when logged)
+    trace: dict[str, Any] | None = None  # its LLM calls (`traces.iteration_trace`)
 
 
 @dataclass
@@ -80,7 +82,8 @@ def build_iteration_log(
     start_ms = None if started_at is None else int(started_at * 1000)
     wall = record.wall_seconds
     end_ms = None if start_ms is None or wall is None else start_ms + int(wall * 1000)
-    return IterationLog(study.name, record.iteration, parent, candidates, prompts, start_ms, end_ms)
+    trace = iteration_trace(values, start_ms)
+    return IterationLog(study.name, record.iteration, parent, candidates, prompts, start_ms, end_ms, trace)
 
 
 def log_iteration(tracker: MlflowTracker, log: IterationLog) -> LoggedIteration:
@@ -94,5 +97,7 @@ def log_iteration(tracker: MlflowTracker, log: IterationLog) -> LoggedIteration:
     log_run(tracker, run_id, log.parent, log.iteration)
     candidate_runs = log_candidates(tracker, run_id, log.candidates, log.iteration)
     versions = register_versions(tracker, log.study, log.prompts, candidate_runs, run_id)
+    if log.trace is not None:
+        tracker.log_trace(run_id, f"{log.study}.{log.iteration:04d}", log.trace)
     tracker.end_run(run_id, end_time_ms=log.end_time_ms)
     return LoggedIteration(run_id, candidate_runs, versions, len(tracker.pending()))

@@ -58,6 +58,7 @@ OPS = (
     "log_sklearn_model",
     "register_prompt",
     "set_champion",
+    "log_trace",
 )
 
 _GLOBAL_URI_LOCK = threading.RLock()
@@ -372,6 +373,13 @@ class LiveStore:
             )
         if model_path:
             Path(model_path).unlink(missing_ok=True)
+
+    # --- traces --------------------------------------------------------------------------------
+
+    def log_trace(self, run_id: str, key: str, trace: dict[str, Any]) -> str | None:
+        from promptopt_dagster.tracking.traces import write_trace
+
+        return write_trace(self, self.experiment_of(run_id), run_id, key, trace)
 
     # --- Prompt Registry -----------------------------------------------------------------------
 
