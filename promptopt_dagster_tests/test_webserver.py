@@ -35,6 +35,10 @@ def test_launched_study_is_carried_to_its_stop_by_the_sensors(
     sensors = {t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/sensor_name"}
     assert sensors == {"new_study_sensor", "continue_study_sensor"} and len(runs) == len(decisions)
     assert all(r["status"] == "SUCCESS" for r in runs)
+    # The report says how the study ended, in one line.
+    [report] = [m["metadata"] for m in server.materializations("study_report") if m["partition"] == "uistudy"]
+    assert report["summary"].startswith(f"study uistudy stopped: {last['stop_reason']} (")
+    assert report["stop_reason"] == last["stop_reason"]
     wait_for(
         lambda: any(
             "uistudy: stopped after iteration" in tick_text(t)

@@ -1,17 +1,20 @@
 """Step 5 (second half): accept or reject, and apply the stop rules. The continuation sensor
-reads this asset's metadata."""
+reads this asset's metadata. The iteration that stops a study logs "study X stopped: reason"
+once, in its run; the study report repeats it in its `summary`."""
 
 import time
 
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, prompt_markdown, study_iteration
+from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.metadata import number, prompt_markdown
 from promptopt_dagster.core.inference import usage_of
 from promptopt_dagster.core.iteration import decide
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.report import stop_summary
 from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
@@ -48,7 +51,8 @@ def iteration_decision(
         warnings=candidate_prompts.warnings,
         attempted=candidate_prompts.attempted,
     )
-    started = context.instance.get_run_stats(context.run_id).start_time
+    stats = context.instance.get_run_stats(context.run_id)
+    started = stats.start_time or stats.launch_time  # launch_time: a run that logged no start event
     if started is not None:
         record = record.model_copy(update={"wall_seconds": time.time() - started})
     for cand in candidate_prompts.candidates:  # every text, for the meta-model's history
@@ -57,25 +61,27 @@ def iteration_decision(
     context.log.info(
         f"{study.name} iteration {iteration}: "
         f"{'accepted ' + str(record.accepted_id) if record.accepted else 'rejected all candidates'}; "
-        f"val {record.champion_val_score:.3f} (best {record.best_val_score:.3f}); {record.stop_message}"
+        f"val {record.champion_val_score:.4g} (best {record.best_val_score:.4g}); {record.stop_message}"
     )
+    if record.stop:
+        context.log.info(stop_summary(record))
     context.add_output_metadata(
         {
             "accepted": record.accepted,
-            "champion_id": record.champion.id,
-            "incumbent_val_score": dg.MetadataValue.float(record.incumbent_val_score),
-            "val_score": dg.MetadataValue.float(record.champion_val_score),
-            "best_val_score": dg.MetadataValue.float(record.best_val_score),
             "stop": record.stop,
-            REGISTRATION: store.registration_id(study.name),
             "stop_reason": record.stop_reason or "",
             "stop_message": record.stop_message,
+            "val_score": number(record.champion_val_score),
+            "incumbent_val_score": number(record.incumbent_val_score),
+            "best_val_score": number(record.best_val_score),
+            "champion_id": record.champion.id,
+            REGISTRATION: store.registration_id(study.name),
             "llm_calls": record.calls,
             "llm_tokens": record.tokens,
-            "wall_seconds": dg.MetadataValue.float(round(record.wall_seconds or 0.0, 1)),
+            "wall_seconds": number(record.wall_seconds),
             "total_llm_calls": record.total_calls,
-            "llm_cost_usd": dg.MetadataValue.float(record.cost_usd),
-            "total_llm_cost_usd": dg.MetadataValue.float(sum(r.cost_usd for r in previous) + record.cost_usd),
+            "llm_cost_usd": number(record.cost_usd),
+            "total_llm_cost_usd": number(sum(r.cost_usd for r in previous) + record.cost_usd),
             "champion": prompt_markdown(record.champion.system_prompt, record.champion.output_prompt),
         }
     )

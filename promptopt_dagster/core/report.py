@@ -15,6 +15,9 @@ from promptopt_dagster.llm.base import LLMClient
 
 
 class IterationRow(BaseModel):
+    """One iteration in the report's table; `wall_seconds` is from the start of the iteration's
+    run to its decision, `llm_seconds` the time spent waiting on LLM calls."""
+
     iteration: int
     val_score: float
     accepted: bool
@@ -47,6 +50,19 @@ class StudyReport(BaseModel):
 
     def table_markdown(self) -> str:
         return self.table().to_markdown(index=False, floatfmt=".3f")
+
+
+def stop_summary(record: IterationRecord) -> str:
+    """One line on how a study ended, e.g. "study X stopped: patience (no improvement for 3
+    iterations, every strategy tried) after iteration 7; best val 0.83"; for an iteration that
+    did not stop, that the study continues."""
+    best = f"best val {record.best_val_score:.4g}"
+    if not record.stop:
+        return f"study {record.study} continues after iteration {record.iteration}; {best}"
+    return (
+        f"study {record.study} stopped: {record.stop_reason} ({record.stop_message}) after iteration "
+        f"{record.iteration}; {best}"
+    )
 
 
 def build_report(
