@@ -192,24 +192,79 @@ def test_sensors_register_datasets_and_prompt_versions_then_backfill_compares(pi
     assert cmp_req.run_key == f"comparison/{comparison.cursor}"
 
 
-def test_dataset_lacking_columns_fails_with_the_columns_named(pipeline: Pipeline) -> None:
+def test_prompt_version_not_applicable_to_a_dataset_is_recorded_not_failed(pipeline: Pipeline) -> None:
+    """The seed over a dataset without its template's columns: a successful materialization that
+    says not applicable and names the columns, and a comparison row that says the same; an
+    unreadable dataset still fails its run."""
     p = pipeline
     p.store.register_study(p.study)
     pd.DataFrame({"question": ["1+1"], "answer": ["2"]}).to_csv(datasets_dir(p) / "arith.csv", index=False)
+    (datasets_dir(p) / "broken.parquet").write_bytes(b"not parquet")
     p.instance.add_dynamic_partitions("prompt_version", ["scripted:scripted-seed"])
-    p.instance.add_dynamic_partitions("dataset", ["arith.csv"])
+    p.instance.add_dynamic_partitions("dataset", ["arith.csv", "broken.parquet"])
+    calls = p.llm.inner("primary").calls
     result = dg.materialize(
         BACKFILL_ASSETS[:1],
         partition_key=str(evaluation_key("scripted:scripted-seed", "arith.csv")),
         instance=p.instance,
         resources=resources(p),
+    )
+    assert result.success and p.llm.inner("primary").calls == calls
+    [mat] = result.asset_materializations_for_node("prompt_evaluation")
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    assert meta["applicable"] is False and meta["missing_columns"] == ["review", "label"]
+    assert meta["dataset_columns"] == ["question", "answer"]
+    assert meta["status"] == "not applicable: arith.csv lacks column(s) ['review', 'label']"
+
+    [cmp] = dg.materialize(
+        BACKFILL_ASSETS[1:], instance=p.instance, resources=resources(p)
+    ).asset_materializations_for_node("evaluation_comparison")
+    [row] = [r.data for r in cmp.metadata["comparison"].value.records]
+    assert row["value"] is None and row["status"] == meta["status"] and row["metric"] == "exact_match"
+    assert list(row)[:4] == ["prompt_version", "dataset", "metric", "value"]
+    assert cmp.metadata["not_applicable"].value == 1
+    assert "| n/a" in cmp.metadata["by_prompt_version"].value
+
+    broken = dg.materialize(
+        BACKFILL_ASSETS[:1],
+        partition_key=str(evaluation_key("scripted:scripted-seed", "broken.parquet")),
+        instance=p.instance,
+        resources=resources(p),
         raise_on_error=False,
     )
-    assert not result.success
-    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    description = failure.step_failure_data.user_failure_data.description
-    assert "arith.csv lacks column(s) ['review', 'label']" in description
-    assert "['question', 'answer']" in description
+    assert not broken.success
+    [failure] = [e for e in broken.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "could not read dataset" in failure.step_failure_data.user_failure_data.description
+
+
+def test_comparison_pivot_marks_not_applicable_pairs() -> None:
+    def summary(version: str, dataset: str, **kw: object) -> dataset_evaluation.EvaluationSummary:
+        fields: dict[str, object] = {
+            "prompt_version": version,
+            "study": "s",
+            "prompt_id": version.split(":")[1],
+            "dataset": dataset,
+            "rows": 3,
+            "failed_rows": 0,
+            "target_metric": "exact_match",
+            "scores": {"exact_match": 0.5, "f1": 0.75},
+            "usage": {},
+            "predictions_uri": "",
+            "seconds": 0.0,
+            "chunks": 1,
+        }
+        return dataset_evaluation.EvaluationSummary.model_validate(fields | kw)
+
+    summaries = [
+        summary("s:a", "x.csv"),
+        summary("s:b", "x.csv", applicable=False, rows=0, scores={}, missing_columns=["review"]),
+    ]
+    frame = dataset_evaluation.comparison_frame(summaries)
+    assert list(frame.columns) == dataset_evaluation.COMPARISON_COLUMNS
+    assert len(frame) == 3 and frame["value"].isna().sum() == 1
+    pivot = dataset_evaluation.comparison_pivot(frame).set_index("prompt_version")
+    assert pivot.loc["s:a"].tolist() == ["0.500", "0.750"]
+    assert pivot.loc["s:b"].tolist() == ["n/a", "n/a"]
 
 
 def test_auto_evaluate_requests_only_compatible_pairs_with_stable_run_keys(pipeline: Pipeline) -> None:

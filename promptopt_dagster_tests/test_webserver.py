@@ -10,6 +10,7 @@ from promptopt_dagster.partitions import evaluation_key, study_iteration_key
 from promptopt_dagster_tests.support.dagster_dev import (
     BAD_DATASET,
     NO_COLUMNS_DATASET,
+    STUDY,
     Backfilled,
     DagsterDev,
     StudyRun,
@@ -78,11 +79,23 @@ def test_new_dataset_is_registered_then_backfilled_into_the_comparison(
     assert exact["uistudy:uistudy-seed"] == 0.0 and max(exact.values()) == 1.0
 
 
-def test_evaluating_a_prompt_version_on_a_dataset_without_its_columns_fails_clearly(
+def test_a_backfill_over_a_dataset_without_the_seeds_columns_ends_green_as_not_applicable(
     dagster_dev: DagsterDev, backfilled: Backfilled
 ) -> None:
-    """The backfill of the seed over a dataset lacking its template's columns fails, and the
-    failure (what the run page shows) names the columns."""
-    assert backfilled.bad_backfill_status in ("FAILED", "COMPLETED_FAILED")
-    failures = dagster_dev.backfill_failures(backfilled.bad_backfill_id)
-    assert any(f"{NO_COLUMNS_DATASET} lacks column(s) ['review', 'label']" in f for f in failures), failures
+    """The backfill of the seed over a dataset lacking its template's columns succeeds: the seed is
+    recorded as not applicable (no score, the missing columns named), in the evaluation's
+    metadata and in the comparison."""
+    assert backfilled.bad_backfill_status in ("COMPLETED", "COMPLETED_SUCCESS")
+    assert dagster_dev.backfill_failures(backfilled.bad_backfill_id) == []
+    seed = f"{STUDY}:{STUDY}-seed"
+    status = f"not applicable: {NO_COLUMNS_DATASET} lacks column(s) ['review', 'label']"
+    [evaluation] = [
+        m["metadata"]
+        for m in dagster_dev.materializations("prompt_evaluation")
+        if m["partition"] == str(evaluation_key(seed, NO_COLUMNS_DATASET))
+    ]
+    assert evaluation["applicable"] is False and evaluation["status"] == status
+    [row] = [
+        r for r in backfilled.comparison if (r["prompt_version"], r["dataset"]) == (seed, NO_COLUMNS_DATASET)
+    ]
+    assert row.get("value") is None and row["status"] == status

@@ -3,13 +3,16 @@
 `prompt_evaluation` is partitioned by prompt version x dataset (both dynamic; the sensors at the
 end of sensors.py add the keys). Backfill it from the UI over a new dataset or a new prompt
 version; `evaluation_comparison` then gathers every evaluation into one table (prompt version x
-dataset x metric) in its metadata. The work is core/dataset_evaluation.py; this file only
-translates.
+dataset x metric) in its metadata. A prompt version whose template or reference needs a column
+the dataset lacks is recorded as not applicable (a successful materialization, `applicable`
+false, the missing columns named), so a backfill over "All" prompt versions ends green; an
+unreadable dataset or a failing LLM fails the run. The work is core/dataset_evaluation.py; this
+file only translates.
 """
 
 import dagster as dg
 
-from promptopt_dagster.assets.common import prompt_markdown, usage_metadata
+from promptopt_dagster.assets.metadata import number, prompt_markdown, table_value, usage_metadata
 from promptopt_dagster.core import dataset_evaluation
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.errors import PromptoptError
@@ -55,27 +58,17 @@ def prompt_evaluation(
         study = store.load_study(study_name)
         prompt = store.load_prompt(study_name, prompt_id)
         info = datasets.inspect(dataset)
-        missing = dataset_evaluation.missing_columns(prompt, study, info)
-        if missing:
-            raise dg.Failure(
-                description=(
-                    f"Dataset {dataset} lacks column(s) {missing} that prompt version {version} needs "
-                    f"(its template uses {sorted(prompt.placeholders())}, its reference column is "
-                    f"{dataset_evaluation.reference_for(study, info.spec)!r}); the dataset has "
-                    f"{info.columns}. Backfill this prompt version only over datasets with those columns, "
-                    f"or add a sidecar {as_path(dataset_evaluation.sidecar_uri(info.uri)).name} that "
-                    "renames columns."
-                ),
-                metadata={"missing_columns": missing, "dataset_columns": info.columns},
-                allow_retries=False,
-            )
+        out_dir = dataset_evaluation.evaluation_dir(store.root, version, dataset)
+        if dataset_evaluation.missing_columns(prompt, study, info):
+            summary = dataset_evaluation.record_not_applicable(study, prompt, info, out_dir, version)
+            return _not_applicable(context, summary, info.uri)
         summary = dataset_evaluation.evaluate_dataset(
             llm.primary(study),
             evaluator_for(study),
             study,
             prompt,
             info,
-            dataset_evaluation.evaluation_dir(store.root, version, dataset),
+            out_dir,
             version,
             chunk_rows=datasets.chunk_rows,
             progress=context.log.info,
@@ -84,19 +77,47 @@ def prompt_evaluation(
         raise dg.Failure(description=str(exc), allow_retries=False) from exc
     return dg.MaterializeResult(
         metadata={
+            "applicable": True,
+            "score": number(summary.scores[summary.target_metric]),
+            "target_metric": summary.target_metric,
             "study": study.name,
             "prompt_id": prompt.id,
             "dataset": dataset,
             "rows": summary.rows,
             "failed_rows": summary.failed_rows,
-            "score": dg.MetadataValue.float(summary.scores[summary.target_metric]),
-            "target_metric": summary.target_metric,
-            **{f"score_{m}": dg.MetadataValue.float(v) for m, v in summary.scores.items()},
+            **{f"score_{m}": number(v) for m, v in summary.scores.items()},
             "chunks": summary.chunks,
             "predictions": dg.MetadataValue.path(summary.predictions_uri),
             "prompt": prompt_markdown(prompt.system_prompt, prompt.output_prompt),
         }
         | usage_metadata(summary.usage)
+    )
+
+
+def _not_applicable(
+    context: dg.AssetExecutionContext, summary: dataset_evaluation.EvaluationSummary, dataset_uri: str
+) -> dg.MaterializeResult:
+    """The materialization of a prompt version the dataset lacks columns for: no score, why not."""
+    sidecar = as_path(dataset_evaluation.sidecar_uri(dataset_uri)).name
+    context.log.warning(
+        f"prompt version {summary.prompt_version} is not applicable to dataset {summary.dataset}: it needs "
+        f"column(s) {summary.missing_columns} (its template and its reference column), the dataset has "
+        f"{summary.dataset_columns}; recorded as not applicable, nothing evaluated. To evaluate it, add a "
+        f"sidecar {sidecar} that renames the file's columns "
+        "(columns: {file column: study column}) or names the reference_column."
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "applicable": False,
+            "status": summary.status(),
+            "missing_columns": summary.missing_columns,
+            "dataset_columns": summary.dataset_columns,
+            "target_metric": summary.target_metric,
+            "study": summary.study,
+            "prompt_id": summary.prompt_id,
+            "dataset": summary.dataset,
+            "rows": 0,
+        }
     )
 
 
@@ -111,25 +132,37 @@ def evaluation_comparison(
     pivot = dataset_evaluation.comparison_pivot(frame)
     schema = dg.TableSchema(
         columns=[
-            dg.TableColumn("prompt_version", "string"),
-            dg.TableColumn("study", "string"),
+            dg.TableColumn("prompt_version", "string", description="<study>:<prompt id>"),
             dg.TableColumn("dataset", "string"),
             dg.TableColumn("metric", "string"),
-            dg.TableColumn("value", "float"),
+            dg.TableColumn(
+                "value", "float", description="mean over the dataset's rows; blank when not applicable"
+            ),
+            dg.TableColumn(
+                "status",
+                "string",
+                description="scored, or not applicable: the columns the prompt version needs that the "
+                "dataset lacks",
+            ),
             dg.TableColumn("rows", "int"),
-            dg.TableColumn("target", "bool"),
+            dg.TableColumn("target", "bool", description="the study's target metric"),
         ]
     )
-    records = [dg.TableRecord(r) for r in frame.to_dict(orient="records")]
+    records = [
+        dg.TableRecord({k: table_value(v) for k, v in r.items()}) for r in frame.to_dict(orient="records")
+    ]
     context.log.info(f"{len(summaries)} evaluations, {len(frame)} scores")
     return dg.MaterializeResult(
         metadata={
             "evaluations": len(summaries),
+            "not_applicable": sum(not s.applicable for s in summaries),
             "prompt_versions": int(frame["prompt_version"].nunique()) if len(frame) else 0,
             "datasets": int(frame["dataset"].nunique()) if len(frame) else 0,
             "comparison": dg.MetadataValue.table(records=records, schema=schema),
             "by_prompt_version": dg.MetadataValue.md(
-                pivot.to_markdown(index=False, floatfmt=".3f") if len(pivot) else "(no evaluations yet)"
+                pivot.to_markdown(index=False, disable_numparse=True)
+                if len(pivot)
+                else "(no evaluations yet)"
             ),
         }
     )

@@ -10,6 +10,8 @@ Convention for the datasets location (a local folder or a gs:// prefix, settings
   column, e.g. ``{text: review}``) and a free-text ``description``;
 - a prompt version can be evaluated on a dataset when the dataset has every column its template
   uses (``{column}``) and the reference column. Other input columns of the study are optional.
+  A prompt version that needs a column the dataset lacks is *not applicable* to it: its
+  evaluation records that (`record_not_applicable`, the missing columns named) instead of a score.
 
 A dataset is read in chunks of rows (pyarrow streaming readers), each chunk is run through the
 same `run_prompt` / `score_predictions` as an iteration, and the scored rows are appended to a
@@ -82,7 +84,9 @@ class DatasetInfo(BaseModel):
 
 
 class EvaluationSummary(BaseModel):
-    """What one (prompt version, dataset) evaluation measured; scores are per-row means."""
+    """What one (prompt version, dataset) evaluation measured; scores are per-row means.
+    A prompt version not applicable to the dataset has no rows and no scores, and names the
+    columns it needs that the dataset lacks."""
 
     prompt_version: str
     study: str
@@ -96,6 +100,15 @@ class EvaluationSummary(BaseModel):
     predictions_uri: str
     seconds: float
     chunks: int
+    applicable: bool = True
+    missing_columns: list[str] = Field(default_factory=list)
+    dataset_columns: list[str] = Field(default_factory=list)
+
+    def status(self) -> str:
+        """`scored`, or why the prompt version was not evaluated on the dataset."""
+        if self.applicable:
+            return "scored"
+        return f"not applicable: {self.dataset} lacks column(s) {self.missing_columns}"
 
 
 # --- prompt versions -----------------------------------------------------------------------------
@@ -386,6 +399,36 @@ def evaluate_dataset(
     return summary
 
 
+def record_not_applicable(
+    study: StudyConfig, prompt: PromptState, info: DatasetInfo, out_dir: str, prompt_version: str
+) -> EvaluationSummary:
+    """The evaluation of a prompt version on a dataset lacking columns it needs: no LLM call, a
+    summary (``applicable`` false, the missing columns named) written to ``<out_dir>/summary.json``
+    in place of any earlier one, so the comparison shows the pair as not applicable."""
+    missing = missing_columns(prompt, study, info)
+    if not missing:
+        raise ValueError(f"prompt version {prompt_version} is applicable to dataset {info.name}")
+    summary = EvaluationSummary(
+        prompt_version=prompt_version,
+        study=study.name,
+        prompt_id=prompt.id,
+        dataset=info.name,
+        rows=0,
+        failed_rows=0,
+        target_metric=study.target_metric,
+        scores={},
+        usage={},
+        predictions_uri="",
+        seconds=0.0,
+        chunks=0,
+        applicable=False,
+        missing_columns=missing,
+        dataset_columns=info.columns,
+    )
+    write_text(join(out_dir, "summary.json"), summary.model_dump_json(indent=2))
+    return summary
+
+
 # --- comparison ---------------------------------------------------------------------------------
 
 
@@ -395,30 +438,49 @@ def load_summaries(root: str) -> list[EvaluationSummary]:
     return [EvaluationSummary.model_validate_json(read_text(f)) for f in files]
 
 
+COMPARISON_COLUMNS = ["prompt_version", "dataset", "metric", "value", "status", "rows", "target"]
+NOT_APPLICABLE = "n/a"
+
+
 def comparison_frame(summaries: list[EvaluationSummary]) -> pd.DataFrame:
-    """Long format: one row per prompt version x dataset x metric."""
-    rows = [
-        {
-            "prompt_version": s.prompt_version,
-            "study": s.study,
-            "dataset": s.dataset,
-            "metric": metric,
-            "value": round(float(value), 6),
-            "rows": s.rows,
-            "target": metric == s.target_metric,
-        }
-        for s in summaries
-        for metric, value in sorted(s.scores.items())
-    ]
-    columns = ["prompt_version", "study", "dataset", "metric", "value", "rows", "target"]
-    frame = pd.DataFrame(rows, columns=columns)
+    """Long format: one row per prompt version x dataset x metric; a pair that is not applicable
+    has one row, on its target metric, with no value and the missing columns in `status`."""
+    rows = []
+    for s in summaries:
+        scores: dict[str, float | None] = (
+            dict(sorted(s.scores.items())) if s.applicable else {s.target_metric: None}
+        )
+        rows.extend(
+            {
+                "prompt_version": s.prompt_version,
+                "dataset": s.dataset,
+                "metric": metric,
+                "value": None if value is None else round(float(value), 6),
+                "status": s.status(),
+                "rows": s.rows,
+                "target": metric == s.target_metric,
+            }
+            for metric, value in scores.items()
+        )
+    frame = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     return frame.sort_values(["dataset", "metric", "prompt_version"], ignore_index=True)
 
 
 def comparison_pivot(frame: pd.DataFrame) -> pd.DataFrame:
-    """Prompt versions as rows, (dataset, metric) as columns: the table to read at a glance."""
+    """Prompt versions as rows, (dataset, metric) as columns: the table to read at a glance.
+    Scores to 3 decimals; "n/a" where the prompt version is not applicable to the dataset."""
     if frame.empty:
         return pd.DataFrame()
-    pivot = frame.pivot_table(index="prompt_version", columns=["dataset", "metric"], values="value")
-    pivot.columns = [f"{d} / {m}" for d, m in pivot.columns]
+    shown = frame.assign(
+        cell=[NOT_APPLICABLE if pd.isna(v) else f"{v:.3f}" for v in frame["value"]],
+        column=[f"{d} / {m}" for d, m in zip(frame["dataset"], frame["metric"], strict=True)],
+    )
+    pivot = shown.pivot(index="prompt_version", columns="column", values="cell")
+    for version, dataset in frame.loc[frame["value"].isna(), ["prompt_version", "dataset"]].itertuples(
+        index=False
+    ):
+        same = [c for c in pivot.columns if c.startswith(f"{dataset} / ")]
+        pivot.loc[version, same] = NOT_APPLICABLE
+    pivot = pivot.fillna("")
+    pivot.columns.name = None
     return pivot.reset_index()

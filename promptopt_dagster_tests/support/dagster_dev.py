@@ -316,7 +316,8 @@ class Backfilled:
     backfill_id: str
     backfill_status: str
     comparison: list[dict[str, Any]]
-    # Launched alongside: the seed over a dataset without its columns (added by hand in the UI).
+    # Launched alongside: the seed over a dataset without its columns (added by hand in the UI),
+    # which records the seed as not applicable to it.
     bad_backfill_id: str
     bad_backfill_status: str
     # The new_dataset_sensor tick that reported BAD_DATASET (reported once: ticks move on).

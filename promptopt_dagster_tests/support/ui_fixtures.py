@@ -77,7 +77,8 @@ def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
     keys = [str(evaluation_key(v, NEW_DATASET)) for v in versions]
     backfill_id = server.launch_backfill("prompt_evaluation", keys)
     # At the same time (one daemon pass for both): the seed over a dataset lacking its columns,
-    # registered by hand as a user could in the UI (the sensor itself skips such a file).
+    # registered by hand as a user could in the UI (the sensor itself skips such a file); it ends
+    # green, the seed recorded as not applicable to the file.
     (server.datasets / NO_COLUMNS_DATASET).write_text("question,answer\n1+1,2\n")
     server.add_dynamic_partition("dataset", NO_COLUMNS_DATASET)
     bad_id = server.launch_backfill(
@@ -87,13 +88,17 @@ def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
         lambda: (s := server.backfill_status(backfill_id)) in FINISHED and s, 300, "the backfill", every=2
     )
     bad_status = wait_for(
-        lambda: (s := server.backfill_status(bad_id)) in FINISHED and s, 120, "the failing backfill", every=2
+        lambda: (s := server.backfill_status(bad_id)) in FINISHED and s,
+        120,
+        f"the backfill over {NO_COLUMNS_DATASET}",
+        every=2,
     )
+    wanted = {(v, NEW_DATASET) for v in versions} | {(f"{STUDY}:{STUDY}-seed", NO_COLUMNS_DATASET)}
 
     def compared() -> list[dict[str, Any]] | None:
         for mat in server.materializations("evaluation_comparison", limit=5):
             table = mat["metadata"]["comparison"]
-            if {(r["prompt_version"], r["dataset"]) for r in table} >= {(v, NEW_DATASET) for v in versions}:
+            if {(r["prompt_version"], r["dataset"]) for r in table} >= wanted:
                 return table
         return None
 
