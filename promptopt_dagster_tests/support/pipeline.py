@@ -10,7 +10,7 @@ import dagster as dg
 
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import StudyConfig
-from promptopt_dagster.definitions import ASSETS
+from promptopt_dagster.definitions import ASSETS, CHECKS
 from promptopt_dagster.io_managers import PromptoptIOManager
 from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.resources import PromptStoreResource
@@ -45,6 +45,7 @@ def make_pipeline(
     store_resource = PromptStoreResource(root=str(root))
     defs = dg.Definitions(
         assets=ASSETS,
+        asset_checks=CHECKS,
         jobs=[iteration_job, report_job],
         sensors=[new_study_sensor, continue_study_sensor],
         resources={
