@@ -59,6 +59,17 @@ def test_format_rule_is_inferred_from_labels_numbers_and_short_answers() -> None
     assert infer_format_rule([" ".join(["word"] * 30) + str(i) for i in range(5)]) is None
 
 
+def test_many_label_codes_are_listed_even_when_most_appear_once() -> None:
+    """22 intent codes in 32 train rows: the rule names every code, so a small model answers
+    with a code rather than a description (free single-word answers that rarely repeat, such as
+    cities, stay an open answer)."""
+    codes = [f"intent_{i}" for i in range(22)]
+    rule = infer_format_rule(codes + codes[:10]) or ""
+    assert rule.startswith("Answer with exactly one of: ") and all(c in rule for c in codes)
+    cities = ["paris", "rome", "lima", "oslo", "bern", "kyiv", "riga", "doha", "baku", "rome"]
+    assert "exactly one of" not in (infer_format_rule(cities) or "")
+
+
 def test_parse_proposals_accepts_fenced_and_bare_shapes_and_rejects_garbage() -> None:
     fenced = '```json\n{"candidates": [{"system_prompt": "A", "rationale": "b"}]}\n```'
     assert parse_proposals(fenced)[0].system_prompt == "A"

@@ -92,13 +92,27 @@ def compose(
 # The output format, inferred from the references (no LLM).
 
 
+# A label code: one token such as `billing`, `card_lost`, `A-2`; no spaces, not a number.
+LABEL_CODE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[_.-][A-Za-z0-9]+)*")
+
+
+def is_label_set(distinct: Sequence[str], n_refs: int, max_labels: int = 12, max_codes: int = 40) -> bool:
+    """Whether references drawn from `distinct` values look like a closed set of labels: a few
+    labels that each recur, or up to `max_codes` code-shaped labels of which some recur (a study
+    with many codes sees most of them only once or twice in its train split)."""
+    if len(distinct) <= max_labels and len(distinct) * 2 <= n_refs:
+        return True
+    codes = all(LABEL_CODE.fullmatch(label) and len(label) <= 40 for label in distinct)
+    return codes and len(distinct) <= max_codes and len(distinct) <= 0.8 * n_refs
+
+
 def infer_format_rule(references: Sequence[str], max_labels: int = 12) -> str | None:
     """An explicit output-format instruction that fits every reference, or None."""
     refs = [str(r).strip() for r in references if str(r).strip()]
     if not refs:
         return None
     distinct = sorted(set(refs))
-    if len(distinct) <= max_labels and len(distinct) * 2 <= len(refs):
+    if is_label_set(distinct, len(refs), max_labels):
         labels = ", ".join(distinct)
         return f"Answer with exactly one of: {labels}. Reply with that label only, no other words."
     if all(re.fullmatch(r"-?\d+(\.\d+)?", r) for r in refs):
