@@ -26,8 +26,7 @@ from promptopt_dagster.core.scoring import candidate_scores, evaluator_for, scor
 from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster_tests.support import scripted
-from promptopt_dagster_tests.support.pipeline import make_pipeline
-from promptopt_dagster_tests.test_pipeline import ITERATION_ASSETS
+from promptopt_dagster_tests.support.pipeline import ITERATION_ASSETS, make_pipeline
 
 
 def with_latency(responder, seconds: float):  # type: ignore[no-untyped-def]

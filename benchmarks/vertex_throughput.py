@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from promptopt_dagster.llm.base import ChatRequest  # noqa: E402
 from promptopt_dagster.llm.vertex import VertexLLM  # noqa: E402
 from promptopt_dagster.llm.vertex_options import VertexOptions  # noqa: E402
-from promptopt_dagster_tests.support.vertex_server import VertexServerProcess  # noqa: E402
+from promptopt_dagster_tests.support.vertex_process import VertexServerProcess  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,10 +24,9 @@ from promptopt_dagster.sensors import (
     new_prompt_version_sensor,
     new_study_sensor,
 )
-from promptopt_dagster_tests.support.pipeline import Pipeline
+from promptopt_dagster_tests.support.pipeline import Pipeline, materialize_iteration
+from promptopt_dagster_tests.support.pipeline import tick as tick_study
 from promptopt_dagster_tests.support.scripted import primary_responder, write_dataset
-from promptopt_dagster_tests.test_pipeline import materialize_iteration
-from promptopt_dagster_tests.test_pipeline import tick as tick_study
 
 FORMAT_RULE = "Answer with one of: positive, negative."
 
@@ -142,6 +141,7 @@ def test_missing_columns_is_a_clear_error(pipeline: Pipeline, tmp_path: Path) ->
 # --- Dagster ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_sensors_register_datasets_and_prompt_versions_then_backfill_compares(pipeline: Pipeline) -> None:
     p = pipeline
     p.store.register_study(p.study)

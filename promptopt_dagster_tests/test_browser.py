@@ -19,6 +19,8 @@ from promptopt_dagster_tests.support.dagster_dev import (
     StudyRun,
 )
 
+pytestmark = pytest.mark.e2e
+
 pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]
 
 CHROMIUM = "/usr/bin/chromium"

@@ -49,6 +49,7 @@ def live_calls(p: Pipeline) -> int:
     return p.llm.inner("primary").calls + p.llm.inner("optimizer").calls
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("cache_enabled", [False, True])
 def test_a_study_never_spends_more_than_its_budget(tmp_path: Path, cache_enabled: bool) -> None:
     # 48 rows: minibatch 6, validation 14, so the smallest iteration may need 2 * (6 + 14) = 40

@@ -159,6 +159,7 @@ def scripted(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_scripted_llm(monkeypatch)
 
 
+@pytest.mark.e2e
 def test_run_prints_a_line_per_step_and_unwrapped_tables_when_not_a_terminal(
     scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -174,6 +175,7 @@ def test_run_prints_a_line_per_step_and_unwrapped_tables_when_not_a_terminal(
     assert len(records) == 2 and all(r.wall_seconds and r.wall_seconds > 0 for r in records)
 
 
+@pytest.mark.e2e
 def test_fresh_forget_list_and_show_on_a_study_with_iterations(
     scripted: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -203,6 +205,7 @@ def test_fresh_forget_list_and_show_on_a_study_with_iterations(
     assert "iteration 0: incumbent val" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
     scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -256,6 +259,7 @@ def test_the_package_declares_its_licence_as_an_spdx_string() -> None:
     assert meta["project"]["license"] == "Apache-2.0"
 
 
+@pytest.mark.e2e
 def test_small_splits_are_warned_about_and_tiny_studies_refused(
     scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

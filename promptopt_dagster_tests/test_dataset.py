@@ -50,6 +50,7 @@ def test_each_format_loads_with_the_same_row_ids(tmp_path: Path, name: str) -> N
     assert df[ROW_ID].tolist() == reference[ROW_ID].tolist()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["data.csv", "data.jsonl", "data.parquet"])
 def test_loads_from_gcs(tmp_path: Path, name: str, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
     local = write(tmp_path / name, ROWS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 
 from promptopt_dagster.core.study import load_study
@@ -12,6 +13,8 @@ from promptopt_dagster.definitions import build_definitions
 from promptopt_dagster.driver import drive
 from promptopt_dagster.examples import EXAMPLES_DIR
 from promptopt_dagster.settings import Settings
+
+pytestmark = pytest.mark.e2e
 
 
 def test_tiny_study_improves_on_the_seed_over_two_iterations(tmp_path: Path) -> None:

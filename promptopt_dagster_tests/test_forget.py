@@ -15,9 +15,9 @@ from promptopt_dagster.errors import StudyConfigError
 from promptopt_dagster.partitions import parse_key
 from promptopt_dagster.storage import UnsafePathError, join
 from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
-from promptopt_dagster_tests.support.postgres import (
+from promptopt_dagster_tests.support.postgres import postgres_instance
+from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
-    postgres_instance,
     postgres_server,  # noqa: F401
 )
 
@@ -40,6 +40,7 @@ def _run_to_the_end(p: Pipeline) -> None:
     drive(p.defs, p.instance, p.study.name)
 
 
+@pytest.mark.e2e
 def test_forget_then_rerun_starts_from_nothing_and_reports_anew(instance_pipeline: Pipeline) -> None:
     p = instance_pipeline
     _run_to_the_end(p)
@@ -68,6 +69,7 @@ def test_forget_then_rerun_starts_from_nothing_and_reports_anew(instance_pipelin
     assert reported and latest is not None and latest.stop
 
 
+@pytest.mark.e2e
 def test_a_forget_cut_short_reads_as_forgotten_and_is_finished_by_the_next_register(
     instance_pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -104,6 +106,7 @@ def test_a_forget_cut_short_reads_as_forgotten_and_is_finished_by_the_next_regis
     assert result.runs[-1].job == "report_job"
 
 
+@pytest.mark.e2e
 def test_forgetting_an_unknown_study_is_an_error_and_changes_nothing(pipeline: Pipeline) -> None:
     p = pipeline
     _run_to_the_end(p)
@@ -114,6 +117,7 @@ def test_forgetting_an_unknown_study_is_an_error_and_changes_nothing(pipeline: P
     assert p.store.studies() == ["scripted"]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["..", "../..", "../../..", "a/../..", "/etc", "Scripted", "x" * 80, ""])
 def test_names_that_are_not_study_names_are_refused_before_any_file_is_touched(
     pipeline: Pipeline, name: str
@@ -145,6 +149,7 @@ def test_paths_built_from_names_stay_inside_their_root(tmp_path: Path) -> None:
         join("gs://bucket/prefix", "..", "other")
 
 
+@pytest.mark.e2e
 def test_instance_without_partition_wipe_support_is_enough(instance_pipeline: Pipeline) -> None:
     """Dagster's SQL storages cannot wipe partitions; forgetting must not need it."""
     p = instance_pipeline

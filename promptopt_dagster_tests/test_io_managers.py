@@ -161,6 +161,7 @@ def test_round_trip_on_local_folder(tmp_path: Path, instance: dg.DagsterInstance
     assert not [f for f in files if f.endswith(".tmp")]
 
 
+@pytest.mark.e2e
 def test_round_trip_on_gcs_emulator(gcs_emulator: GcsEmulator, instance: dg.DagsterInstance) -> None:  # noqa: F811
     base = gcs_emulator.uri("io", uuid.uuid4().hex[:8])
     _check_round_trip(base, instance)

@@ -124,6 +124,7 @@ def test_user_model_path_must_exist_and_be_gguf(tmp_path: Path) -> None:
     assert not (tmp_path / "unused").exists()
 
 
+@pytest.mark.e2e
 def test_truncated_gguf_fails_at_construction_with_model_error(tmp_path: Path, packaged_model: Path) -> None:
     broken = tmp_path / "broken.gguf"
     with packaged_model.open("rb") as fh:
@@ -146,6 +147,7 @@ def llm(packaged_model: Path) -> LocalLLM:
     return LocalLLM(model_path=str(packaged_model))
 
 
+@pytest.mark.e2e
 def test_packaged_model_answers_a_precise_prompt(llm: LocalLLM) -> None:
     assert isinstance(llm, LLMClient)
     assert llm.backend == "local" and llm.model == "qwen2.5-coder-0.5b-instruct"
@@ -156,6 +158,7 @@ def test_packaged_model_answers_a_precise_prompt(llm: LocalLLM) -> None:
     assert usage.calls == 1 and usage.tokens == reply.prompt_tokens + reply.completion_tokens
 
 
+@pytest.mark.e2e
 def test_json_schema_constrains_the_output(llm: LocalLLM) -> None:
     schema = {
         "type": "object",
@@ -173,6 +176,7 @@ def test_json_schema_constrains_the_output(llm: LocalLLM) -> None:
     assert data["label"] in {"positive", "negative"} and isinstance(data["confidence"], int)
 
 
+@pytest.mark.e2e
 def test_failed_request_is_an_error_row_and_order_is_kept(llm: LocalLLM) -> None:
     seen: list[tuple[int, int]] = []
     llm.progress = lambda done, total: seen.append((done, total))
@@ -187,11 +191,13 @@ def test_failed_request_is_an_error_row_and_order_is_kept(llm: LocalLLM) -> None
     assert Usage.from_responses(replies).failed_calls == 1
 
 
+@pytest.mark.e2e
 def test_server_is_shared_per_model_in_a_process(llm: LocalLLM, packaged_model: Path) -> None:
     again = LocalLLM(model_path=str(packaged_model))
     assert again._server is llm._server
 
 
+@pytest.mark.e2e
 def test_parallel_slots_keep_request_order(packaged_model: Path) -> None:
     seen: list[tuple[int, int]] = []
     llm = LocalLLM(model_path=str(packaged_model), n_ctx=1024, parallel=2,
@@ -206,6 +212,7 @@ def test_parallel_slots_keep_request_order(packaged_model: Path) -> None:
     assert sorted(seen) == [(1, 3), (2, 3), (3, 3)]
 
 
+@pytest.mark.e2e
 def test_replies_do_not_depend_on_call_order_or_on_the_server(packaged_model: Path) -> None:
     """The same rows scored in two orders, then in a fresh client on a fresh server, give the same
     texts: llama.cpp must not reuse the KV cache of earlier requests (it moved 1-3 of 20)."""

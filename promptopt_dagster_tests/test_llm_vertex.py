@@ -60,6 +60,7 @@ def ask(text: str, **params: Any) -> ChatRequest:
     return ChatRequest.of([{"role": "user", "content": text}], **params)
 
 
+@pytest.mark.e2e
 def test_request_shape_usage_and_cost(server: VertexServer) -> None:
     llm = make_llm(server, prices={MODEL: (1.0, 2.0)})
     assert isinstance(llm, LLMClient) and llm.backend == "vertex" and llm.model == MODEL
@@ -88,6 +89,7 @@ def test_request_shape_usage_and_cost(server: VertexServer) -> None:
     assert estimate_cost("unknown-model", 10, 10) == 0.0
 
 
+@pytest.mark.e2e
 def test_rest_transport_sends_what_the_sdk_sends(server: VertexServer) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string"}, "n": {"type": "integer"}},
               "required": ["answer"]}
@@ -115,6 +117,7 @@ def camel(value: Any) -> Any:
     return [camel(v) for v in value] if isinstance(value, list) else value
 
 
+@pytest.mark.e2e
 def test_json_mode_sends_schema_and_retries_prose(server: VertexServer) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
     llm = make_llm(server, max_attempts=3)
@@ -134,6 +137,7 @@ def test_json_mode_sends_schema_and_retries_prose(server: VertexServer) -> None:
     assert len(server.generate_requests()) == 3
 
 
+@pytest.mark.e2e
 def test_transient_errors_are_retried_until_success(server: VertexServer) -> None:
     server.inject(Fault(status=429), Fault(status=500), Fault(status=503), Fault("malformed_json"))
     [reply] = make_llm(server, max_attempts=5).generate([ask("x")])
@@ -141,6 +145,7 @@ def test_transient_errors_are_retried_until_success(server: VertexServer) -> Non
     assert [r.status for r in server.generate_requests()] == [429, 500, 503, 200, 200]
 
 
+@pytest.mark.e2e
 def test_retries_run_out_into_a_row_error(server: VertexServer) -> None:
     server.inject(Fault(status=503, message="backend overloaded", times=None))
     [reply] = make_llm(server, max_attempts=3).generate([ask("x")])
@@ -149,6 +154,7 @@ def test_retries_run_out_into_a_row_error(server: VertexServer) -> None:
     assert len(server.generate_requests()) == 3
 
 
+@pytest.mark.e2e
 def test_timeout_is_retried(server: VertexServer) -> None:
     server.inject(Fault("hang", hang_s=10))
     started = time.monotonic()
@@ -158,6 +164,7 @@ def test_timeout_is_retried(server: VertexServer) -> None:
     assert len(server.generate_requests()) == 2
 
 
+@pytest.mark.e2e
 def test_retry_after_is_honoured(server: VertexServer) -> None:
     server.inject(Fault(status=429, retry_after=1.0))
     started = time.monotonic()
@@ -184,6 +191,7 @@ def test_retry_after_parsing() -> None:
     assert retry_after_seconds(ValueError()) is None
 
 
+@pytest.mark.e2e
 def test_non_retryable_4xx_raises_with_the_server_message(server: VertexServer) -> None:
     server.inject(Fault(status=400, message="Unable to submit request because responseSchema is invalid"))
     with pytest.raises(ModelError) as caught:
@@ -199,6 +207,7 @@ def test_non_retryable_4xx_raises_with_the_server_message(server: VertexServer) 
     assert "model not found" in (replies[1].error or "")
 
 
+@pytest.mark.e2e
 def test_order_is_kept_under_random_latency(server: VertexServer) -> None:
     rng = random.Random(7)
     server.latency = lambda body: rng.uniform(0.0, 0.05)
@@ -210,6 +219,7 @@ def test_order_is_kept_under_random_latency(server: VertexServer) -> None:
     assert sorted(arrival) == sorted(texts) and finish != texts  # they did finish out of order
 
 
+@pytest.mark.e2e
 def test_concurrency_bound_is_respected(server: VertexServer) -> None:
     server.latency = 0.05
     replies = make_llm(server, concurrency=4).generate([ask(f"q{i}") for i in range(24)])
@@ -217,6 +227,7 @@ def test_concurrency_bound_is_respected(server: VertexServer) -> None:
     assert server.max_in_flight == 4
 
 
+@pytest.mark.e2e
 def test_requests_per_window_are_limited(server: VertexServer) -> None:
     window, limit, n = 0.5, 5, 12
     started = time.monotonic()
@@ -250,6 +261,7 @@ def test_token_limiter_corrects_its_estimate() -> None:
     assert asyncio.run(scenario()) == (95, True)
 
 
+@pytest.mark.e2e
 def test_partial_failure_keeps_good_rows_and_checkpoint_resends_only_missing(
     server: VertexServer, tmp_path: Path
 ) -> None:
@@ -270,6 +282,7 @@ def test_partial_failure_keeps_good_rows_and_checkpoint_resends_only_missing(
     assert sum(r.cached for r in second) == 8
 
 
+@pytest.mark.e2e
 def test_original_api_generate_response_and_batch_predict(server: VertexServer) -> None:
     llm = make_llm(server)
     text = llm.generate_response(MODEL, "hi", system_content="sys", response_mime_type="application/json")
@@ -292,6 +305,7 @@ def test_original_api_generate_response_and_batch_predict(server: VertexServer) 
         llm.generate_response(MODEL, "boom")
 
 
+@pytest.mark.e2e
 def test_generate_works_inside_a_running_event_loop(server: VertexServer) -> None:
     llm = make_llm(server)
 
@@ -301,6 +315,7 @@ def test_generate_works_inside_a_running_event_loop(server: VertexServer) -> Non
     assert asyncio.run(inside()) == "echo: loop"
 
 
+@pytest.mark.e2e
 def test_factory_builds_vertex_from_settings(server: VertexServer) -> None:
     from promptopt_dagster.llm.factory import build_client
 
@@ -323,6 +338,7 @@ def test_options_check_the_price_table() -> None:
         VertexOptions(prices={"m": [1.0, -2.0]})
 
 
+@pytest.mark.e2e
 def test_token_never_in_errors_logs_or_stored_rows(
     server: VertexServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -351,6 +367,7 @@ def test_token_never_in_errors_logs_or_stored_rows(
 # --- batch prediction jobs ----------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
     def responder(body: dict[str, Any]) -> str:
         text = user_text(body)
@@ -392,6 +409,7 @@ def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulat
     assert len(server.generate_requests()) == 1
 
 
+@pytest.mark.e2e
 def test_batch_job_that_fails_as_a_whole_raises(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
     server.fail_batch_jobs_with = "quota for batch prediction exceeded"
     prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])

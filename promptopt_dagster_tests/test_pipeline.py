@@ -6,24 +6,13 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import pytest
 
 from promptopt_dagster.driver import drive
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
-from promptopt_dagster_tests.support.pipeline import ITERATION_ASSETS, Pipeline, make_pipeline, tick
-
-
-def materialize_iteration(
-    p: Pipeline, iteration: int, raise_on_error: bool = True
-) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
-        ITERATION_ASSETS,
-        partition_key=str(study_iteration_key(p.study.name, iteration)),
-        instance=p.instance,
-        resources=p.resources(),
-        raise_on_error=raise_on_error,
-    )
+from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline, materialize_iteration, tick
 
 
 def decision_metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
@@ -36,6 +25,7 @@ def calls_in(result: dg.ExecuteInProcessResult, node: str) -> int:
     return int(mat.metadata["llm_calls"].value)
 
 
+@pytest.mark.e2e
 def test_sensors_start_continue_and_stop_for_the_right_reason(tmp_path: Path) -> None:
     with dg.instance_for_test() as instance:
         _sensors_start_continue_and_stop(make_pipeline(tmp_path, instance, max_iterations=6))

@@ -7,11 +7,9 @@ import dagster as dg
 import pytest
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
-from promptopt_dagster_tests.support.postgres import (
-    PostgresServer,
-    database_name,
+from promptopt_dagster_tests.support.postgres import PostgresServer, database_name, postgres_instance
+from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
-    postgres_instance,
     postgres_server,  # noqa: F401
     postgres_url,  # noqa: F401
 )

@@ -299,6 +299,7 @@ def test_the_ui_shows_the_token_variable_never_the_token(
 # --- the whole study ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_study_runs_on_vertex_and_gcs_through_the_sensors(
     prod: Production, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -375,6 +376,7 @@ def test_study_runs_on_vertex_and_gcs_through_the_sensors(
 # --- faults -------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_storage_outage_mid_run_fails_cleanly_and_the_driver_resumes(
     prod: Production, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -438,6 +440,7 @@ def test_storage_outage_mid_run_fails_cleanly_and_the_driver_resumes(
         assert_token_nowhere(instance, prod.tmp / "home", caplog.text)
 
 
+@pytest.mark.e2e
 def test_a_429_burst_during_the_study_is_survived(prod: Production, caplog: pytest.LogCaptureFixture) -> None:
     """Eight 429s with Retry-After (whose message echoes the caller's Authorization header, as a
     misbehaving proxy might) in iteration 1: every row still gets its answer, the study finishes,

@@ -36,6 +36,7 @@ def prefix(gcs_emulator: GcsEmulator) -> str:  # noqa: F811
     return gcs_emulator.uri("t", uuid.uuid4().hex[:8])
 
 
+@pytest.mark.e2e
 def test_write_read_list_exists(prefix: str) -> None:
     storage.write_text(f"{prefix}/a.json", '{"a": 1}')
     storage.write_bytes(f"{prefix}/sub/b.bin", b"\x00\x01")
@@ -53,12 +54,14 @@ def test_write_read_list_exists(prefix: str) -> None:
     assert not storage.exists(f"{prefix}/a.json")
 
 
+@pytest.mark.e2e
 def test_prompt_state_round_trip_on_gcs(prefix: str) -> None:
     state = PromptState(system_prompt="Be exact.", output_prompt="Q: {question}\nA:")
     uri = state.save(f"{prefix}/prompts/{state.id}.json")
     assert PromptState.load(uri) == state
 
 
+@pytest.mark.e2e
 def test_missing_object_and_bucket_fail_at_once(prefix: str, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
     started = time.monotonic()
     with pytest.raises(storage.MissingObjectError, match="does not exist") as missing:
@@ -130,6 +133,7 @@ def _fails_fast(action: object) -> StorageError:
     return excinfo.value
 
 
+@pytest.mark.e2e
 def test_outage_fails_fast_and_recovers(own_emulator: GcsEmulator) -> None:
     kept = own_emulator.uri("kept.json")
     storage.write_text(kept, "before")
@@ -148,6 +152,7 @@ def test_outage_fails_fast_and_recovers(own_emulator: GcsEmulator) -> None:
     assert storage.read_text(own_emulator.uri("new.json")) == "after"
 
 
+@pytest.mark.e2e
 def test_materialization_during_outage_fails_cleanly(own_emulator: GcsEmulator) -> None:
     """`first` is stored, then the store goes away while `second` runs: the run fails within the
     retry budget, `second` leaves no object, and after recovery the same run succeeds."""

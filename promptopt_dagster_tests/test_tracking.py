@@ -209,6 +209,7 @@ def test_sklearn_model_logged_to_tracker_uri_and_globals_restored(
     assert [m.name for m in models] == ["lr"] and models[0].source_run_id == run
 
 
+@pytest.mark.e2e
 def test_server_store(mlflow_server: MlflowServer) -> None:
     tracker = MlflowTracker(
         mlflow_server.url, outbox_path=Path(mlflow_server.artifacts_destination) / "ob.jsonl"
@@ -222,6 +223,7 @@ def test_server_store(mlflow_server: MlflowServer) -> None:
     assert list(Path(mlflow_server.artifacts_destination).rglob("predictions.json"))
 
 
+@pytest.mark.e2e
 def test_outage_queues_then_replays(
     mlflow_server: MlflowServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -98,13 +98,14 @@ def sqlite_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow-sqlite') / 'mlflow.db'}"
 
 
-@pytest.fixture(params=["sqlite", "server"])
+@pytest.fixture(params=["sqlite", pytest.param("server", marks=pytest.mark.e2e)])
 def tracking_uri(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return str(request.getfixturevalue("sqlite_uri"))
     return str(request.getfixturevalue("mlflow_server").url)
 
 
+@pytest.mark.e2e
 def test_the_driven_study_is_in_mlflow_runs_metrics_artifacts_and_prompt_registry(
     pipeline: Pipeline, tracking_uri: str, tmp_path: Path
 ) -> None:
@@ -236,6 +237,7 @@ def test_the_driven_study_is_in_mlflow_runs_metrics_artifacts_and_prompt_registr
     assert "cv_status" in mm and "mlflow_run" in mm
 
 
+@pytest.mark.e2e
 def test_an_mlflow_outage_loses_nothing_and_is_replayed(
     pipeline: Pipeline, mlflow_server: MlflowServer, tmp_path: Path
 ) -> None:
@@ -321,6 +323,7 @@ def test_propose_candidates_without_a_ranker_is_unchanged_and_with_one_keeps_the
     assert best.prompt.metadata["predicted_score"] > 0.5
 
 
+@pytest.mark.e2e
 def test_pipeline_with_a_trusted_meta_model_screens_fewer_candidates(tmp_path: Path) -> None:
     def first_iteration(folder: Path, with_model: bool) -> tuple[dict[str, object], dict[str, object]]:
         with dg.instance_for_test() as instance:
@@ -348,6 +351,7 @@ def test_pipeline_with_a_trusted_meta_model_screens_fewer_candidates(tmp_path: P
     assert int(ranked_preds["llm_calls"]) < int(plain_preds["llm_calls"])
 
 
+@pytest.mark.e2e
 def test_meta_model_asset_trains_on_every_study_and_gates_on_cv_quality(
     tmp_path: Path, sqlite_uri: str
 ) -> None:

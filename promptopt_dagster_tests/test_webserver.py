@@ -4,6 +4,7 @@ dataset and watch the sensor register it; backfill it and find the comparison fi
 
 from __future__ import annotations
 
+import pytest
 from dagster_graphql import DagsterGraphQLClientError
 
 from promptopt_dagster.partitions import evaluation_key, study_iteration_key
@@ -17,6 +18,8 @@ from promptopt_dagster_tests.support.dagster_dev import (
     tick_text,
     wait_for,
 )
+
+pytestmark = pytest.mark.e2e
 
 pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]
 

@@ -2,8 +2,9 @@
 
 It runs the test-only code location support/fake_location.py (the product's definitions with
 scripted LLMs) on 127.0.0.1, with a temporary DAGSTER_HOME and PROMPTOPT_HOME. It is started in
-its own session, since `dagster dev` started by a script ignores SIGINT/SIGTERM otherwise
-(DESIGN.md), and stopped by signalling its process group.
+its own session with SIGINT/SIGTERM at their defaults (a `dagster dev` started by a script that
+ignores them never stops its children otherwise), and stopped by signalling its process group
+(support/server_process.py).
 
 The session fixtures that share one server and one finished study across test modules are in
 support/ui_fixtures.py (a pytest plugin: ``pytest_plugins = [...ui_fixtures]``).
@@ -11,33 +12,25 @@ support/ui_fixtures.py (a pytest plugin: ``pytest_plugins = [...ui_fixtures]``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
 from dagster_graphql import DagsterGraphQLClient
 
+from promptopt_dagster_tests.support.server_process import ServerProcess
+
 LOCATION = "promptopt_dagster_tests.support.fake_location"
 REPOSITORY = "__repository__"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tick_text(tick: dict[str, Any]) -> str:
@@ -62,20 +55,16 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
     )
 
 
-def _default_signals() -> None:
-    """A parent started in the background (no job control) ignores SIGINT, and its children
-    inherit that: `dagster dev` would then never stop its own children. Undo it in the child."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 @dataclass
 class DagsterDev:
     """One `dagster dev` process group and the folders it writes."""
 
     root: Path
     port: int
-    proc: subprocess.Popen[bytes] | None = None
+    process: ServerProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.process = ServerProcess("dagster dev", log_path=self.root / "dagster_dev.log")
 
     @property
     def home(self) -> Path:
@@ -95,7 +84,7 @@ class DagsterDev:
 
     @property
     def log_path(self) -> Path:
-        return self.root / "dagster_dev.log"
+        return self.process.log_path
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "PROMPTOPT_"))}
@@ -109,31 +98,25 @@ class DagsterDev:
         return env
 
     def start(self) -> None:
+        """Start it and wait until the code location is loaded (a load error fails at once)."""
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         self.datasets.mkdir(parents=True, exist_ok=True)
         (self.dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
         cmd = [dagster, "dev", "-h", "127.0.0.1", "-p", str(self.port), "-m", LOCATION]
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=self.root,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_default_signals,
-            )
-        wait_for(self._location_loaded, 180, f"dagster dev on {self.url} to load {LOCATION}")
+        self.process.start(
+            cmd, ready=self._location_loaded, timeout=180, every=0.5, cwd=self.root, env=self.env()
+        )
 
     def _location_loaded(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"dagster dev exited with {self.proc.returncode}:\n{self.log_tail()}")
-        data = self.query(
-            "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
-            "locationOrLoadError { __typename ... on PythonError { message } } } } } }"
-        )
-        entries = data["workspaceOrError"]["locationEntries"]
+        try:
+            data = self.query(
+                "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus "
+                "locationOrLoadError { __typename ... on PythonError { message } } } } } }"
+            )
+            entries = data["workspaceOrError"]["locationEntries"]
+        except (requests.RequestException, KeyError, TypeError):  # the webserver is still starting
+            return False
         errors = [
             e["locationOrLoadError"]
             for e in entries
@@ -144,24 +127,12 @@ class DagsterDev:
         return any(e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
 
     def stop(self) -> int | None:
-        """SIGTERM to the process group (webserver, daemon, code server, runs), SIGKILL after 30 s."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-        code = self.proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # stragglers of the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        return code
+        """SIGTERM to the process group (webserver, daemon, code server, runs), SIGKILL after 30 s;
+        the exit code of `dagster dev`."""
+        return self.process.stop(timeout=30)
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+        return self.process.log_text()[-chars:]
 
     # --- GraphQL ------------------------------------------------------------------------------
 

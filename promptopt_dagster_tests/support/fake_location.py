@@ -8,17 +8,13 @@ import dagster as dg
 
 from promptopt_dagster.definitions import build_definitions
 from promptopt_dagster.settings import Settings
-from promptopt_dagster_tests.support.scripted import ScriptedLLMResource
+from promptopt_dagster_tests.support.scripted import scripted_llm_resource
 
 
 def build_fake_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings()
     real = build_definitions(settings)
-    llm = ScriptedLLMResource(
-        model_cache_dir=str(settings.cache_dir / "models"),
-        response_cache_path=str(settings.cache_dir / "llm_responses.sqlite"),
-        cache_enabled=settings.LLM_CACHE_ENABLED,
-    )
+    llm = scripted_llm_resource(settings)
     return dg.Definitions(
         assets=real.assets,
         jobs=real.jobs,

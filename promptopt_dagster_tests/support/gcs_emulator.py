@@ -41,42 +41,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 import pytest
 
+from promptopt_dagster_tests.support.server_process import HOST, ServerProcess, free_port, http_ready
+
 # Must precede the first `import gcsfs` (see above); harmless if the caller already set it.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: on Linux, get SIGTERM when the thread that started the
-    emulator dies, so a killed pytest (CI timeout) leaves no orphan. Start it from a thread that
-    lives as long as it should (pytest's main thread does). Elsewhere, only stop() ends it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+STOP_TIMEOUT_S = 5.0
 
 
 def _emulator_executable() -> str:
@@ -91,7 +69,7 @@ def _emulator_executable() -> str:
 
 
 class GcsEmulator:
-    """One `gcp-storage-emulator` process with a default bucket, started in its own session."""
+    """One `gcp-storage-emulator` process with a default bucket (support/server_process.py)."""
 
     def __init__(
         self,
@@ -101,24 +79,22 @@ class GcsEmulator:
     ) -> None:
         self.bucket = bucket
         self.data_dir = Path(data_dir).resolve() if data_dir is not None else None
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.endpoint = f"http://{HOST}:{self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix="gcs-emulator-", suffix=".log", delete=False)  # noqa: SIM115
+        self._server = ServerProcess("gcp-storage-emulator")
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     @property
     def pid(self) -> int:
-        if self._proc is None:
-            raise RuntimeError("the emulator is not running; call start() first")
-        return self._proc.pid
+        return self._server.pid
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._server.running
 
     def start(self) -> GcsEmulator:
+        """Start it and wait until its default bucket answers 200."""
         if self.running:
             return self
         storage = ["--in-memory"] if self.data_dir is None else []
@@ -132,50 +108,13 @@ class GcsEmulator:
             f"--default-bucket={self.bucket}",
             "--quiet",
         ]
-        # Own session: the emulator does not inherit our signals, and we stop it by its pid.
-        self._proc = subprocess.Popen(
-            cmd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,  # only a prctl call: safe between fork and exec
-        )
-        self._wait_ready()
+        ready = http_ready(f"{self.endpoint}/storage/v1/b/{self.bucket}")
+        self._server.start(cmd, ready=ready, timeout=START_TIMEOUT_S)
         return self
 
-    def _wait_ready(self) -> None:
-        """Poll the bucket URL until it answers 200; fail fast if the process dies."""
-        url = f"{self.endpoint}/storage/v1/b/{self.bucket}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"gcp-storage-emulator exited with code {self._proc.returncode} on port {self.port}; "
-                    f"log: {self.log_text()[-2000:]}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=1) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"gcp-storage-emulator did not answer on {url} within {START_TIMEOUT_S:.0f} s")
-
     def stop(self) -> None:
-        """Terminate the process by its pid (SIGKILL after 5 s) and wait for it."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        """Terminate the process group by its pid (SIGKILL after 5 s) and wait for it."""
+        self._server.stop(timeout=STOP_TIMEOUT_S)
 
     def restart(self) -> GcsEmulator:
         """Stop and start again on the same port. In-memory data is lost (only the empty default
@@ -184,13 +123,10 @@ class GcsEmulator:
         return self.start()
 
     def log_text(self) -> str:
-        return Path(self._log.name).read_text(encoding="utf-8", errors="replace")
+        return self._server.log_text()
 
     def close(self) -> None:
-        self.stop()
-        self._log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._log.name)
+        self._server.close()
 
     def __enter__(self) -> GcsEmulator:
         return self.start()

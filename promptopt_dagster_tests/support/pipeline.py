@@ -1,5 +1,11 @@
-"""The scripted pipeline: the real asset graph, sensors, IO manager and prompt store with
-scripted LLMs, on a Dagster instance the caller brings; and one sensor tick as the daemon runs it."""
+"""The scripted pipeline: the iteration and report assets, their jobs and sensors with the product's
+resources (`build_resources`) for a temporary PROMPTOPT_HOME, the LLM resource swapped for the
+scripted one, on a Dagster instance the caller brings; one sensor tick as the daemon runs it; one
+iteration materialized.
+
+The asset graph is `ASSETS` without the tracking assets (they need MLflow, and a new MLflow store
+costs seconds per test: test_tracking_pipeline.py adds them) and without the backfill assets
+(test_backfill.py runs them with their own resources); `build_definitions` has them all."""
 
 from __future__ import annotations
 
@@ -7,17 +13,39 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import StudyConfig
-from promptopt_dagster.definitions import ASSETS, CHECKS
-from promptopt_dagster.io_managers import PromptoptIOManager
+from promptopt_dagster.definitions import ASSETS, CHECKS, build_resources
 from promptopt_dagster.jobs import iteration_job, report_job
+from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.resources import PromptStoreResource
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
-from promptopt_dagster_tests.support.scripted import ScriptedLLMResource, scripted_study
+from promptopt_dagster.settings import Settings
+from promptopt_dagster_tests.support.scripted import (
+    ScriptedLLMResource,
+    scripted_llm_resource,
+    scripted_study,
+)
 
 ITERATION_ASSETS = [a for a in ASSETS if a.key.path[-1] != "study_report"]
+
+
+class IsolatedSettings(Settings):
+    """Settings from keyword arguments and defaults only: no environment variable or .env file of
+    the machine running the tests reaches them."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 @dataclass
@@ -36,26 +64,22 @@ class Pipeline:
 def make_pipeline(
     tmp_path: Path, instance: dg.DagsterInstance, cache_enabled: bool = True, **study_overrides: object
 ) -> Pipeline:
-    root = tmp_path / "store"
-    llm = ScriptedLLMResource(
-        model_cache_dir=str(tmp_path / "models"),
-        response_cache_path=str(tmp_path / "cache.sqlite"),
-        cache_enabled=cache_enabled,
-    )
-    store_resource = PromptStoreResource(root=str(root))
+    """PROMPTOPT_HOME is `tmp_path`: the store is tmp_path/store, the LLM response cache is in
+    tmp_path/cache, the study (support/scripted.py) and its dataset are written to `tmp_path`."""
+    settings = IsolatedSettings(PROMPTOPT_HOME=tmp_path, LLM_CACHE_ENABLED=cache_enabled)
+    llm = scripted_llm_resource(settings)
+    resources = {**build_resources(settings), "llm": llm}
     defs = dg.Definitions(
         assets=ASSETS,
         asset_checks=CHECKS,
         jobs=[iteration_job, report_job],
         sensors=[new_study_sensor, continue_study_sensor],
-        resources={
-            "io_manager": PromptoptIOManager(base_uri=str(root / "assets")),
-            "prompt_store": store_resource,
-            "llm": llm,
-        },
+        resources=resources,
     )
+    store_resource = resources["prompt_store"]
+    assert isinstance(store_resource, PromptStoreResource)
     study = scripted_study(tmp_path, **study_overrides)
-    return Pipeline(defs, instance, store_resource.store, llm, study, root)
+    return Pipeline(defs, instance, store_resource.store, llm, study, Path(settings.storage_root))
 
 
 def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
@@ -67,3 +91,16 @@ def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
     for req in result.dynamic_partitions_requests or []:
         p.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
     return result
+
+
+def materialize_iteration(
+    p: Pipeline, iteration: int, raise_on_error: bool = True
+) -> dg.ExecuteInProcessResult:
+    """Materialize the iteration assets (not the report) for one iteration of the study."""
+    return dg.materialize(
+        ITERATION_ASSETS,
+        partition_key=str(study_iteration_key(p.study.name, iteration)),
+        instance=p.instance,
+        resources=p.resources(),
+        raise_on_error=raise_on_error,
+    )

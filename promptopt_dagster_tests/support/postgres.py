@@ -1,34 +1,16 @@
 """A real PostgreSQL server (Debian's ``postgresql`` package) for tests, and Dagster instances on it.
 
-Fixtures (import them into a test module or a conftest)::
-
-    from promptopt_dagster_tests.support.postgres import (
-        postgres_db_url, postgres_instance, postgres_server, postgres_url,
-    )
-
-- ``postgres_server`` (session): the running `PostgresServer`, started once per session. Use it to
-  create more databases (`create_database`) or to restart the server (`restart`).
-- ``postgres_url`` (session): ``postgresql+psycopg2://promptopt:...@127.0.0.1:PORT/promptopt``,
-  an empty database shared by the whole session.
-- ``postgres_db_url`` (function): a database of its own for each test, created by
-  ``CREATE DATABASE ... TEMPLATE`` from a template that already holds Dagster's tables (so a
-  Dagster instance on it needs no schema migration), dropped (``WITH (FORCE)``) after the test.
-
-and the helper `postgres_instance(url, tmp_dir)`, which returns a ``dg.DagsterInstance`` whose run,
-event-log and schedule storages are dagster-postgres on ``url`` (``storage: postgres:`` in a
-``dagster.yaml`` written to ``tmp_dir``, which is the instance's DAGSTER_HOME: set
-``DAGSTER_HOME=tmp_dir`` for a subprocess such as ``dagster dev`` or the daemon to get the same
-instance). Use it as a context manager so its storages are disposed::
-
-    def test_something(postgres_db_url, tmp_path):
-        with postgres_instance(postgres_db_url, tmp_path / "dagster_home") as instance:
-            dg.materialize([...], instance=instance)
+Its pytest fixtures are in support/postgres_fixtures.py. `postgres_instance(url, tmp_dir)` returns
+a ``dg.DagsterInstance`` whose run, event-log and schedule storages are dagster-postgres on ``url``
+(``storage: postgres:`` in a ``dagster.yaml`` written to ``tmp_dir``, which is the instance's
+DAGSTER_HOME: set ``DAGSTER_HOME=tmp_dir`` for a subprocess such as ``dagster dev`` or the daemon
+to get the same instance). Use it as a context manager so its storages are disposed.
 
 How the server runs (checked with Debian 12's PostgreSQL 15):
 
 - The binaries come from ``/usr/lib/postgresql/<version>/bin`` (the newest version there), or
   from ``$PROMPTOPT_PG_BINDIR``. ``make test`` installs Debian's ``postgresql`` when missing.
-- PostgreSQL refuses to run as root: as root, ``initdb``, ``postgres`` and ``pg_ctl`` run as the
+- PostgreSQL refuses to run as root: as root, ``initdb`` and ``postgres`` run as the
   ``postgres`` system user that the Debian package creates (the child process switches user
   itself, ``subprocess.Popen(user=...)``, so the pid we hold is the postmaster's); as any other
   user they run as that user.
@@ -39,10 +21,11 @@ How the server runs (checked with Debian 12's PostgreSQL 15):
   a crash loses the data, a clean `stop`/`restart` does not.
 - Password authentication (scram-sha-256) over TCP, as a real deployment would use; trust over
   the unix socket inside the temporary folder.
-- Readiness is awaited with ``pg_isready`` in a bounded polling loop. `stop` runs
-  ``pg_ctl stop -m fast`` and kills the postmaster by its pid if it is still alive afterwards.
-  On Linux the postmaster also gets SIGQUIT (immediate shutdown) when the thread that started it
-  dies, so a killed pytest leaves no server behind (its temporary folder stays, though).
+- The postmaster is a `ServerProcess` (support/server_process.py). Readiness is awaited with
+  ``pg_isready`` in a bounded polling loop. `stop` sends SIGINT (PostgreSQL's fast shutdown) to
+  its process group by its pid, SIGKILL if it is still alive after 30 s. On Linux the postmaster
+  also gets SIGQUIT (immediate shutdown) when the thread that started it dies, so a killed pytest
+  leaves no server behind (its temporary folder stays, though).
 - URLs name the driver, ``postgresql+psycopg2://``: SQLAlchemy 2.1 (installed here, 2.1.9) maps a
   bare ``postgresql://`` to psycopg 3, which is not installed (dagster-postgres 0.29.27 depends on
   psycopg2-binary), so Dagster fails with ``No module named 'psycopg'``. A ``dagster.yaml`` using
@@ -54,28 +37,24 @@ How the server runs (checked with Debian 12's PostgreSQL 15):
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import dagster as dg
-import pytest
 import yaml
 
-HOST = "127.0.0.1"
+from promptopt_dagster_tests.support.server_process import HOST, ServerProcess, ServerStartError, free_port
+
 USER = "promptopt"
 PASSWORD = "promptopt-test-pw"
 DATABASE = "promptopt"
@@ -115,34 +94,6 @@ def find_bindir() -> Path:
     return max(candidates, key=version)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-
-
-# Resolved here, in the parent: the child runs `_die_with_parent` after switching to the server's
-# user, who may not be able to read this interpreter's files (say, a pyenv under /root) to import.
-_PRCTL = _load_prctl()
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec (after it switched user): on Linux, get SIGQUIT (postgres'
-    immediate shutdown) when the thread that started the server dies, so a killed pytest leaves
-    no orphan server."""
-    if _PRCTL is not None:
-        pr_set_pdeathsig = 1
-        _PRCTL(pr_set_pdeathsig, signal.SIGQUIT)
-
-
 def _clean_env() -> dict[str, str]:
     """Our environment without PG* variables (PGHOST, PGDATA, ... would redirect the tools)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -157,8 +108,7 @@ class PostgresServer:
         self.bindir = Path(bindir) if bindir is not None else find_bindir()
         self.port: int | None = None
         self.root: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: Any = None
+        self._server: ServerProcess | None = None
         self._names = itertools.count(1)
         self._template_ready = False
         self._run_as: pwd.struct_passwd | None = None
@@ -215,13 +165,13 @@ class PostgresServer:
 
     @property
     def pid(self) -> int:
-        if self._proc is None:
+        if self._server is None:
             raise RuntimeError("the server is not running; call start() first")
-        return self._proc.pid
+        return self._server.pid
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self._server is not None and self._server.running
 
     def start(self) -> PostgresServer:
         """initdb (first time only), then start the postmaster and wait until it accepts
@@ -233,12 +183,13 @@ class PostgresServer:
         attempts = 1 if self.port is not None else 3  # a fresh free port may be taken meanwhile
         for attempt in range(attempts):
             if self.port is None or attempt:
-                self.port = _free_port()
+                self.port = free_port()
             try:
                 self._launch()
                 return self
-            except _PortTaken:
-                continue
+            except ServerStartError as exc:
+                if "could not bind" not in exc.log and "Address already in use" not in exc.log:
+                    raise
         raise RuntimeError(f"PostgreSQL could not bind a free port in {attempts} attempts")
 
     def _initdb(self) -> None:
@@ -280,79 +231,26 @@ class PostgresServer:
         cmd = [str(self.bindir / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             cmd += ["-c", f"{key}={value}"]
-        if self._log_file is None:
-            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
-        log_start = self.log_path.stat().st_size
-        self._proc = subprocess.Popen(
+        if self._server is None:
+            self._server = ServerProcess("postgres", log_path=self.log_path)
+        self._server.start(
             cmd,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            process_group=0,  # a Ctrl-C in the terminal reaches pytest, whose teardown stops us
-            preexec_fn=_die_with_parent,  # only a prctl call: safe between fork and exec
+            ready=self._accepts_connections,
+            timeout=START_TIMEOUT_S,
+            death_signal=signal.SIGQUIT,
             **self._as_server_user(),
         )
-        try:
-            self._wait_ready()
-        except BaseException:
-            log = self.log_text()[log_start:]
-            self._kill()
-            if "could not bind" in log or "Address already in use" in log:
-                raise _PortTaken() from None
-            raise
 
-    def _wait_ready(self) -> None:
-        """Poll with pg_isready (TCP, as a client would connect) until the server accepts
-        connections; fail fast if the postmaster exits."""
-        deadline = time.monotonic() + START_TIMEOUT_S
+    def _accepts_connections(self) -> bool:
+        """pg_isready over TCP, as a client would connect."""
         cmd = [str(self.bindir / "pg_isready"), "-h", HOST, "-p", str(self.port), "-d", "postgres"]
         cmd += ["-U", USER, "-t", "2"]
-        while True:
-            assert self._proc is not None
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"postgres exited with code {self._proc.returncode} on port {self.port}; "
-                    f"log: {self.log_text()[-3000:]}"
-                )
-            if subprocess.run(cmd, capture_output=True, env=_clean_env()).returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"postgres did not accept connections on {HOST}:{self.port} within "
-                    f"{START_TIMEOUT_S:.0f} s; log: {self.log_text()[-3000:]}"
-                )
-            time.sleep(0.05)
+        return subprocess.run(cmd, capture_output=True, env=_clean_env()).returncode == 0
 
     def stop(self) -> None:
-        """``pg_ctl stop -m fast``; then, if the postmaster is still alive, kill it by its pid."""
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                self._run(
-                    "pg_ctl",
-                    "stop",
-                    "-D",
-                    str(self.data_dir),
-                    "-m",
-                    "fast",
-                    "-w",
-                    "-t",
-                    str(STOP_TIMEOUT_S),
-                    timeout=STOP_TIMEOUT_S + 10,
-                )
-        self._kill()
-
-    def _kill(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        """SIGINT (fast shutdown) to the postmaster's group by its pid; SIGKILL after 30 s."""
+        if self._server is not None:
+            self._server.stop(timeout=STOP_TIMEOUT_S, sig=signal.SIGINT)
 
     def restart(self) -> PostgresServer:
         """Stop and start again on the same port; the data stays. Open connections break."""
@@ -362,18 +260,12 @@ class PostgresServer:
     def close(self) -> None:
         """Stop the server and remove its temporary folder."""
         self.stop()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
 
     def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except (OSError, RuntimeError):
-            return ""
+        return self._server.log_text() if self._server is not None else ""
 
     def __enter__(self) -> PostgresServer:
         try:
@@ -456,10 +348,6 @@ class PostgresServer:
         return DAGSTER_TEMPLATE
 
 
-class _PortTaken(Exception):
-    pass
-
-
 def _check_identifier(name: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", name):
         raise ValueError(f"not a plain SQL identifier: {name!r}")
@@ -487,51 +375,4 @@ def postgres_instance(
     return dg.DagsterInstance.from_config(str(home))
 
 
-# --- pytest fixtures -------------------------------------------------------------------------------
-
-
-# One server per pytest process, however many modules import the fixtures: a session fixture
-# imported into two test modules is two fixture definitions, each run once per session.
-_shared: PostgresServer | None = None
-_users = 0
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One real PostgreSQL server for the whole session (stopped and removed at its end)."""
-    global _shared, _users
-    if _shared is None:
-        _shared = PostgresServer().__enter__()
-    _users += 1
-    try:
-        yield _shared
-    finally:
-        _users -= 1
-        if _users == 0 and _shared is not None:
-            _shared.close()
-            _shared = None
-
-
-@pytest.fixture(scope="session")
-def postgres_url(postgres_server: PostgresServer) -> str:
-    """URL of an empty database shared by the whole session."""
-    return postgres_server.ensure_database(DATABASE)
-
-
-@pytest.fixture
-def postgres_db_url(postgres_server: PostgresServer) -> Iterator[str]:
-    """URL of a database of this test's own, with Dagster's tables already there; dropped after."""
-    url = postgres_server.create_database(template=postgres_server.dagster_template())
-    yield url
-    postgres_server.drop_database(database_name(url))
-
-
-__all__: Sequence[str] = (
-    "PostgresServer",
-    "database_name",
-    "find_bindir",
-    "postgres_db_url",
-    "postgres_instance",
-    "postgres_server",
-    "postgres_url",
-)
+__all__: Sequence[str] = ("PostgresServer", "database_name", "find_bindir", "postgres_instance")

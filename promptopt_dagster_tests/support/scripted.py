@@ -15,6 +15,7 @@ from promptopt_dagster.llm.base import ChatRequest, LLMClient
 from promptopt_dagster.llm.cache import CachedLLM
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.resources import LLMResource
+from promptopt_dagster.settings import Settings
 
 GOOD = ["great", "excellent", "lovely", "superb", "fantastic", "wonderful"]
 BAD = ["awful", "broken", "terrible", "useless", "horrible", "poor"]
@@ -98,6 +99,16 @@ class ScriptedLLMResource(LLMResource):
         if self.response_cache_path and self.cache_enabled:
             return CachedLLM(inner, self.response_cache_path)
         return inner
+
+
+def scripted_llm_resource(settings: Settings) -> ScriptedLLMResource:
+    """The scripted stand-in for the "llm" resource `build_resources(settings)` makes: the same
+    model cache folder, response cache file and cache switch."""
+    return ScriptedLLMResource(
+        model_cache_dir=str(settings.cache_dir / "models"),
+        response_cache_path=str(settings.cache_dir / "llm_responses.sqlite"),
+        cache_enabled=settings.LLM_CACHE_ENABLED,
+    )
 
 
 def scripted_study(folder: Path, **overrides: object) -> StudyConfig:

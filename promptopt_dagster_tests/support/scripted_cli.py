@@ -10,7 +10,7 @@ from pathlib import Path
 
 from promptopt_dagster import definitions
 from promptopt_dagster.settings import Settings
-from promptopt_dagster_tests.support.scripted import ScriptedLLMResource
+from promptopt_dagster_tests.support.scripted import scripted_llm_resource
 
 # In a child process: this file is written when the first primary call arrives, and that call
 # never returns, so a test can kill the process mid-iteration at a known point.
@@ -18,13 +18,7 @@ BLOCKED_ENV = "PROMPTOPT_TEST_BLOCKED_FILE"
 
 
 def scripted_resources(settings: Settings) -> dict[str, object]:
-    resources = _real_build_resources(settings)
-    resources["llm"] = ScriptedLLMResource(
-        model_cache_dir=str(settings.cache_dir / "models"),
-        response_cache_path=str(settings.cache_dir / "llm_responses.sqlite"),
-        cache_enabled=settings.LLM_CACHE_ENABLED,
-    )
-    return resources
+    return {**_real_build_resources(settings), "llm": scripted_llm_resource(settings)}
 
 
 _real_build_resources = definitions.build_resources

@@ -20,13 +20,13 @@ from promptopt_dagster_tests.support.dagster_dev import (
     Backfilled,
     DagsterDev,
     StudyRun,
-    free_port,
     start_study_config,
     study_finished,
     tick_text,
     wait_for,
 )
 from promptopt_dagster_tests.support.scripted import write_dataset
+from promptopt_dagster_tests.support.server_process import free_port
 
 
 @pytest.fixture(scope="session")

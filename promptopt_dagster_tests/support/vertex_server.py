@@ -28,37 +28,33 @@ Usage (tests)::
 The server runs an aiohttp application on its own event loop in a daemon thread (one thread, no
 thread per connection, so hundreds of requests in flight stay cheap), bound to 127.0.0.1 on a free
 port. `stop()` wakes any request held by a "hang" fault and joins the thread.
-``python -m promptopt_dagster_tests.support.vertex_server --latency-ms 100`` runs it as a
-process (see `VertexServerProcess`), for benchmarks that must not share the client's GIL.
+support/vertex_process.py runs it in a child process instead, for benchmarks that must not share
+the client's GIL.
 
-Batch jobs read their input from GCS and write predictions to GCS with google-cloud-storage and
-anonymous credentials, so ``STORAGE_EMULATOR_HOST`` must point at a GCS emulator.
+Batch jobs (support/vertex_batch.py) read their input from GCS and write predictions to GCS with
+google-cloud-storage and anonymous credentials, so ``STORAGE_EMULATOR_HOST`` must point at a GCS
+emulator.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import math
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
 
-HOST = "127.0.0.1"
+from promptopt_dagster_tests.support.server_process import HOST
+from promptopt_dagster_tests.support.vertex_batch import BatchJob
+
 Responder = Callable[[dict[str, Any]], str]
 Latency = float | Callable[[dict[str, Any]], float]
 
@@ -136,59 +132,6 @@ class RecordedRequest:
         if _GENERATE.match(self.path):
             return "generate"
         return "batch" if _BATCHES.match(self.path) else "other"
-
-
-@dataclass
-class BatchJob:
-    name: str
-    model: str
-    display_name: str
-    input_uris: list[str]
-    output_prefix: str
-    state: str = "JOB_STATE_PENDING"
-    polls: int = 0
-    done: bool = False
-    output_dir: str = ""
-    error: dict[str, Any] | None = None
-    succeeded: int = 0
-    failed: int = 0
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
-
-    def resource(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "name": self.name,
-            "displayName": self.display_name,
-            "model": self.model,
-            "state": self.state,
-            "createTime": self.created,
-            "inputConfig": {"instancesFormat": "jsonl", "gcsSource": {"uris": self.input_uris}},
-            "outputConfig": {
-                "predictionsFormat": "jsonl",
-                "gcsDestination": {"outputUriPrefix": self.output_prefix},
-            },
-        }
-        if self.state == "JOB_STATE_SUCCEEDED":
-            out["outputInfo"] = {"gcsOutputDirectory": self.output_dir}
-            out["completionStats"] = {"successfulCount": str(self.succeeded), "failedCount": str(self.failed)}
-        if self.error:
-            out["error"] = self.error
-        return out
-
-
-def _split_gs(uri: str) -> tuple[str, str]:
-    if not uri.startswith("gs://"):
-        raise ValueError(f"not a gs:// URI: {uri}")
-    bucket, _, name = uri[5:].partition("/")
-    return bucket, name
-
-
-def _storage_client() -> Any:
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
-
-    if not os.environ.get("STORAGE_EMULATOR_HOST"):
-        raise RuntimeError("batch jobs need a GCS emulator: set STORAGE_EMULATOR_HOST")
-    return storage.Client(project="test", credentials=AnonymousCredentials())
 
 
 class VertexServer:
@@ -392,76 +335,31 @@ class VertexServer:
                 self._in_flight -= 1
 
     async def _create_job(self, match: re.Match[str], body: dict[str, Any]) -> web.StreamResponse:
-        try:
-            uris = list(body["inputConfig"]["gcsSource"]["uris"])
-            prefix = body["outputConfig"]["gcsDestination"]["outputUriPrefix"]
-        except (KeyError, TypeError):
-            return _error(
-                400,
-                "batch job needs inputConfig.gcsSource.uris and outputConfig.gcsDestination.outputUriPrefix",
-                "INVALID_ARGUMENT",
-            )
         with self._lock:
             self._job_counter += 1
             job_id = str(1000 + self._job_counter)
         project, location = match.group("project"), match.group("location")
-        name = f"projects/{project}/locations/{location}/batchPredictionJobs/{job_id}"
-        job = BatchJob(
-            name=name,
-            model=body.get("model", ""),
-            display_name=body.get("displayName", ""),
-            input_uris=uris,
-            output_prefix=prefix,
-        )
+        try:
+            job = BatchJob.from_request(
+                f"projects/{project}/locations/{location}/batchPredictionJobs/{job_id}", body
+            )
+        except ValueError as exc:
+            return _error(400, str(exc), "INVALID_ARGUMENT")
         self.jobs[job_id] = job
         loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, self._run_job, job)
+        loop.run_in_executor(None, job.run, self._answer, self.fail_batch_jobs_with)
         return web.json_response(job.resource())
 
     def _get_job(self, match: re.Match[str]) -> web.StreamResponse:
         job = self.jobs.get(match.group("job") or "")
         if job is None:
             return _error(404, f"batch job {match.group('job')} not found", "NOT_FOUND")
-        job.polls += 1
-        if job.error:
-            job.state = "JOB_STATE_FAILED"
-        elif job.done and job.polls >= self.batch_polls_before_done:
-            job.state = "JOB_STATE_SUCCEEDED"
-        else:
-            job.state = "JOB_STATE_RUNNING"
+        job.poll(self.batch_polls_before_done)
         return web.json_response(job.resource())
 
-    def _run_job(self, job: BatchJob) -> None:
-        """Read every input line, answer it with the responder, write predictions.jsonl."""
-        try:
-            if self.fail_batch_jobs_with:
-                raise RuntimeError(self.fail_batch_jobs_with)
-            client = _storage_client()
-            lines: list[str] = []
-            for uri in job.input_uris:
-                bucket, name = _split_gs(uri)
-                lines.extend(client.bucket(bucket).blob(name).download_as_text().splitlines())
-            out_lines = []
-            model = job.model.rsplit("/", 1)[-1]
-            for line in filter(str.strip, lines):
-                instance = json.loads(line)
-                request = instance.get("request", {})
-                result: dict[str, Any] = {k: v for k, v in instance.items() if k != "request"}
-                result.update(request=request, processed_time=datetime.now(UTC).isoformat())
-                try:
-                    result.update(status="", response=_reply(model, request, self.responder(request)))
-                    job.succeeded += 1
-                except Exception as exc:
-                    result["status"] = f"Bad Request: {exc}"
-                    job.failed += 1
-                out_lines.append(json.dumps(result))
-            stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S%f")
-            job.output_dir = f"{job.output_prefix.rstrip('/')}/prediction-model-{stamp}"
-            bucket, name = _split_gs(f"{job.output_dir}/predictions.jsonl")
-            client.bucket(bucket).blob(name).upload_from_string("\n".join(out_lines) + "\n")
-        except Exception as exc:
-            job.error = {"code": 3, "message": f"batch job failed: {exc}"}
-        job.done = True
+    def _answer(self, model: str, request: dict[str, Any]) -> dict[str, Any]:
+        """A batch line's generateContent response, from the responder."""
+        return _reply(model, request, self.responder(request))
 
 
 _STATUS_NAMES = {
@@ -499,86 +397,3 @@ def _reply(model: str, body: dict[str, Any], text: str) -> dict[str, Any]:
         },
         "modelVersion": model,
     }
-
-
-# --- as a separate process ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-class VertexServerProcess:
-    """`VertexServer` with the echo responder in a child process (own session), stopped by pid."""
-
-    def __init__(self, latency_ms: float = 0.0, port: int | None = None) -> None:
-        self.latency_ms = latency_ms
-        self.port = port or _free_port()
-        self.base_url = f"http://{HOST}:{self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise RuntimeError("the server process is not running")
-        return self._proc.pid
-
-    def start(self) -> VertexServerProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "promptopt_dagster_tests.support.vertex_server",
-            "--port",
-            str(self.port),
-            "--latency-ms",
-            str(self.latency_ms),
-        ]
-        self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"the fake Vertex server exited with code {self._proc.returncode}")
-            with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=0.5):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"the fake Vertex server did not listen on port {self.port} within 30 s")
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-    def __enter__(self) -> VertexServerProcess:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Fake Vertex AI REST server (echo responder) on 127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    signal.signal(signal.SIGINT, lambda *_: stopped.set())
-    with VertexServer(latency=args.latency_ms / 1000.0, port=args.port):
-        stopped.wait()
-
-
-if __name__ == "__main__":
-    main()
