@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from promptopt_dagster.core.meta_model import MetaModel, prompt_features
+from promptopt_dagster.core.meta_model import MetaModel
+from promptopt_dagster.core.prompt_features import prompt_features
 from promptopt_dagster.errors import OptimizerError
 from promptopt_dagster.tracking import MlflowTracker
 
