@@ -108,7 +108,7 @@ class EvaluationSummary(BaseModel):
         """`scored`, or why the prompt version was not evaluated on the dataset."""
         if self.applicable:
             return "scored"
-        return f"not applicable: {self.dataset} lacks column(s) {self.missing_columns}"
+        return f"not applicable: lacks {', '.join(self.missing_columns)}"
 
 
 # --- prompt versions -----------------------------------------------------------------------------
