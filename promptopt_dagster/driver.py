@@ -22,7 +22,7 @@ from dagster._utils.error import SerializableErrorInfo
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB
-from promptopt_dagster.partitions import study_iteration_key
+from promptopt_dagster.partitions import STUDY_ITERATION, study_iteration_key, study_iteration_keys
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster.study_runs import Decision, is_reported, latest_decision
 
@@ -71,7 +71,7 @@ def execute(
     defs: dg.Definitions,
     instance: dg.DagsterInstance,
     job_name: str,
-    partition_key: str | dg.MultiPartitionKey,
+    partition_key: str,
     tags: dict[str, str],
     quiet: bool = True,
     on_step: Callable[[str], None] | None = None,
@@ -90,7 +90,7 @@ def execute(
     start = time.perf_counter()
     result = job.execute_in_process(
         instance=instance,
-        partition_key=str(partition_key),
+        partition_key=partition_key,
         tags={**tags, DRIVER_PID_TAG: str(os.getpid()), DRIVER_HOST_TAG: socket.gethostname()},
         run_config=QUIET_LOGS if quiet else None,
         raise_on_error=False,
@@ -188,8 +188,7 @@ def drive(
             context = dg.build_sensor_context(instance=instance, resources=resources, definitions=defs)
             with contextlib.redirect_stderr(io.StringIO()):  # the tick's log lines are for the UI
                 tick: dg.SensorResult = sensor(context)  # type: ignore[assignment]
-            for req in tick.dynamic_partitions_requests or []:
-                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+            apply_partition_requests(instance, tick)
             if tick.skip_reason:
                 result.skip_reasons.append(str(tick.skip_reason.skip_message))
             for run in tick.run_requests or []:
@@ -201,14 +200,13 @@ def drive(
             pending = _pending_iteration(instance, prompt_store.store, study)  # type: ignore[attr-defined]
             if pending is None:
                 return result
+            key = study_iteration_key(study, pending)
+            if not instance.has_dynamic_partition(STUDY_ITERATION, key):
+                instance.add_dynamic_partitions(STUDY_ITERATION, [key])
             requested.append(
                 (
                     continue_study_sensor.name,
-                    dg.RunRequest(
-                        job_name=ITERATION_JOB,
-                        partition_key=study_iteration_key(study, pending),
-                        tags={"study": study},
-                    ),
+                    dg.RunRequest(job_name=ITERATION_JOB, partition_key=key, tags={"study": study}),
                 )
             )
         sensor_name, run = requested[0]
@@ -227,16 +225,30 @@ def drive(
     return result
 
 
+def apply_partition_requests(instance: dg.DagsterInstance, tick: dg.SensorResult) -> None:
+    """Add and delete the dynamic partitions a sensor tick asks for, as the daemon does."""
+    for req in tick.dynamic_partitions_requests or []:
+        keys = list(req.partition_keys or [])
+        if isinstance(req, dg.DeleteDynamicPartitionsRequest):
+            for key in keys:
+                instance.delete_dynamic_partition(req.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(req.partitions_def_name, keys)
+
+
 def forget_study(defs: dg.Definitions, instance: dg.DagsterInstance, study: str) -> None:
     """Forget a registered study so it can be registered and run again from scratch, as one
     operation: first the study is marked forgotten in the prompt store (from then on it reads as
     not registered, and its old materializations no longer count: they belong to the old
-    registration), then its partition is removed from Dagster, then its files; a removal cut
-    short is finished by the next forget or registration. Run history and materializations stay
-    in Dagster (its SQL storages cannot wipe partitions). An unknown study is an error and
-    changes nothing."""
+    registration), then its partitions (the study's and its iterations') are removed from
+    Dagster, then its files; a removal cut short is finished by the next forget or registration
+    (iteration partitions left over are removed by new_study_sensor when the study runs again).
+    Run history and materializations stay in Dagster (its SQL storages cannot wipe partitions).
+    An unknown study is an error and changes nothing."""
     store = defs.resources["prompt_store"].store  # type: ignore[attr-defined]
     store.begin_forget(study)
+    for key in study_iteration_keys(instance, study):
+        instance.delete_dynamic_partition(STUDY_ITERATION, key)
     if study in instance.get_dynamic_partitions("study"):
         instance.delete_dynamic_partition("study", study)
     store.finish_forget(study)

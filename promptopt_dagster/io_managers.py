@@ -3,9 +3,12 @@
 Layout: ``<base_uri>/<asset key path>/<partition path>.<ext>``, e.g.
 ``gs://bucket/runs/predictions/study=arith/iteration=0003.parquet``; an unpartitioned asset is
 ``<base_uri>/<asset key path>.<ext>``. Multi-partition dimensions appear as ``name=value``,
-those in `dimension_order` (default study, iteration) first. DataFrames are Parquet, everything
-else JSON (pydantic models through ``model_dump(mode="json")``, rebuilt on load when the input or
-upstream output is annotated with a model class, or a list/dict of them). Nothing is pickled.
+those in `dimension_order` (default study, iteration) first. A study-iteration key
+(``arith:0003``, partitions.py) is split into its study and iteration the same way, so its
+files sit where the study x iteration multi-partition of earlier versions put them. DataFrames
+are Parquet, everything else JSON (pydantic models through ``model_dump(mode="json")``, rebuilt
+on load when the input or upstream output is annotated with a model class, or a list/dict of
+them). Nothing is pickled.
 
 Why not dagster's `UPathIOManager`: it names a multi-partition ``arith/0003`` (values without
 dimension names), and its file extension is fixed per class, while this manager picks the
@@ -30,6 +33,7 @@ import pydantic_core
 from dagster import (
     ConfigurableIOManager,
     DagsterInvariantViolationError,
+    DynamicPartitionsDefinition,
     InputContext,
     MetadataValue,
     MultiPartitionKey,
@@ -39,7 +43,9 @@ from dagster import (
 from pydantic import Field, field_validator
 
 from promptopt_dagster import storage
+from promptopt_dagster.core.prompt_store import iteration_key
 from promptopt_dagster.errors import StorageError
+from promptopt_dagster.partitions import STUDY_ITERATION, parse_key
 
 PARQUET = "parquet"
 JSON = "json"
@@ -56,14 +62,20 @@ def _segment(text: str) -> str:
 def _partition_parts(
     key: str | MultiPartitionKey, partitions_def: Any, first: Sequence[str] = DEFAULT_DIMENSION_ORDER
 ) -> list[str]:
-    """``study=arith/iteration=0003`` for a multi-partition key, the key itself otherwise.
+    """``study=arith/iteration=0003`` for a multi-partition key and for a study-iteration key,
+    the key itself otherwise.
 
     Dagster sorts dimensions by name (so declaration order is lost); dimensions listed in `first`
     come first, in that order, the others follow sorted by name."""
-    if not isinstance(key, MultiPartitionKey) and isinstance(partitions_def, MultiPartitionsDefinition):
+    dims: dict[str, str] | None = None
+    if isinstance(partitions_def, DynamicPartitionsDefinition) and partitions_def.name == STUDY_ITERATION:
+        study, iteration = parse_key(str(key))
+        dims = {"study": study, "iteration": iteration_key(iteration)}
+    elif not isinstance(key, MultiPartitionKey) and isinstance(partitions_def, MultiPartitionsDefinition):
         key = partitions_def.get_partition_key_from_str(str(key))
     if isinstance(key, MultiPartitionKey):
-        dims = key.keys_by_dimension
+        dims = dict(key.keys_by_dimension)
+    if dims is not None:
         order = [d for d in first if d in dims] + sorted(d for d in dims if d not in first)
         return [f"{_segment(dim)}={_segment(dims[dim])}" for dim in order]
     return [_segment(str(key))]

@@ -19,7 +19,7 @@ from promptopt_dagster.jobs import (
     iteration_job,
     report_job,
 )
-from promptopt_dagster.partitions import evaluation_key, study_iteration_key
+from promptopt_dagster.partitions import STUDY_ITERATION, evaluation_key, parse_key, study_iteration_key
 from promptopt_dagster.resources import PromptStoreResource
 from promptopt_dagster.study_runs import is_reported, latest_decision, materialized_iterations
 
@@ -39,7 +39,9 @@ def new_study_sensor(
     context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource
 ) -> dg.SensorResult:
     """A study registered in the prompt store (by `promptopt run` or the start_study job) gets
-    its partitions and its iteration 0, once per registration (the run key says which)."""
+    its study partition, the partition of its iteration 0 and a run of it, once per registration
+    (the run key says which). Iteration partitions a study kept from an earlier registration
+    (a forget cut short before it removed them) are removed then."""
     store = prompt_store.store
     instance = context.instance
     known = set(instance.get_dynamic_partitions("study"))
@@ -49,18 +51,22 @@ def new_study_sensor(
         for s in store.studies()
         if s not in known
         or (
-            latest_decision(instance, s, store.registration_id(s), done.get(s, [])) is None
+            latest_decision(instance, s, store.registration_id(s), done.get(s, {})) is None
             and not _has_run(instance, run_key(store, s, 0))
         )
     ]
     if not new:
         return dg.SensorResult(skip_reason=f"no new study ({len(known)} registered)")
-    iterations = set(instance.get_dynamic_partitions("iteration"))
+    existing = set(instance.get_dynamic_partitions(STUDY_ITERATION))
+    firsts = [study_iteration_key(s, 0) for s in new]
+    stale = sorted(k for k in existing if parse_key(k)[0] in new and k not in firsts)
     unknown = [s for s in new if s not in known]
+    added = [k for k in firsts if k not in existing]
     return dg.SensorResult(
         dynamic_partitions_requests=[
             *([dg.AddDynamicPartitionsRequest("study", unknown)] if unknown else []),
-            *([dg.AddDynamicPartitionsRequest("iteration", ["0000"])] if "0000" not in iterations else []),
+            *([dg.DeleteDynamicPartitionsRequest(STUDY_ITERATION, stale)] if stale else []),
+            *([dg.AddDynamicPartitionsRequest(STUDY_ITERATION, added)] if added else []),
         ],
         run_requests=[
             dg.RunRequest(
@@ -86,13 +92,13 @@ def continue_study_sensor(
     instance = context.instance
     store = prompt_store.store
     done = materialized_iterations(instance)
-    iterations = set(instance.get_dynamic_partitions("iteration"))
+    existing = set(instance.get_dynamic_partitions(STUDY_ITERATION))
     run_requests: list[dg.RunRequest] = []
     new_keys: list[str] = []
     stopped: list[str] = []
     for study in store.studies():
         registration = store.registration_id(study)
-        latest = latest_decision(instance, study, registration, done.get(study, []))
+        latest = latest_decision(instance, study, registration, done.get(study, {}))
         if latest is None:
             continue
         if latest.stop:
@@ -107,13 +113,13 @@ def continue_study_sensor(
                     )
                 )
             continue
-        nxt = iteration_key(latest.iteration + 1)
-        if nxt not in iterations and nxt not in new_keys:
-            new_keys.append(nxt)
+        nxt = study_iteration_key(study, latest.iteration + 1)
+        if nxt not in existing:
+            new_keys.append(nxt)  # the partition appears when its run is requested
         run_requests.append(
             dg.RunRequest(
                 job_name=ITERATION_JOB,
-                partition_key=study_iteration_key(study, latest.iteration + 1),
+                partition_key=nxt,
                 run_key=run_key(store, study, latest.iteration + 1),
                 tags={"study": study},
             )
@@ -124,7 +130,7 @@ def continue_study_sensor(
         return dg.SensorResult(skip_reason="; ".join(stopped) or "no study has a finished iteration yet")
     return dg.SensorResult(
         run_requests=run_requests,
-        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest("iteration", new_keys)]
+        dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(STUDY_ITERATION, new_keys)]
         if new_keys
         else [],
     )

@@ -12,7 +12,7 @@ import pytest
 from promptopt_dagster.core import prompt_store as prompt_store_module
 from promptopt_dagster.driver import drive, forget_study, study_state
 from promptopt_dagster.errors import StudyConfigError
-from promptopt_dagster.partitions import parse_key
+from promptopt_dagster.partitions import parse_key, study_iteration_key, study_iteration_keys
 from promptopt_dagster.storage import UnsafePathError, join
 from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
 from promptopt_dagster_tests.support.postgres import postgres_instance
@@ -55,6 +55,7 @@ def test_forget_then_rerun_starts_from_nothing_and_reports_anew(instance_pipelin
     assert not (p.root / "studies" / "scripted").exists()
     assert not (p.root / "prompts" / "scripted").exists()
     assert "scripted" not in p.instance.get_dynamic_partitions("study")
+    assert study_iteration_keys(p.instance, "scripted") == []  # its iterations leave the UI too
     assert len(p.instance.get_runs()) == old_runs  # run history is kept
 
     p.store.register_study(p.study)
@@ -67,6 +68,7 @@ def test_forget_then_rerun_starts_from_nothing_and_reports_anew(instance_pipelin
     assert result.runs[-1].job == "report_job"
     latest, reported = study_state(p.instance, p.store, "scripted")
     assert reported and latest is not None and latest.stop
+    assert study_iteration_keys(p.instance, "scripted") == iterations
 
 
 @pytest.mark.e2e
@@ -158,3 +160,20 @@ def test_instance_without_partition_wipe_support_is_enough(instance_pipeline: Pi
         p.instance.wipe_asset_partitions(dg.AssetKey("iteration_decision"), ["x"])
     forget_study(p.defs, p.instance, "scripted")
     assert p.store.studies() == []
+
+
+def test_iteration_partitions_a_cut_short_forget_left_are_removed_when_the_study_runs_again(
+    pipeline: Pipeline,
+) -> None:
+    """A forget cut short before it reached Dagster leaves the old iteration partitions; the
+    study's next registration starts at iteration 0 with only that partition."""
+    p = pipeline
+    _run_to_the_end(p)
+    assert study_iteration_keys(p.instance, "scripted") == ["scripted:0000", "scripted:0001"]
+    p.store.begin_forget("scripted")  # then the process died: Dagster was never told
+    p.store.register_study(p.study)  # finishes the removal of the files, registers anew
+
+    result = drive(p.defs, p.instance, "scripted", max_runs=1)
+
+    assert [r.partition_key for r in result.runs] == [study_iteration_key("scripted", 0)]
+    assert study_iteration_keys(p.instance, "scripted") == [study_iteration_key("scripted", 0)]

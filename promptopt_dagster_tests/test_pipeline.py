@@ -10,7 +10,7 @@ import pytest
 
 from promptopt_dagster.driver import drive
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
-from promptopt_dagster.partitions import study_iteration_key
+from promptopt_dagster.partitions import STUDY_ITERATION, study_iteration_key, study_iteration_keys
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline, materialize_iteration, tick
 
@@ -39,6 +39,7 @@ def _sensors_start_continue_and_stop(p: Pipeline) -> None:
     [req] = first.run_requests
     assert req.partition_key == study_iteration_key("scripted", 0)
     assert p.instance.get_dynamic_partitions("study") == ["scripted"]
+    assert p.instance.get_dynamic_partitions(STUDY_ITERATION) == ["scripted:0000"]
     # Until its run exists, the request repeats with the same run key (Dagster launches a run
     # key once); the partition is added once.
     [again] = tick(p, new_study_sensor).run_requests
@@ -54,7 +55,7 @@ def _sensors_start_continue_and_stop(p: Pipeline) -> None:
 
     [req1] = tick(p, continue_study_sensor).run_requests
     assert req1.partition_key == study_iteration_key("scripted", 1)
-    assert "0001" in p.instance.get_dynamic_partitions("iteration")
+    assert p.instance.get_dynamic_partitions(STUDY_ITERATION) == ["scripted:0000", "scripted:0001"]
 
     r1 = materialize_iteration(p, 1)
     meta1 = decision_metadata(r1)
@@ -107,6 +108,57 @@ def test_driver_runs_the_study_to_its_report_and_resumes_as_a_no_op(pipeline: Pi
     assert [r["iteration"] for r in report["rows"]] == [0, 1]
     # a second drive of a finished study runs nothing
     assert drive(p.defs, p.instance, "scripted").runs == []
+
+
+def test_a_stopped_study_has_a_partition_for_each_iteration_that_ran_and_no_other(
+    tmp_path: Path,
+) -> None:
+    """Two studies side by side in one store: each has the iteration partitions of the
+    iterations it ran, so the UI shows no missing iteration and "materialize missing" has nothing
+    to run."""
+    with dg.instance_for_test() as instance:
+        short = make_pipeline(tmp_path, instance)
+        longer = make_pipeline(tmp_path, instance, name="longer", max_iterations=6)
+        ran: dict[str, list[int]] = {}
+        for p in (short, longer):
+            p.store.register_study(p.study)
+            drive(p.defs, p.instance, p.study.name)
+            ran[p.study.name] = sorted(r.iteration for r in p.store.records(p.study.name))
+        assert ran["scripted"] == [0, 1] and len(ran["longer"]) > 2
+        decided = instance.get_materialized_partitions(dg.AssetKey("iteration_decision"))
+        for name, iterations in ran.items():
+            keys = [study_iteration_key(name, i) for i in iterations]
+            assert study_iteration_keys(instance, name) == keys
+            assert set(keys) <= decided
+        assert len(instance.get_dynamic_partitions(STUDY_ITERATION)) == sum(map(len, ran.values()))
+
+
+def test_a_study_started_under_the_old_study_x_iteration_partitions_resumes(tmp_path: Path) -> None:
+    """Up to 0.1.x iteration decisions were materialized under multi-partition keys
+    ("0000|scripted"); the sensors still find them and carry the study on under the new keys."""
+    with dg.instance_for_test() as instance:
+        p = make_pipeline(tmp_path, instance)
+        p.store.register_study(p.study)
+        tick(p, new_study_sensor)
+        decided = decision_metadata(materialize_iteration(p, 0))
+    with dg.instance_for_test() as old:  # the instance as 0.1.x left it: the old keys only
+        p = make_pipeline(tmp_path, old)
+        old.add_dynamic_partitions("study", ["scripted"])
+        old.add_dynamic_partitions("iteration", ["0000"])
+        old.report_runless_asset_event(
+            dg.AssetMaterialization(
+                "iteration_decision",
+                partition="0000|scripted",
+                metadata={k: decided[k] for k in ("registration", "stop", "stop_message", "accepted")},
+            )
+        )
+        assert not tick(p, new_study_sensor).run_requests  # iteration 0 is done
+        [req] = tick(p, continue_study_sensor).run_requests
+        assert req.partition_key == study_iteration_key("scripted", 1)
+        assert old.get_dynamic_partitions(STUDY_ITERATION) == ["scripted:0001"]
+        result = drive(p.defs, old, "scripted")
+        assert [r.partition_key for r in result.runs] == ["scripted:0001", "scripted"]
+        assert [r.iteration for r in p.store.records("scripted")] == [0, 1]
 
 
 def test_stored_assets_are_readable_files(pipeline: Pipeline) -> None:

@@ -30,7 +30,7 @@ from promptopt_dagster.sensors import new_study_sensor
 from promptopt_dagster_tests.support.pipeline import ITERATION_ASSETS, Pipeline, make_pipeline, tick
 
 STORED = Path(__file__).parent / "data" / "stored_assets_0.1.0"
-KEY = str(study_iteration_key("scripted", 0))
+KEY = study_iteration_key("scripted", 0)
 ITERATION_VALUES: list[tuple[str, type[BaseModel]]] = [
     ("current_prompt", PromptState),
     ("baseline_metrics", EvaluationMetrics),
@@ -83,8 +83,7 @@ def load(
     manager: PromptoptIOManager, asset: str, model: type[BaseModel], instance: dg.DagsterInstance
 ) -> Any:
     """What an asset whose input is annotated with `model` receives (iteration 0 of the study)."""
-    instance.add_dynamic_partitions("study", ["scripted"])
-    instance.add_dynamic_partitions("iteration", ["0000"])
+    instance.add_dynamic_partitions(study_iteration_partitions.name, [KEY])
     context = dg.build_input_context(
         instance=instance,
         asset_key=dg.AssetKey(asset),

@@ -30,9 +30,17 @@ def test_launched_study_is_carried_to_its_stop_by_the_sensors(
     server = dagster_dev
     assert server.client.get_run_status(finished_study.start_run_id).value == "SUCCESS"
     decisions = {m["partition"]: m["metadata"] for m in server.materializations("iteration_decision")}
-    first, last = decisions[str(study_iteration_key("uistudy", 0))], decisions[max(decisions)]
+    first, last = decisions[study_iteration_key("uistudy", 0)], decisions[max(decisions)]
     assert first["accepted"] is True and first["val_score"] > first["incumbent_val_score"]
     assert last["stop"] is True and last["stop_reason"] in ("patience", "max_iterations")
+    # The UI lists exactly the iterations that ran: no missing partition for a finished study.
+    assert sorted(server.partition_keys("study_iteration")) == sorted(decisions)
+    stats = server.query(
+        """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+             partitionStats { numMaterialized numPartitions numFailed numMaterializing } } } }""",
+        {"key": {"path": ["iteration_decision"]}},
+    )["assetNodeOrError"]["partitionStats"]
+    assert stats["numPartitions"] == stats["numMaterialized"] == len(decisions)
     # Every iteration after the first was requested by continue_study_sensor, and its tick
     # says why the study stopped.
     runs = server.runs("iteration_job")

@@ -3,14 +3,13 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.common import GROUP, study_data, study_iteration
 from promptopt_dagster.assets.metadata import markdown_table, usage_metadata
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.scoring import EvaluationMetrics, evaluator_for
-from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
@@ -24,7 +23,7 @@ def baseline_predictions(
 ) -> pd.DataFrame:
     """The incumbent's predictions on this iteration's train minibatch and on validation."""
     study, iteration = study_iteration(context, prompt_store)
-    data = load_study_data(study)
+    data = study_data(study)
     rows = data.iteration_rows(iteration)
     context.log.info(f"primary inference: {len(rows)} rows")
     preds = run_prompt(
@@ -61,7 +60,7 @@ def candidate_predictions(
     preds = screen_and_confirm(
         llm.primary(study),
         evaluator_for(study),
-        load_study_data(study),
+        study_data(study),
         candidate_prompts.candidates,
         incumbent_train_score=baseline_metrics.score("train", study.target_metric),
         iteration=iteration,

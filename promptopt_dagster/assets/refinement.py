@@ -3,13 +3,12 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.common import GROUP, study_data, study_iteration
 from promptopt_dagster.assets.metadata import number, prompt_markdown
 from promptopt_dagster.core.meta_model import ranking_plan
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet, propose_candidates
 from promptopt_dagster.core.scoring import EvaluationMetrics
-from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
@@ -37,7 +36,7 @@ def candidate_prompts(
     context.log.info(plan.note)
     result = propose_candidates(
         llm.optimizer(study),
-        load_study_data(study),
+        study_data(study),
         current_prompt,
         scored,
         prompt_store.store.records_before(study.name, iteration),

@@ -183,7 +183,7 @@ class DagsterDev:
             "study": "study_report",
             "dataset": "prompt_evaluation",
             "prompt_version": "prompt_evaluation",
-            "iteration": "iteration_decision",
+            "study_iteration": "iteration_decision",
         }[name]
         data = self.query(
             """query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.definitions import ASSETS, CHECKS, build_resources
+from promptopt_dagster.driver import apply_partition_requests
 from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.resources import PromptStoreResource
@@ -88,8 +89,7 @@ def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
         instance=p.instance, resources={"prompt_store": p.defs.resources["prompt_store"]}
     )
     result = sensor(ctx)
-    for req in result.dynamic_partitions_requests or []:
-        p.instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+    apply_partition_requests(p.instance, result)
     return result
 
 
@@ -99,7 +99,7 @@ def materialize_iteration(
     """Materialize the iteration assets (not the report) for one iteration of the study."""
     return dg.materialize(
         ITERATION_ASSETS,
-        partition_key=str(study_iteration_key(p.study.name, iteration)),
+        partition_key=study_iteration_key(p.study.name, iteration),
         instance=p.instance,
         resources=p.resources(),
         raise_on_error=raise_on_error,
