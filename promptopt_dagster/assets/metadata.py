@@ -12,8 +12,9 @@ import dagster as dg
 import pandas as pd
 
 SIGNIFICANT_DIGITS = 4
-# Prompt lines longer than this are wrapped: the UI cuts a metadata panel's code blocks at its width.
-WRAP_CHARS = 100
+# Prompt lines longer than this are wrapped. In an asset's Overview at a 1600 px wide window, the
+# metadata table is wider than its panel: about 60 characters of a value show, the rest is cut.
+WRAP_CHARS = 60
 
 
 def rounded(value: float, digits: int = SIGNIFICANT_DIGITS) -> float:
@@ -51,7 +52,7 @@ def code_block(text: str) -> str:
 
 
 def prompt_markdown(system_prompt: str, output_prompt: str) -> dg.MetadataValue:
-    """A prompt as markdown: system and output prompt in code blocks, lines wrapped at 100 chars."""
+    """A prompt as markdown: system and output prompt in code blocks, lines wrapped at WRAP_CHARS."""
     return dg.MetadataValue.md(
         f"**System prompt**\n\n{code_block(system_prompt or '(none)')}\n\n"
         f"**Output prompt**\n\n{code_block(output_prompt)}"

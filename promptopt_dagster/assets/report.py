@@ -11,11 +11,13 @@ from promptopt_dagster.partitions import study_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 from promptopt_dagster.study_runs import REGISTRATION
 
-# What each column of the `iterations` table means, shown under it.
+# What the columns of the `iterations` table mean, shown under it in lines short enough for the
+# metadata panel.
 ITERATION_COLUMNS = (
-    "*val_score*: the champion's validation score after the iteration; *llm_seconds*: time spent "
-    "waiting on LLM calls; *wall_seconds*: from the start of the iteration's run to its decision; "
-    "*cost_usd*: from the price table (0 on local models)."
+    "- *val_score*: the champion's validation score\n"
+    "- *llm_seconds*: time spent waiting on LLM calls\n"
+    "- *wall_seconds*: from the run's start to the decision\n"
+    "- *cost_usd*: from the price table (0 on local models)"
 )
 
 
