@@ -4,6 +4,8 @@ dataset and watch the sensor register it; backfill it and find the comparison fi
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from dagster_graphql import DagsterGraphQLClientError
 
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.e2e
 
 pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]
 
+ENDED = ("SUCCESS", "FAILURE", "CANCELED")
+
 
 def test_launched_study_is_carried_to_its_stop_by_the_sensors(
     dagster_dev: DagsterDev, finished_study: StudyRun
@@ -41,9 +45,16 @@ def test_launched_study_is_carried_to_its_stop_by_the_sensors(
         {"key": {"path": ["iteration_decision"]}},
     )["assetNodeOrError"]["partitionStats"]
     assert stats["numPartitions"] == stats["numMaterialized"] == len(decisions)
+
+    # The last iteration's run may still be running its asset checks (they follow
+    # iteration_decision) when the report lands: wait for every run to end.
+    def ended() -> list[dict[str, Any]] | None:
+        found = server.runs("iteration_job")
+        return found if all(r["status"] in ENDED for r in found) else None
+
+    runs = wait_for(ended, 60, "every iteration run to end")
     # Every iteration after the first was requested by continue_study_sensor, and its tick
     # says why the study stopped.
-    runs = server.runs("iteration_job")
     sensors = {t["value"] for r in runs for t in r["tags"] if t["key"] == "dagster/sensor_name"}
     assert sensors == {"new_study_sensor", "continue_study_sensor"} and len(runs) == len(decisions)
     assert all(r["status"] == "SUCCESS" for r in runs)

@@ -17,6 +17,7 @@ def build_fake_definitions(settings: Settings | None = None) -> dg.Definitions:
     llm = scripted_llm_resource(settings)
     return dg.Definitions(
         assets=real.assets,
+        asset_checks=real.asset_checks,
         jobs=real.jobs,
         sensors=real.sensors,
         schedules=real.schedules,
