@@ -1,5 +1,5 @@
 """Asset checks: a green or red light on each iteration's predictions, evaluation summaries and
-decision, in the asset's Checks tab. Each check is partitioned like its asset (study x iteration)
+decision, in the asset's Checks tab. Each check is partitioned like its asset (study_iteration)
 and runs in the iteration's run, after its asset, on that partition's value. The verdicts are
 core/checks.py; these functions only load their inputs and translate. A failed check does not
 fail the run: it shows red, with the reason in its description and the numbers in its metadata."""
@@ -7,7 +7,7 @@ fail the run: it shows red, with the reason in its description and the numbers i
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import StudyIteration, study_iteration
+from promptopt_dagster.assets.common import StudyIteration, study_data, study_iteration
 from promptopt_dagster.assets.decision import iteration_decision
 from promptopt_dagster.assets.evaluation import baseline_metrics, candidate_metrics
 from promptopt_dagster.assets.inference import baseline_predictions, candidate_predictions
@@ -16,7 +16,6 @@ from promptopt_dagster.core import checks
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.records import IterationRecord
 from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
-from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 
@@ -55,7 +54,7 @@ def champion_prompt_is_clean(
     iteration_decision: IterationRecord,
 ) -> dg.AssetCheckResult:
     study = _study_iteration(context, prompt_store).study
-    train = load_study_data(study).splits["train"]
+    train = study_data(study).splits["train"]
     rows = train[[*study.input_columns, study.reference_column]].astype(str).values.tolist()
     return _result(checks.prompt_hygiene(iteration_decision.champion, rows))
 
@@ -92,7 +91,7 @@ def baseline_predictions_cover_every_row(
     baseline_predictions: pd.DataFrame,
 ) -> dg.AssetCheckResult:
     study, iteration = _study_iteration(context, prompt_store)
-    expected = _expected_rows(load_study_data(study).iteration_rows(iteration))
+    expected = _expected_rows(study_data(study).iteration_rows(iteration))
     return _result(checks.prediction_coverage(baseline_predictions, expected))
 
 
@@ -111,7 +110,7 @@ def candidate_predictions_cover_every_row(
     candidate_prompts: CandidateSet,
 ) -> dg.AssetCheckResult:
     study, iteration = _study_iteration(context, prompt_store)
-    expected = _expected_rows(load_study_data(study).iteration_rows(iteration))
+    expected = _expected_rows(study_data(study).iteration_rows(iteration))
     return _result(
         checks.prediction_coverage(
             candidate_predictions,
