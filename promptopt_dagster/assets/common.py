@@ -72,19 +72,3 @@ def study_data(study: StudyConfig) -> StudyData:
         # The entry holds the config, so its id cannot be reused while the entry lives.
         _remember(_data, id(study), (study, data))
     return data
-
-
-def prompt_markdown(system_prompt: str, output_prompt: str) -> dg.MetadataValue:
-    return dg.MetadataValue.md(
-        f"**System prompt**\n\n```\n{system_prompt or '(none)'}\n```\n\n"
-        f"**Output prompt**\n\n```\n{output_prompt}\n```"
-    )
-
-
-def usage_metadata(usage: dict[str, float]) -> dict[str, dg.MetadataValue]:
-    return {
-        f"llm_{k}" if not k.startswith("llm_") else k: dg.MetadataValue.float(float(v))
-        if isinstance(v, float)
-        else dg.MetadataValue.int(int(v))
-        for k, v in usage.items()
-    }

@@ -1,6 +1,6 @@
 """The meta-model, retrained after every iteration on the history of every study.
 
-Why a study x iteration partition of the iteration job, rather than one unpartitioned asset with
+Why an iteration partition of the iteration job, rather than one unpartitioned asset with
 an AllPartitionMapping and an AutomationCondition: the automation condition is evaluated only by
 the daemon of `dagster dev`, and the headless driver (`promptopt run`) ticks the study sensors
 only, so the model would never be refreshed there. As a step of the iteration job it is
