@@ -67,5 +67,5 @@ def test_a_study_started_over_graphql_ends_with_a_champion_ready_to_send(
 
 
 def test_health_check_names_the_server_that_is_down(dagster_dev: DagsterDev) -> None:
-    with pytest.raises(Exception, match="127.0.0.1:9"):
+    with pytest.raises(RuntimeError, match=r"http://127\.0\.0\.1:9/health does not answer"):
         programmatic_access.check_health(dagster_dev.url, "http://127.0.0.1:9")

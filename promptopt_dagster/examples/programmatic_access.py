@@ -42,11 +42,18 @@ query($key: AssetKeyInput!, $partition: String!) {
 
 def check_health(dagster_url: str, mlflow_url: str) -> dict[str, Any]:
     """Both servers' health endpoints: Dagster's `/server_info` (its versions, as JSON) and
-    MLflow's `/health` (the text `OK`). Raises with the URL that failed."""
-    info = requests.get(f"{dagster_url}/server_info", timeout=10)
-    info.raise_for_status()
-    health = requests.get(f"{mlflow_url}/health", timeout=10)
-    health.raise_for_status()
+    MLflow's `/health` (the text `OK`). Raises naming the URL that did not answer."""
+
+    def get(url: str) -> requests.Response:
+        try:
+            reply = requests.get(url, timeout=10)
+            reply.raise_for_status()
+        except requests.RequestException as exc:
+            raise RuntimeError(f"{url} does not answer: {type(exc).__name__}") from exc
+        return reply
+
+    info = get(f"{dagster_url}/server_info")
+    health = get(f"{mlflow_url}/health")
     if health.text.strip() != "OK":
         raise RuntimeError(f"{mlflow_url}/health answered {health.text!r}")
     return {"dagster": info.json(), "mlflow": health.text.strip()}
