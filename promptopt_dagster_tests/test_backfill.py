@@ -12,7 +12,7 @@ import pytest
 
 from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
 from promptopt_dagster.assets.launch import StartStudyConfig, start_study_job
-from promptopt_dagster.core import dataset_evaluation
+from promptopt_dagster.core import dataset_evaluation, version_comparison
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError
@@ -259,10 +259,10 @@ def test_comparison_pivot_marks_not_applicable_pairs() -> None:
         summary("s:a", "x.csv"),
         summary("s:b", "x.csv", applicable=False, rows=0, scores={}, missing_columns=["review"]),
     ]
-    frame = dataset_evaluation.comparison_frame(summaries)
-    assert list(frame.columns) == dataset_evaluation.COMPARISON_COLUMNS
+    frame = version_comparison.comparison_frame(summaries)
+    assert list(frame.columns) == version_comparison.COMPARISON_COLUMNS
     assert len(frame) == 3 and frame["value"].isna().sum() == 1
-    pivot = dataset_evaluation.comparison_pivot(frame).set_index("prompt_version")
+    pivot = version_comparison.comparison_pivot(frame).set_index("prompt_version")
     assert pivot.loc["s:a"].tolist() == ["0.500", "0.750"]
     assert pivot.loc["s:b"].tolist() == ["n/a", "n/a"]
 

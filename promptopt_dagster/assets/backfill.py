@@ -13,7 +13,7 @@ file only translates.
 import dagster as dg
 
 from promptopt_dagster.assets.metadata import number, prompt_markdown, table_value, usage_metadata
-from promptopt_dagster.core import dataset_evaluation
+from promptopt_dagster.core import dataset_evaluation, version_comparison
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.partitions import evaluation_partitions, parse_evaluation_key
@@ -127,9 +127,9 @@ def evaluation_comparison(
 ) -> dg.MaterializeResult:
     """Every evaluation in one table: prompt version x dataset x metric (refreshed by
     evaluation_comparison_sensor after evaluations land)."""
-    summaries = dataset_evaluation.load_summaries(prompt_store.store.root)
-    frame = dataset_evaluation.comparison_frame(summaries)
-    pivot = dataset_evaluation.comparison_pivot(frame)
+    summaries = version_comparison.load_summaries(prompt_store.store.root)
+    frame = version_comparison.comparison_frame(summaries)
+    pivot = version_comparison.comparison_pivot(frame)
     schema = dg.TableSchema(
         columns=[
             dg.TableColumn("prompt_version", "string", description="<study>:<prompt id>"),
