@@ -48,6 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from suite_peers import run_gepa, run_miprov2  # noqa: E402
 from suite_systems import (  # noqa: E402
     NETWORK_ATTEMPTS,
     SUITE_DIR,
@@ -58,8 +59,6 @@ from suite_systems import (  # noqa: E402
     load_task,
     offline_environment,
     run_fixed,
-    run_gepa,
-    run_miprov2,
     run_ours,
     task_names,
     versions,
