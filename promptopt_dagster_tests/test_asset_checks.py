@@ -7,6 +7,7 @@ import re
 
 import dagster as dg
 import pandas as pd
+import pytest
 
 from promptopt_dagster.core import checks
 from promptopt_dagster.core.prompt_state import PromptState
@@ -145,6 +146,7 @@ def verdicts(result: dg.ExecuteInProcessResult) -> dict[str, dg.AssetCheckEvalua
     return {e.check_name: e for e in result.get_asset_check_evaluations()}
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_every_check_passes_on_a_scripted_study(pipeline: Pipeline) -> None:
     p = pipeline
     p.store.register_study(p.study)
@@ -162,6 +164,7 @@ def test_every_check_passes_on_a_scripted_study(pipeline: Pipeline) -> None:
     assert isinstance(gain, float) and gain > 0  # iteration 0 accepted a better prompt
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_a_check_fails_loudly_when_predictions_fail(pipeline: Pipeline) -> None:
     """A third of the incumbent's rows fail at the LLM: the run still materializes the iteration,
     and the coverage check is red, saying how many rows failed."""

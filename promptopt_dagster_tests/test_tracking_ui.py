@@ -69,6 +69,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracked]:
         yield Tracked(p, client, exp.experiment_id, records, iteration_runs)
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_an_iteration_run_lasts_the_iterations_wall_time(tracked: Tracked) -> None:
     for record, run in zip(tracked.records, tracked.iteration_runs, strict=True):
         assert record.wall_seconds is not None and record.wall_seconds > 0
@@ -89,6 +90,7 @@ def _prompt_versions(tracked: Tracked) -> list[Any]:
     return sorted(getattr(versions, "prompt_versions", versions), key=lambda v: int(v.version))
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_prompt_versions_say_what_changed_with_rounded_scores(tracked: Tracked) -> None:
     versions = _prompt_versions(tracked)
     accepted = [r for r in tracked.records if r.accepted]
@@ -127,6 +129,7 @@ def test_describe_change_names_the_parts_that_changed() -> None:
     assert message == "iteration 2: add_examples (+4 demos), val 0.6123 → 0.83\n\nDemos fix the labels."
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_the_experiment_has_a_saved_runs_view_whose_columns_every_run_has(tracked: Tracked) -> None:
     from promptopt_dagster.tracking.layout import (
         EXPERIMENT_NOTE_TAG,
@@ -160,6 +163,7 @@ def test_the_experiment_has_a_saved_runs_view_whose_columns_every_run_has(tracke
         assert set(RUNS_VIEW_TAGS) <= set(cand.data.tags)
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_each_iteration_logs_its_llm_calls_as_one_trace(tracked: Tracked) -> None:
     from promptopt_dagster.tracking.traces import MAX_TRACE_SPANS
 

@@ -8,6 +8,7 @@ import re
 
 import dagster as dg
 import pandas as pd
+import pytest
 
 from promptopt_dagster.assets.metadata import WRAP_CHARS, markdown_table, prompt_markdown, rounded, wrap
 from promptopt_dagster.core.records import IterationRecord
@@ -21,6 +22,7 @@ def materializations(p: Pipeline, asset: str) -> list[dg.AssetMaterialization]:
     return [r.asset_materialization for r in reversed(records) if r.asset_materialization]
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_the_stop_is_said_once_and_summarized_in_the_report(pipeline: Pipeline) -> None:
     p = pipeline
     p.store.register_study(p.study)
@@ -76,6 +78,7 @@ def test_stop_summary_says_why_and_the_best_score() -> None:
     )
 
 
+@pytest.mark.e2e  # a whole scripted study
 def test_metadata_is_rounded_wrapped_and_explained(pipeline: Pipeline) -> None:
     p = pipeline
     p.store.register_study(p.study)
