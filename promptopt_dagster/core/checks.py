@@ -39,6 +39,14 @@ class CheckOutcome(BaseModel):
     description: str
     metadata: dict[str, MetadataScalar | list[str]] = Field(default_factory=dict)
 
+    @classmethod
+    def from_problems(
+        cls, subject: str, problems: Sequence[str], ok: str, metadata: dict[str, MetadataScalar | list[str]]
+    ) -> CheckOutcome:
+        """Passed when there is no problem: ``<subject>: <problems>``, or ``<subject><ok>``."""
+        description = f"{subject}: " + "; ".join(problems) if problems else f"{subject}{ok}"
+        return cls(passed=not problems, description=description, metadata=metadata)
+
 
 # --- the accepted prompt -------------------------------------------------------------------------
 
@@ -73,15 +81,11 @@ def prompt_hygiene(prompt: PromptState, training_rows: Sequence[Sequence[str]]) 
         problems.append(f"unfilled placeholder(s) {placeholders} in the system prompt")
     if fragments:
         problems.append(f"{len(fragments)} line(s) copied from training rows: {fragments}")
-    description = (
-        f"prompt {prompt.id}: " + "; ".join(problems)
-        if problems
-        else f"prompt {prompt.id}: no unfilled placeholder, no training-row fragment"
-    )
-    return CheckOutcome(
-        passed=not problems,
-        description=description,
-        metadata={
+    return CheckOutcome.from_problems(
+        f"prompt {prompt.id}",
+        problems,
+        ": no unfilled placeholder, no training-row fragment",
+        {
             "prompt_id": prompt.id,
             "placeholders": placeholders,
             "training_fragments": fragments,
@@ -137,15 +141,11 @@ def prediction_coverage(
     if rate > max_error_rate:
         problems.append(f"{errors} of {rows} rows failed ({rate:.1%} > {max_error_rate:.0%})")
     what = f"{rows} predictions" + (f" of {len(frames)} {group_by}s" if group_by else "")
-    description = (
-        f"{what}: " + "; ".join(problems)
-        if problems
-        else f"{what} cover every expected row; {errors} failed ({rate:.1%}, at most {max_error_rate:.0%})"
-    )
-    return CheckOutcome(
-        passed=not problems,
-        description=description,
-        metadata={
+    return CheckOutcome.from_problems(
+        what,
+        problems,
+        f" cover every expected row; {errors} failed ({rate:.1%}, at most {max_error_rate:.0%})",
+        {
             "rows": rows,
             "missing_rows": len(missing),
             "unexpected_rows": len(unexpected),
@@ -186,15 +186,11 @@ def _counts_outcome(
         if not summary.get(k, 0) == scored.get(k, 0) == predicted.get(k, 0)
     ]
     total = sum(predicted.values())
-    description = (
-        f"{what}: counts disagree ({'; '.join(mismatched)})"
-        if mismatched
-        else f"{what}: {len(keys)} summaries count the {total} scored and predicted rows"
-    )
-    return CheckOutcome(
-        passed=not mismatched,
-        description=description,
-        metadata={
+    return CheckOutcome.from_problems(
+        what,
+        [f"counts disagree ({'; '.join(mismatched)})"] if mismatched else [],
+        f": {len(keys)} summaries count the {total} scored and predicted rows",
+        {
             "summaries": len(keys),
             "predictions": total,
             "scored_rows": sum(scored.values()),
