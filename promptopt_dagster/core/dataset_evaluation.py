@@ -381,19 +381,38 @@ def evaluate_dataset(
         ) from exc
     if rows == 0:
         raise DatasetError(f"dataset {info.name} has no data rows; add rows to it")
-    summary = EvaluationSummary(
-        prompt_version=prompt_version,
-        study=study.name,
-        prompt_id=prompt.id,
-        dataset=info.name,
+    return _write_summary(
+        out_dir,
+        study,
+        prompt,
+        info,
+        prompt_version,
         rows=rows,
         failed_rows=failed,
-        target_metric=study.target_metric,
         scores={m: sums[m] / rows for m in metrics},
         usage=usage.as_dict(),
         predictions_uri=predictions_uri,
         seconds=time.perf_counter() - start,
         chunks=chunks,
+    )
+
+
+def _write_summary(
+    out_dir: str,
+    study: StudyConfig,
+    prompt: PromptState,
+    info: DatasetInfo,
+    prompt_version: str,
+    **outcome: Any,
+) -> EvaluationSummary:
+    """The summary of one prompt version on one dataset, written to ``<out_dir>/summary.json``."""
+    summary = EvaluationSummary(
+        prompt_version=prompt_version,
+        study=study.name,
+        prompt_id=prompt.id,
+        dataset=info.name,
+        target_metric=study.target_metric,
+        **outcome,
     )
     write_text(join(out_dir, "summary.json"), summary.model_dump_json(indent=2))
     return summary
@@ -408,14 +427,14 @@ def record_not_applicable(
     missing = missing_columns(prompt, study, info)
     if not missing:
         raise ValueError(f"prompt version {prompt_version} is applicable to dataset {info.name}")
-    summary = EvaluationSummary(
-        prompt_version=prompt_version,
-        study=study.name,
-        prompt_id=prompt.id,
-        dataset=info.name,
+    return _write_summary(
+        out_dir,
+        study,
+        prompt,
+        info,
+        prompt_version,
         rows=0,
         failed_rows=0,
-        target_metric=study.target_metric,
         scores={},
         usage={},
         predictions_uri="",
@@ -425,5 +444,3 @@ def record_not_applicable(
         missing_columns=missing,
         dataset_columns=info.columns,
     )
-    write_text(join(out_dir, "summary.json"), summary.model_dump_json(indent=2))
-    return summary
