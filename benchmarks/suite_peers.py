@@ -73,10 +73,7 @@ def run_gepa(llm: LocalLLM, task: Task, budget: int) -> SystemResult:
             result.error = f"{type(exc).__name__}: {exc}"
             result.extra["log_tail"] = log.getvalue()[-2000:]
             out = None
-    result.seconds = time.perf_counter() - start
-    result.calls, result.requests, result.refused = meter.calls, meter.requests, meter.refused
-    result.task_calls = meter.by_role.get("task", 0)
-    result.optimizer_calls = meter.by_role.get("reflection", 0)
+    meter.record(result, "reflection", start)
     if out is None:
         return result
     best = out.best_candidate["system_prompt"]
@@ -219,10 +216,7 @@ def run_miprov2(llm: LocalLLM, task: Task, budget: int, cache_root: Path) -> Sys
         except Exception as exc:
             result.error = f"{type(exc).__name__}: {exc}"
             result.extra["log_tail"] = log.getvalue()[-2000:]
-    result.seconds = time.perf_counter() - start
-    result.calls, result.requests, result.refused = meter.calls, meter.requests, meter.refused
-    result.task_calls = meter.by_role.get("task", 0)
-    result.optimizer_calls = meter.by_role.get("proposal", 0)
+    meter.record(result, "proposal", start)
     if compiled is None:
         return result
 

@@ -160,6 +160,13 @@ class Budget:
         self._memo[key] = text
         return text
 
+    def record(self, result: SystemResult, optimizer_role: str, started: float) -> None:
+        """Copy what this meter counted into `result`: calls by role, refusals, wall time."""
+        result.seconds = time.perf_counter() - started
+        result.calls, result.requests, result.refused = self.calls, self.requests, self.refused
+        result.task_calls = self.by_role.get("task", 0)
+        result.optimizer_calls = self.by_role.get(optimizer_role, 0)
+
 
 def _text(content: Any) -> str:
     if isinstance(content, str):
