@@ -5,7 +5,6 @@ from __future__ import annotations
 import dagster as dg
 
 from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
-from promptopt_dagster.assets.checks import ITERATION_CHECKS
 from promptopt_dagster.assets.decision import iteration_decision
 from promptopt_dagster.assets.evaluation import baseline_metrics, candidate_metrics
 from promptopt_dagster.assets.inference import baseline_predictions, candidate_predictions
@@ -43,9 +42,6 @@ ASSETS = [
     iteration_decision,
     study_report,
 ]
-# Green / red lights on each iteration's predictions, summaries and decision (assets/checks.py);
-# they run in the iteration job after the assets they check.
-CHECKS = ITERATION_CHECKS
 # MLflow logging and the meta-model: steps of the iteration job (group "iteration") that need the
 # `mlflow` and `meta_model_policy` resources; kept apart so a graph without tracking stays valid.
 TRACKING_ASSETS = [iteration_tracking, meta_model]
@@ -94,7 +90,6 @@ def build_resources(settings: Settings) -> dict[str, object]:
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[*ASSETS, *TRACKING_ASSETS, *BACKFILL_ASSETS],
-        asset_checks=CHECKS,
         jobs=[iteration_job, report_job, evaluation_job, comparison_job, start_study_job],
         sensors=[
             new_study_sensor,

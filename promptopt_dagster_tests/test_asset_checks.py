@@ -9,11 +9,12 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from promptopt_dagster.assets.checks import ITERATION_CHECK_SPECS
 from promptopt_dagster.core import checks
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.records import CandidateScore
 from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
-from promptopt_dagster.definitions import CHECKS, defs
+from promptopt_dagster.definitions import defs
 from promptopt_dagster.llm.base import ChatRequest
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
@@ -135,7 +136,7 @@ def test_summaries_must_count_the_scored_and_predicted_rows() -> None:
 
 def materialize_with_checks(p: Pipeline, iteration: int) -> dg.ExecuteInProcessResult:
     return dg.materialize(
-        [*ITERATION_ASSETS, *CHECKS],
+        ITERATION_ASSETS,
         partition_key=str(study_iteration_key(p.study.name, iteration)),
         instance=p.instance,
         resources=p.resources(),
@@ -155,7 +156,7 @@ def test_every_check_passes_on_a_scripted_study(pipeline: Pipeline) -> None:
         if iteration:
             tick(p, continue_study_sensor)  # adds the next iteration's partition
         found = verdicts(materialize_with_checks(p, iteration))
-        assert set(found) == {spec.name for check in CHECKS for spec in check.check_specs}
+        assert set(found) == {spec.name for spec in ITERATION_CHECK_SPECS}
         failed = {name: e.description for name, e in found.items() if not e.passed}
         assert not failed, failed
         key = str(study_iteration_key(p.study.name, iteration))
@@ -191,7 +192,6 @@ def test_a_check_fails_loudly_when_predictions_fail(pipeline: Pipeline) -> None:
 def test_the_product_definitions_register_the_checks_in_the_iteration_job() -> None:
     job = defs.resolve_job_def("iteration_job")
     names = {key.name for key in job.asset_layer.asset_graph.asset_check_keys}
-    assert names == {spec.name for check in CHECKS for spec in check.check_specs}
-    for check in CHECKS:
-        [spec] = check.check_specs
+    assert names == {spec.name for spec in ITERATION_CHECK_SPECS}
+    for spec in ITERATION_CHECK_SPECS:
         assert spec.description and spec.partitions_def is not None

@@ -7,7 +7,8 @@ import time
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.checks import DECISION_CHECKS, decision_checks
+from promptopt_dagster.assets.common import GROUP, study_data, study_iteration
 from promptopt_dagster.assets.metadata import number, prompt_markdown
 from promptopt_dagster.core.inference import usage_of
 from promptopt_dagster.core.iteration import decide
@@ -21,7 +22,13 @@ from promptopt_dagster.resources import PromptStoreResource
 from promptopt_dagster.study_runs import REGISTRATION
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+@dg.asset(
+    partitions_def=study_iteration_partitions,
+    group_name=GROUP,
+    kinds={"python"},
+    check_specs=DECISION_CHECKS,
+    dagster_type=IterationRecord,
+)
 def iteration_decision(
     context: dg.AssetExecutionContext,
     prompt_store: PromptStoreResource,
@@ -31,7 +38,7 @@ def iteration_decision(
     candidate_prompts: CandidateSet,
     candidate_predictions: pd.DataFrame,
     candidate_metrics: CandidateMetrics,
-) -> IterationRecord:
+) -> dg.MaterializeResult:
     """The iteration's record; its champion is saved in the prompt store for iteration N+1."""
     study, iteration = study_iteration(context, prompt_store)
     store = prompt_store.store
@@ -65,24 +72,26 @@ def iteration_decision(
     )
     if record.stop:
         context.log.info(stop_summary(record))
-    context.add_output_metadata(
-        {
-            "accepted": record.accepted,
-            "stop": record.stop,
-            "stop_reason": record.stop_reason or "",
-            "stop_message": record.stop_message,
-            "val_score": number(record.champion_val_score),
-            "incumbent_val_score": number(record.incumbent_val_score),
-            "best_val_score": number(record.best_val_score),
-            "champion_id": record.champion.id,
-            REGISTRATION: store.registration_id(study.name),
-            "llm_calls": record.calls,
-            "llm_tokens": record.tokens,
-            "wall_seconds": number(record.wall_seconds),
-            "total_llm_calls": record.total_calls,
-            "llm_cost_usd": number(record.cost_usd),
-            "total_llm_cost_usd": number(sum(r.cost_usd for r in previous) + record.cost_usd),
-            "champion": prompt_markdown(record.champion.system_prompt, record.champion.output_prompt),
-        }
+    metadata = {
+        "accepted": record.accepted,
+        "stop": record.stop,
+        "stop_reason": record.stop_reason or "",
+        "stop_message": record.stop_message,
+        "val_score": number(record.champion_val_score),
+        "incumbent_val_score": number(record.incumbent_val_score),
+        "best_val_score": number(record.best_val_score),
+        "champion_id": record.champion.id,
+        REGISTRATION: store.registration_id(study.name),
+        "llm_calls": record.calls,
+        "llm_tokens": record.tokens,
+        "wall_seconds": number(record.wall_seconds),
+        "total_llm_calls": record.total_calls,
+        "llm_cost_usd": number(record.cost_usd),
+        "total_llm_cost_usd": number(sum(r.cost_usd for r in previous) + record.cost_usd),
+        "champion": prompt_markdown(record.champion.system_prompt, record.champion.output_prompt),
+    }
+    return dg.MaterializeResult(
+        value=record,
+        metadata=metadata,
+        check_results=decision_checks(study, study_data(study), previous, record),
     )
-    return record

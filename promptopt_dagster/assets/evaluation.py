@@ -3,6 +3,12 @@
 import dagster as dg
 import pandas as pd
 
+from promptopt_dagster.assets.checks import (
+    BASELINE_METRICS_CHECKS,
+    CANDIDATE_METRICS_CHECKS,
+    baseline_metrics_checks,
+    candidate_metrics_checks,
+)
 from promptopt_dagster.assets.common import GROUP, study_iteration
 from promptopt_dagster.assets.metadata import number, table_value
 from promptopt_dagster.core.proposal import CandidateSet
@@ -17,21 +23,27 @@ from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+@dg.asset(
+    partitions_def=study_iteration_partitions,
+    group_name=GROUP,
+    kinds={"python"},
+    check_specs=BASELINE_METRICS_CHECKS,
+    dagster_type=EvaluationMetrics,
+)
 def baseline_metrics(
     context: dg.AssetExecutionContext, prompt_store: PromptStoreResource, baseline_predictions: pd.DataFrame
-) -> EvaluationMetrics:
+) -> dg.MaterializeResult:
     """Aggregates per split and per-row scores of the incumbent."""
     study = study_iteration(context, prompt_store).study
     metrics = evaluate_incumbent(evaluator_for(study), baseline_predictions, study)
-    context.add_output_metadata(
-        {
-            f"{split}_{m}": number(metrics.score(split, m))
-            for split in metrics.aggregates
-            for m in study.all_metrics()
-        }
+    metadata = {
+        f"{split}_{m}": number(metrics.score(split, m))
+        for split in metrics.aggregates
+        for m in study.all_metrics()
+    }
+    return dg.MaterializeResult(
+        value=metrics, metadata=metadata, check_results=baseline_metrics_checks(metrics, baseline_predictions)
     )
-    return metrics
 
 
 # The `scores` table of candidate_metrics; a blank cell is a value the candidate does not have.
@@ -55,29 +67,37 @@ SCORE_COLUMNS = [
 ]
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+@dg.asset(
+    partitions_def=study_iteration_partitions,
+    group_name=GROUP,
+    kinds={"python"},
+    check_specs=CANDIDATE_METRICS_CHECKS,
+    dagster_type=CandidateMetrics,
+)
 def candidate_metrics(
     context: dg.AssetExecutionContext,
     prompt_store: PromptStoreResource,
     candidate_prompts: CandidateSet,
     candidate_predictions: pd.DataFrame,
-) -> CandidateMetrics:
+) -> dg.MaterializeResult:
     """Each candidate's minibatch score and, for those that went on, its validation score."""
     study = study_iteration(context, prompt_store).study
     metrics = evaluate_candidates(
         evaluator_for(study), candidate_predictions, candidate_prompts.candidates, study
     )
-    context.add_output_metadata(
-        {
-            "scores": dg.MetadataValue.table(
-                records=[
-                    dg.TableRecord({c.name: table_value(getattr(s, c.name)) for c in SCORE_COLUMNS})
-                    for s in metrics.scores
-                ],
-                schema=dg.TableSchema(columns=SCORE_COLUMNS),
-            ),
-            "candidates": len(metrics.scores),
-            "validated": sum(s.val_score is not None for s in metrics.scores),
-        }
+    metadata = {
+        "scores": dg.MetadataValue.table(
+            records=[
+                dg.TableRecord({c.name: table_value(getattr(s, c.name)) for c in SCORE_COLUMNS})
+                for s in metrics.scores
+            ],
+            schema=dg.TableSchema(columns=SCORE_COLUMNS),
+        ),
+        "candidates": len(metrics.scores),
+        "validated": sum(s.val_score is not None for s in metrics.scores),
+    }
+    return dg.MaterializeResult(
+        value=metrics,
+        metadata=metadata,
+        check_results=candidate_metrics_checks(metrics, candidate_predictions),
     )
-    return metrics

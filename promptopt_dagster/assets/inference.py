@@ -3,6 +3,12 @@
 import dagster as dg
 import pandas as pd
 
+from promptopt_dagster.assets.checks import (
+    BASELINE_PREDICTIONS_CHECKS,
+    CANDIDATE_PREDICTIONS_CHECKS,
+    baseline_predictions_checks,
+    candidate_predictions_checks,
+)
 from promptopt_dagster.assets.common import GROUP, study_data, study_iteration
 from promptopt_dagster.assets.metadata import markdown_table, usage_metadata
 from promptopt_dagster.core.inference import run_prompt, usage_of
@@ -14,13 +20,19 @@ from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"pandas"})
+@dg.asset(
+    partitions_def=study_iteration_partitions,
+    group_name=GROUP,
+    kinds={"pandas"},
+    check_specs=BASELINE_PREDICTIONS_CHECKS,
+    dagster_type=pd.DataFrame,
+)
 def baseline_predictions(
     context: dg.AssetExecutionContext,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
     current_prompt: PromptState,
-) -> pd.DataFrame:
+) -> dg.MaterializeResult:
     """The incumbent's predictions on this iteration's train minibatch and on validation."""
     study, iteration = study_iteration(context, prompt_store)
     data = study_data(study)
@@ -35,43 +47,50 @@ def baseline_predictions(
     )
     for line in data.warnings:
         context.log.warning(line)
-    context.add_output_metadata(
-        {
-            "rows": len(preds),
-            "split_sizes": ", ".join(f"{name} {len(df)}" for name, df in data.splits.items()),
-            "data_warnings": "; ".join(data.warnings) or "none",
-            "preview": dg.MetadataValue.md(markdown_table(preds.head(8))),
-        }
-        | usage_metadata(usage_of(preds).as_dict())
+    metadata = {
+        "rows": len(preds),
+        "split_sizes": ", ".join(f"{name} {len(df)}" for name, df in data.splits.items()),
+        "data_warnings": "; ".join(data.warnings) or "none",
+        "preview": dg.MetadataValue.md(markdown_table(preds.head(8))),
+    } | usage_metadata(usage_of(preds).as_dict())
+    return dg.MaterializeResult(
+        value=preds, metadata=metadata, check_results=baseline_predictions_checks(data, iteration, preds)
     )
-    return preds
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"pandas"})
+@dg.asset(
+    partitions_def=study_iteration_partitions,
+    group_name=GROUP,
+    kinds={"pandas"},
+    check_specs=CANDIDATE_PREDICTIONS_CHECKS,
+    dagster_type=pd.DataFrame,
+)
 def candidate_predictions(
     context: dg.AssetExecutionContext,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
     candidate_prompts: CandidateSet,
     baseline_metrics: EvaluationMetrics,
-) -> pd.DataFrame:
+) -> dg.MaterializeResult:
     """Every candidate on the train minibatch; the best that matches the incumbent there, on val."""
     study, iteration = study_iteration(context, prompt_store)
+    data = study_data(study)
     preds = screen_and_confirm(
         llm.primary(study),
         evaluator_for(study),
-        study_data(study),
+        data,
         candidate_prompts.candidates,
         incumbent_train_score=baseline_metrics.score("train", study.target_metric),
         iteration=iteration,
         progress=context.log.info,
         calls_left=candidate_prompts.calls_left,
     )
-    context.add_output_metadata(
-        {
-            "rows": len(preds),
-            "candidates_validated": int(preds.loc[preds["split"] == "val", "candidate_id"].nunique()),
-        }
-        | usage_metadata(usage_of(preds).as_dict())
+    metadata = {
+        "rows": len(preds),
+        "candidates_validated": int(preds.loc[preds["split"] == "val", "candidate_id"].nunique()),
+    } | usage_metadata(usage_of(preds).as_dict())
+    return dg.MaterializeResult(
+        value=preds,
+        metadata=metadata,
+        check_results=candidate_predictions_checks(data, iteration, preds, candidate_prompts),
     )
-    return preds

@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import StudyConfig
-from promptopt_dagster.definitions import ASSETS, CHECKS, build_resources
+from promptopt_dagster.definitions import ASSETS, build_resources
 from promptopt_dagster.driver import apply_partition_requests
 from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
@@ -72,7 +72,6 @@ def make_pipeline(
     resources = {**build_resources(settings), "llm": llm}
     defs = dg.Definitions(
         assets=ASSETS,
-        asset_checks=CHECKS,
         jobs=[iteration_job, report_job],
         sensors=[new_study_sensor, continue_study_sensor],
         resources=resources,
