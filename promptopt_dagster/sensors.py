@@ -124,8 +124,8 @@ def continue_study_sensor(
                 tags={"study": study},
             )
         )
-    for line in stopped:
-        context.log.info(line)
+    # The stop reasons go in the skip reason only: the iteration that stopped a study logged
+    # "study X stopped: reason" once in its run, so a tick every 5 s does not repeat it as a log line.
     if not run_requests:
         return dg.SensorResult(skip_reason="; ".join(stopped) or "no study has a finished iteration yet")
     return dg.SensorResult(
