@@ -15,6 +15,7 @@ import dagster as dg
 from pydantic import BaseModel, Field
 
 from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.metadata import number
 from promptopt_dagster.assets.tracking import dagster_tags
 from promptopt_dagster.core.meta_model import MetaModel, history_from_store, save_to_store, training_frame
 from promptopt_dagster.core.prompt_store import iteration_key
@@ -72,12 +73,12 @@ def meta_model(
         "cv_status": cv["status"],
         "cv_scheme": cv.get("scheme", "-"),
         "used_by_optimizer": useful,
-        "min_spearman": dg.MetadataValue.float(meta_model_policy.min_spearman),
+        "min_spearman": number(meta_model_policy.min_spearman),
         "saved_to": folder,
     }
     for key in ("spearman", "spearman_within_study", "mae", "mae_mean_baseline"):
         if cv.get(key) is not None:
-            metadata[f"cv_{key}"] = dg.MetadataValue.float(float(cv[key]))
+            metadata[f"cv_{key}"] = number(float(cv[key]))
     tracker = mlflow.tracker
     try:
         run_id = tracker.keyed_run(
