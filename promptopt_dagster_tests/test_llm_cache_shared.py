@@ -10,12 +10,14 @@ import json
 import logging
 import multiprocessing
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import dagster as dg
@@ -98,6 +100,24 @@ def test_urls_name_a_driver_that_is_installed(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="local file or a postgresql:// URL") as caught:
         database_url("mysql://user:hunter2@db/cache")
     assert "hunter2" not in str(caught.value)
+
+
+def test_a_cache_file_written_before_sqlalchemy_is_read_as_it_is(tmp_path: Path) -> None:
+    path = tmp_path / "llm_responses.sqlite"
+    key = ask("old").cache_key("fake", "scripted")
+    with closing(sqlite3.connect(path)) as conn, conn:  # the schema the sqlite3 code created
+        conn.execute("CREATE TABLE responses (key TEXT PRIMARY KEY, backend TEXT NOT NULL, "
+                     "model TEXT NOT NULL, text TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, "
+                     "completion_tokens INTEGER NOT NULL, created_at REAL NOT NULL)")
+        conn.execute("INSERT INTO responses VALUES (?, 'fake', 'scripted', 'kept', 3, 1, 1.5)", (key,))
+    inner = ScriptedLLM(shout)
+    llm = CachedLLM(inner, path)
+    [old, new] = llm.generate([ask("old"), ask("new")])
+    assert (old.text, old.prompt_tokens, old.completion_tokens, old.cached) == ("kept", 3, 1, True)
+    assert new.text == "NEW !" and inner.calls == 1
+    with closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("SELECT count(*) FROM responses").fetchone() == (2,)
 
 
 def test_replies_are_reused_and_only_misses_reach_the_model(location: str) -> None:

@@ -257,11 +257,10 @@ class CachedLLM:
                            "until it is reachable again.", exc)
 
     def _available(self) -> None:
-        if not self._reachable:
-            with self._stats_lock:
-                back, self._reachable = not self._reachable, True
-            if back:
-                logger.warning("the LLM response cache is reachable again")
+        with self._stats_lock:
+            back, self._reachable = not self._reachable, True
+        if back:
+            logger.warning("the LLM response cache is reachable again")
 
     def _lookup(self, keys: Sequence[str]) -> dict[str, ChatResponse]:
         try:
