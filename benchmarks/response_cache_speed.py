@@ -117,10 +117,11 @@ def main() -> None:
 
             stores[f"SQLAlchemy, {redact(args.postgres)}"] = postgres_table
         print(f"{args.requests} requests in batches of {args.batch}, best of {args.repeats}; requests/s")
-        print(f"{'store':<40} {'miss+store':>12} {'hit':>12}")
+        width = max(map(len, stores)) + 2
+        print(f"{'store':<{width}} {'miss+store':>12} {'hit':>12}")
         for name, make in stores.items():
             misses, hits = best(make, args)
-            print(f"{name:<40} {misses:>12,.0f} {hits:>12,.0f}")
+            print(f"{name:<{width}} {misses:>12,.0f} {hits:>12,.0f}")
 
 
 if __name__ == "__main__":
