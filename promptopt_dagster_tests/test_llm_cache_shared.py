@@ -100,6 +100,9 @@ def test_urls_name_a_driver_that_is_installed(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="local file or a postgresql:// URL") as caught:
         database_url("mysql://user:hunter2@db/cache")
     assert "hunter2" not in str(caught.value)
+    with pytest.raises(StorageError, match="cannot open the LLM response cache") as caught:
+        CachedLLM(ScriptedLLM(shout), "postgresql+nodriver://user:hunter2@db/cache")
+    assert "hunter2" not in str(caught.value) and "user:***@db" in str(caught.value)
 
 
 def test_a_cache_file_written_before_sqlalchemy_is_read_as_it_is(tmp_path: Path) -> None:

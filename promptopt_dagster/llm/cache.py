@@ -184,7 +184,7 @@ class ResponseTable:
                 if self.dialect == "postgresql":
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CREATE_LOCK_ID})
                 conn.execute(CreateTable(responses, if_not_exists=True))
-        except (OSError, SQLAlchemyError) as exc:
+        except (OSError, ImportError, SQLAlchemyError) as exc:  # ImportError: a driver not installed
             raise self.error("open", exc) from None
 
     def lookup(self, keys: Sequence[str]) -> dict[str, ChatResponse]:
