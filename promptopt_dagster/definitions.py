@@ -71,6 +71,8 @@ def build_resources(settings: Settings) -> dict[str, object]:
             local_model_path=settings.LOCAL_MODEL_PATH,
             model_cache_dir=str(settings.cache_dir / "models"),
             response_cache_path=str(settings.cache_dir / "llm_responses.sqlite"),
+            # The shared cache's URL (it may hold a password) by name too, like the token below.
+            response_cache_url=dg.EnvVar("LLM_CACHE_URL") if settings.LLM_CACHE_URL else None,
             cache_enabled=settings.LLM_CACHE_ENABLED,
             # The token by name, so the UI shows the variable, never the token.
             vertex=VertexConfig(

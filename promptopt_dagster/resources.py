@@ -40,6 +40,9 @@ class LLMResource(dg.ConfigurableResource):
     local_model_path: str | None = None
     model_cache_dir: str
     response_cache_path: str | None = None
+    # A postgresql:// URL shared by every worker (LLM_CACHE_URL); it wins over the file above.
+    # definitions.py passes it as dg.EnvVar so the password stays out of the UI.
+    response_cache_url: str | None = None
     cache_enabled: bool = True
     vertex: VertexConfig = VertexConfig()
 
@@ -66,6 +69,7 @@ class LLMResource(dg.ConfigurableResource):
                 model_name=name,
                 model_cache_dir=self.model_cache_dir,
                 response_cache_path=self.response_cache_path if self.cache_enabled else None,
+                response_cache_url=self.response_cache_url if self.cache_enabled else None,
                 vertex=self.vertex,
             )
         return self._clients[key]

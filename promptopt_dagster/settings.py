@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     LLM_BACKEND: Literal["local", "vertex"] = "local"
     LOCAL_MODEL_PATH: str | None = None
     LLM_CACHE_ENABLED: bool = True
+    # The response cache shared by workers on several machines: a postgresql:// URL (a table
+    # `responses` in that database, created if missing). Unset: a SQLite file under PROMPTOPT_HOME.
+    # It may hold a password: kept out of repr and dumps, and passed to Dagster by name.
+    LLM_CACHE_URL: str | None = Field(None, repr=False, exclude=True)
 
     # Vertex AI (production): VERTEX_<FIELD> sets VertexOptions.<field> (llm/vertex_options.py
     # declares each with its default), e.g. VERTEX_PROJECT_ID, VERTEX_CONCURRENCY, VERTEX_PRICES

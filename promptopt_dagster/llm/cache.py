@@ -1,94 +1,274 @@
-"""A persistent response cache in front of any LLMClient.
+"""A persistent response cache in front of any LLMClient, on a local SQLite file or a shared
+PostgreSQL database.
 
-Re-running an iteration, a backfill or a test must not pay for the same call twice. Replies are
-kept in a SQLite file (WAL mode, busy timeout) keyed by `ChatRequest.cache_key(backend, model)`,
-so several threads and several processes (Dagster runs, the CLI) can share one file. Only
-successful replies are stored: a failed call is retried next time.
+Re-running an iteration, a backfill or a test must not pay for the same call twice, whichever
+worker runs it. Replies are kept in one table keyed by `ChatRequest.cache_key(backend, model)`:
+
+- a path (the default, ``<PROMPTOPT_HOME>/cache/llm_responses.sqlite``) or ``sqlite:///...``: a
+  SQLite file in WAL mode with a busy timeout, shared by the threads and processes of one machine;
+- ``postgresql://...`` (``LLM_CACHE_URL``): a table in that database, shared by every worker on
+  every machine that reaches it.
+
+Both go through SQLAlchemy Core: one table definition, one query per lookup chunk, and an
+insert-or-ignore (``INSERT ... ON CONFLICT (key) DO NOTHING`` in both dialects), so two workers
+storing the same reply at once both succeed and the first row stays. Only successful replies are
+stored: a failed call is retried next time.
+
+Outages: opening the cache (creating its table) raises `StorageError` at once, before any call is
+paid for, because a cache that cannot be opened then is a setting to fix (a wrong URL, password or
+folder). Once open, a failed lookup or store logs a warning and the call goes on without the cache
+(lookups count as misses, a reply that cannot be stored is still returned): the cache only saves
+calls, so an outage of it must not fail a step and lose the replies already paid for. The warning
+is logged when the cache becomes unreachable and again when it is back, not at every call.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import logging
+import os
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import closing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.schema import CreateTable
 
 from promptopt_dagster.errors import StorageError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse, LLMClient
+from promptopt_dagster.redaction import Redactor
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
-    key TEXT PRIMARY KEY,
-    backend TEXT NOT NULL,
-    model TEXT NOT NULL,
-    text TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    created_at REAL NOT NULL
-)
-"""
+logger = logging.getLogger(__name__)
+
 _BUSY_TIMEOUT_S = 60.0
+_CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout: an unreachable host fails in seconds, not minutes
 _SELECT_CHUNK = 500  # stay well under SQLite's bound-parameter limit
+# SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the stack ships psycopg2 (dagster-postgres).
+_POSTGRES_DRIVER = "postgresql+psycopg2"
+# Any 64-bit number shared by every worker: serializes the table's creation (below).
+_CREATE_LOCK_ID = 0x70726F6D70746F70
+
+_metadata = sa.MetaData()
+# The same columns as the SQLite files written before SQLAlchemy, so existing caches stay valid.
+responses = sa.Table(
+    "responses",
+    _metadata,
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("backend", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+_INSERTS: dict[str, Callable[..., Any]] = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 @dataclass
 class CacheStats:
     hits: int = 0
     misses: int = 0
+    unavailable: int = 0  # lookups and stores that failed (the call went on without the cache)
+
+
+Row = tuple[str, str, str, str, int, int, float]  # the columns of `responses`, in order
+
+
+class ResponseStore(Protocol):
+    """Where CachedLLM keeps replies; `ResponseTable` is the product's, the benchmark adds one."""
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, ChatResponse]: ...
+
+    def put(self, rows: Sequence[Row]) -> None: ...
+
+
+def database_url(location: str | os.PathLike[str]) -> URL:
+    """The SQLAlchemy URL for a cache location: a path becomes ``sqlite:///<absolute path>``,
+    ``postgresql://`` / ``postgres://`` get the psycopg2 driver; anything else is refused."""
+    text = str(location)
+    if "://" not in text:
+        return URL.create("sqlite", database=str(Path(text).expanduser().resolve()))
+    for bare in ("postgresql://", "postgres://"):
+        if text.startswith(bare):
+            text = f"{_POSTGRES_DRIVER}://{text[len(bare):]}"
+    try:
+        url = make_url(text)
+    except ArgumentError:
+        url = None
+    if url is None or url.get_backend_name() not in _INSERTS or (
+        url.get_backend_name() == "sqlite" and not url.database
+    ):
+        shown = Redactor()(text)
+        raise StorageError(
+            f"the LLM response cache must be a local file or a postgresql:// URL, got {shown!r}. "
+            f"Fix: unset LLM_CACHE_URL to use a file under PROMPTOPT_HOME, or set it to "
+            f"postgresql://USER:PASSWORD@HOST:PORT/DATABASE."
+        )
+    return url
+
+
+class ResponseTable:
+    """The `responses` table in one database, through a small pool of open connections.
+
+    Reusing connections is what keeps the cache cheap (benchmarks/response_cache_speed.py):
+    closing the last connection to a SQLite WAL file checkpoints it, and a PostgreSQL connection
+    costs a TCP and password handshake, each several milliseconds per lookup or store. Pooled
+    PostgreSQL connections are pinged when taken from the pool, so a restarted server costs one
+    reconnect, not an error. A forked process builds its own engine: a database connection must
+    not be used on both sides of a fork."""
+
+    def __init__(self, location: str | os.PathLike[str]) -> None:
+        self.url = database_url(location)
+        self.dialect = self.url.get_backend_name()
+        self.shown = self.url.render_as_string(hide_password=True)
+        self._redact = Redactor()
+        self._redact.add(self.url.password if isinstance(self.url.password, str) else None)
+        self._insert = _INSERTS[self.dialect]
+        self._engine: Engine | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None or self._pid != os.getpid():
+                if self._engine is not None:
+                    self._engine.dispose(close=False)  # the parent's connections stay the parent's
+                self._engine, self._pid = self._create_engine(), os.getpid()
+            return self._engine
+
+    def _create_engine(self) -> Engine:
+        if self.dialect == "sqlite":
+            engine = sa.create_engine(self.url, connect_args={"timeout": _BUSY_TIMEOUT_S})
+            sa.event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        return sa.create_engine(self.url, pool_pre_ping=True,
+                                connect_args={"connect_timeout": _CONNECT_TIMEOUT_S})
+
+    def dispose(self) -> None:
+        """Close pooled connections (they also close when the table object is collected)."""
+        with self._lock:
+            if self._engine is not None and self._pid == os.getpid():
+                self._engine.dispose()
+            self._engine = None
+
+    def describe(self, exc: BaseException) -> str:
+        """The driver's message, without the SQL, parameters or password."""
+        detail = getattr(exc, "orig", None) or exc
+        return self._redact(" ".join(str(detail).split()))
+
+    def error(self, action: str, exc: BaseException) -> StorageError:
+        if self.dialect == "sqlite":
+            fix = ("make its folder writable and the disk not full, or disable the cache "
+                   "(LLM_CACHE_ENABLED=false)")
+        else:
+            fix = ("check that the PostgreSQL server in LLM_CACHE_URL is running and reachable from this "
+                   "machine and that the user, password and database are right; or unset LLM_CACHE_URL "
+                   "to cache in a local file, or disable the cache (LLM_CACHE_ENABLED=false)")
+        return StorageError(f"cannot {action} the LLM response cache {self.shown} ({self.describe(exc)}). "
+                            f"Fix: {fix}.")
+
+    def create(self) -> None:
+        """Create the table unless it exists. On PostgreSQL two workers running CREATE TABLE IF NOT
+        EXISTS at once can both try to create it (a unique violation in the catalog), so creation
+        holds a transaction-level advisory lock."""
+        try:
+            if self.dialect == "sqlite":
+                Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _CREATE_LOCK_ID})
+                conn.execute(CreateTable(responses, if_not_exists=True))
+        except (OSError, ImportError, SQLAlchemyError) as exc:  # ImportError: a driver not installed
+            raise self.error("open", exc) from None
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, ChatResponse]:
+        found: dict[str, ChatResponse] = {}
+        unique = list(dict.fromkeys(keys))
+        c = responses.c
+        columns = (c.key, c.text, c.prompt_tokens, c.completion_tokens)
+        try:
+            with self.engine.connect() as conn:
+                for i in range(0, len(unique), _SELECT_CHUNK):
+                    query = sa.select(*columns).where(responses.c.key.in_(unique[i : i + _SELECT_CHUNK]))
+                    for key, text, prompt_tokens, completion_tokens in conn.execute(query):
+                        found[key] = ChatResponse(text=text, prompt_tokens=prompt_tokens, seconds=0.0,
+                                                  completion_tokens=completion_tokens, cached=True)
+        except SQLAlchemyError as exc:
+            raise self.error("read", exc) from None
+        return found
+
+    def put(self, rows: Sequence[Row]) -> None:
+        """Insert-or-ignore: a key another worker stored meanwhile keeps its row."""
+        if not rows:
+            return
+        names = [c.name for c in responses.columns]
+        statement = self._insert(responses).on_conflict_do_nothing(index_elements=["key"])
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(statement, [dict(zip(names, row, strict=True)) for row in rows])
+        except SQLAlchemyError as exc:
+            raise self.error("write to", exc) from None
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    """WAL lets readers and one writer work at once across processes; NORMAL sync is durable
+    against a crashed process (a power loss may drop the latest replies, which are re-asked)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 class CachedLLM:
     """An LLMClient that answers from the cache when it can and sends only the misses, in one
-    batch and in order, to `inner`. Hits come back with `cached=True` and `seconds=0`."""
+    batch and in order, to `inner`. Hits come back with `cached=True` and `seconds=0`.
 
-    def __init__(self, inner: LLMClient, path: str | Path, enabled: bool = True) -> None:
-        if "://" in str(path):
-            raise StorageError(
-                f"the LLM response cache must be a local file, got {path!r}. "
-                f"Fix: point it at a path on local disk (PROMPTOPT_HOME)."
-            )
+    `location` is a file path or a database URL (see the module docstring); `store` replaces the
+    table (the benchmark compares stores through the same code)."""
+
+    def __init__(self, inner: LLMClient, location: str | os.PathLike[str], enabled: bool = True,
+                 store: ResponseStore | None = None) -> None:
         self.inner = inner
         self.backend = inner.backend
         self.model = inner.model
-        self.path = Path(path).expanduser()
         self.enabled = enabled
         self.stats = CacheStats()
         self._stats_lock = threading.Lock()
-        if enabled:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with closing(self._connect()) as conn, conn:
-                    conn.execute(_SCHEMA)
-            except (OSError, sqlite3.Error) as exc:
-                raise StorageError(
-                    f"cannot open the LLM response cache {self.path} ({exc}). "
-                    f"Fix: make its folder writable, or disable the cache (LLM_CACHE_ENABLED=false)."
-                ) from exc
+        self._reachable = True
+        if store is None:
+            table = ResponseTable(location)
+            if enabled:
+                table.create()
+            store = table
+        self.store: ResponseStore = store
 
-    def _connect(self) -> sqlite3.Connection:
-        # One short-lived connection per call: sqlite3 connections are not shareable across
-        # threads, and opening one costs well under a millisecond.
-        conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        return conn
+    def _unavailable(self, exc: StorageError) -> None:
+        with self._stats_lock:
+            self.stats.unavailable += 1
+            first, self._reachable = self._reachable, False
+        if first:
+            logger.warning("%s The call goes on without the cache (replies are not reused or kept) "
+                           "until it is reachable again.", exc)
+
+    def _available(self) -> None:
+        with self._stats_lock:
+            back, self._reachable = not self._reachable, True
+        if back:
+            logger.warning("the LLM response cache is reachable again")
 
     def _lookup(self, keys: Sequence[str]) -> dict[str, ChatResponse]:
-        found: dict[str, ChatResponse] = {}
-        unique = list(dict.fromkeys(keys))
-        with closing(self._connect()) as conn:
-            for i in range(0, len(unique), _SELECT_CHUNK):
-                chunk = unique[i : i + _SELECT_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                query = (f"SELECT key, text, prompt_tokens, completion_tokens FROM responses "
-                         f"WHERE key IN ({marks})")
-                rows = conn.execute(query, chunk)
-                for key, text, prompt_tokens, completion_tokens in rows:
-                    found[key] = ChatResponse(text=text, prompt_tokens=prompt_tokens,
-                                              completion_tokens=completion_tokens, seconds=0.0, cached=True)
+        try:
+            found = self.store.lookup(keys)
+        except StorageError as exc:
+            self._unavailable(exc)
+            return {}
+        self._available()
         return found
 
     def _store(self, items: Sequence[tuple[str, ChatResponse]]) -> None:
@@ -97,8 +277,12 @@ class CachedLLM:
                 for k, r in items if r.ok]
         if not rows:
             return
-        with closing(self._connect()) as conn, conn:
-            conn.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+        try:
+            self.store.put(rows)
+        except StorageError as exc:
+            self._unavailable(exc)
+            return
+        self._available()
 
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
         if not self.enabled:

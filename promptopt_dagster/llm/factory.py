@@ -44,7 +44,10 @@ def build_client(
     model_cache_dir: str | Path,
     response_cache_path: str | Path | None,
     vertex: VertexOptions | None = None,
+    response_cache_url: str | None = None,
 ) -> LLMClient:
+    """The backend's client behind the response cache: `response_cache_url` (a shared database)
+    when given, else the SQLite file `response_cache_path`; neither means no cache."""
     inner: LLMClient
     if backend == "local":
         from promptopt_dagster.llm.local import LocalLLM
@@ -62,6 +65,7 @@ def build_client(
         inner = VertexLLM(options, model_name, progress=_log_batch_progress)
     else:
         raise ModelError(f"unknown LLM backend {backend!r}; use 'local' or 'vertex'")
-    if response_cache_path is None:
+    location = response_cache_url or response_cache_path
+    if location is None:
         return inner
-    return CachedLLM(inner, response_cache_path)
+    return CachedLLM(inner, location)

@@ -63,11 +63,17 @@ class Pipeline:
 
 
 def make_pipeline(
-    tmp_path: Path, instance: dg.DagsterInstance, cache_enabled: bool = True, **study_overrides: object
+    tmp_path: Path,
+    instance: dg.DagsterInstance,
+    cache_enabled: bool = True,
+    cache_url: str | None = None,
+    **study_overrides: object,
 ) -> Pipeline:
     """PROMPTOPT_HOME is `tmp_path`: the store is tmp_path/store, the LLM response cache is in
-    tmp_path/cache, the study (support/scripted.py) and its dataset are written to `tmp_path`."""
-    settings = IsolatedSettings(PROMPTOPT_HOME=tmp_path, LLM_CACHE_ENABLED=cache_enabled)
+    tmp_path/cache (or in the database `cache_url`, LLM_CACHE_URL), the study
+    (support/scripted.py) and its dataset are written to `tmp_path`."""
+    settings = IsolatedSettings(PROMPTOPT_HOME=tmp_path, LLM_CACHE_ENABLED=cache_enabled,
+                                LLM_CACHE_URL=cache_url)
     llm = scripted_llm_resource(settings)
     resources = {**build_resources(settings), "llm": llm}
     defs = dg.Definitions(

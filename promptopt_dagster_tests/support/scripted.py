@@ -80,7 +80,8 @@ def optimizer_responder(request: ChatRequest) -> str:
 
 
 # Dagster builds a fresh resource object per run, so the scripted clients live here, keyed by
-# the resource's cache path, where tests can count their calls and swap their responders.
+# the resource's cache (its URL, else its file), where tests can count their calls and swap their
+# responders.
 _CLIENTS: dict[tuple[str, str], ScriptedLLM] = {}
 
 
@@ -88,7 +89,7 @@ class ScriptedLLMResource(LLMResource):
     """The real LLMResource wiring (response cache included) around scripted clients."""
 
     def inner(self, role: str) -> ScriptedLLM:
-        key = (str(self.response_cache_path), role)
+        key = (str(self.response_cache_url or self.response_cache_path), role)
         if key not in _CLIENTS:
             responder = primary_responder if role == "primary" else optimizer_responder
             _CLIENTS[key] = ScriptedLLM(responder, model=f"scripted-{role}")
@@ -96,17 +97,19 @@ class ScriptedLLMResource(LLMResource):
 
     def client(self, model: ModelConfig, role: Literal["primary", "optimizer"]) -> LLMClient:
         inner = self.inner(role)
-        if self.response_cache_path and self.cache_enabled:
-            return CachedLLM(inner, self.response_cache_path)
+        location = self.response_cache_url or self.response_cache_path
+        if location and self.cache_enabled:
+            return CachedLLM(inner, location)
         return inner
 
 
 def scripted_llm_resource(settings: Settings) -> ScriptedLLMResource:
     """The scripted stand-in for the "llm" resource `build_resources(settings)` makes: the same
-    model cache folder, response cache file and cache switch."""
+    model cache folder, response cache file or URL, and cache switch."""
     return ScriptedLLMResource(
         model_cache_dir=str(settings.cache_dir / "models"),
         response_cache_path=str(settings.cache_dir / "llm_responses.sqlite"),
+        response_cache_url=settings.LLM_CACHE_URL,
         cache_enabled=settings.LLM_CACHE_ENABLED,
     )
 
