@@ -42,6 +42,17 @@ def test_cleaning_drops_pasted_and_paraphrased_rows_numbers_and_placeholders() -
     assert len(cleaned.dropped) == 4
 
 
+def test_cleaning_drops_the_output_template_filled_in_but_not_an_instruction_like_it() -> None:
+    """The 0.5B reflection model once proposed a rendered input as the whole instruction."""
+    template = "Look at these numbers: {a} and {b}"
+    text = "Look at these numbers: -10 and -10\nReply with the larger of the two numbers."
+    cleaned = clean_instruction(text, ROWS, input_templates=[template])
+    assert cleaned.dropped == ["Look at these numbers: -10 and -10"]
+    assert cleaned.text == "Reply with the larger of the two numbers."
+    # A template with no words of its own ("{text}") matches anything: it is not used.
+    assert clean_instruction(text, ROWS, input_templates=["{text}"]).dropped == []
+
+
 def test_cleaning_keeps_a_clean_instruction_whole() -> None:
     text = "You label customer reviews. Reply with one word: positive or negative."
     assert clean_instruction(text, ROWS).text == text.replace(". ", ".\n")

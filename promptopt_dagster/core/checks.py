@@ -70,7 +70,7 @@ def prompt_hygiene(prompt: PromptState, training_rows: Sequence[Sequence[str]]) 
     text = instruction_text(prompt)
     placeholders = sorted(set(_PLACEHOLDER.findall(prompt.system_prompt)))
     values = {_normalized(str(v)) for row in training_rows for v in row}
-    dropped = clean_instruction(text, training_rows).dropped
+    dropped = clean_instruction(text, training_rows, input_templates=[prompt.output_prompt]).dropped
     fragments = [
         line
         for line in dropped

@@ -39,6 +39,19 @@ def _lines(text: str) -> list[str]:
     return [line.strip() for line in re.split(r"\n+|(?<=[a-z0-9]{2}[.!?])\s+(?=[A-Z])", text) if line.strip()]
 
 
+def _rendering_patterns(templates: Iterable[str]) -> list[re.Pattern[str]]:
+    """For each template with at least two words of its own, a pattern that matches it with any
+    text in place of its placeholders. A bare `{text}` template has none: it would match anything."""
+    patterns = []
+    for template in templates:
+        literals = _PLACEHOLDER.split(template)
+        if len(literals) < 2 or len(_WORD.findall(" ".join(literals))) < 2:
+            continue
+        body = ".+?".join(r"\s+".join(re.escape(w) for w in part.split()) for part in literals)
+        patterns.append(re.compile(rf"\W*{body}\W*", re.IGNORECASE | re.DOTALL))
+    return patterns
+
+
 def _fragment_of(line: str, rows: Sequence[set[str]], threshold: float) -> bool:
     tokens = _tokens(line)
     if len(tokens) < 4:
@@ -48,11 +61,15 @@ def _fragment_of(line: str, rows: Sequence[set[str]], threshold: float) -> bool:
 
 
 def clean_instruction(
-    text: str, training_rows: Iterable[Iterable[str]], threshold: float = 0.5
+    text: str,
+    training_rows: Iterable[Iterable[str]],
+    threshold: float = 0.5,
+    input_templates: Iterable[str] = (),
 ) -> Cleaned:
     """`text` without stray lines: a training value alone on a line, fragments of a training row
     (inputs and outputs of one row count together), lines with no words, lines with a
-    `{placeholder}`."""
+    `{placeholder}`, and renderings of one of `input_templates` (the prompt's output templates)."""
+    renderings = _rendering_patterns(input_templates)
     values: set[str] = set()
     token_rows: list[set[str]] = []
     for row in training_rows:
@@ -69,6 +86,7 @@ def clean_instruction(
             or not _WORD.search(line)
             or _PLACEHOLDER.search(line)
             or _fragment_of(line, token_rows, threshold)
+            or any(p.fullmatch(line) for p in renderings)
         ):
             dropped.append(line)
         else:

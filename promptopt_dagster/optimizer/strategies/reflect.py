@@ -25,7 +25,8 @@ def cleaned_proposals(
     rows = training_rows(ctx)
     out = []
     for reply in replies:
-        cleaned = clean_instruction(reply.system_prompt, rows)
+        templates = [base.output_prompt, reply.output_prompt or ""]
+        cleaned = clean_instruction(reply.system_prompt, rows, input_templates=templates)
         if cleaned.dropped:
             llm.result.warnings.append(f"{name}: dropped stray line(s) {cleaned.dropped}")
         if not cleaned.text:
