@@ -56,6 +56,8 @@ def test_format_rule_is_inferred_from_labels_numbers_and_short_answers() -> None
     assert "exactly one of: SPORT, TECH" in (infer_format_rule(["SPORT", "TECH"] * 4) or "")
     assert "only the final number" in (infer_format_rule(["12", "-3", "40", "7", "2"]) or "")
     assert "at most 2 words" in (infer_format_rule([f"paris {i}" for i in range(9)] + ["x"]) or "")
+    one_word = infer_format_rule([f"1957-03-{d:02d}" for d in range(10, 30)]) or ""
+    assert "a single word" in one_word and "1 words" not in one_word
     assert infer_format_rule([" ".join(["word"] * 30) + str(i) for i in range(5)]) is None
 
 

@@ -122,7 +122,8 @@ def infer_format_rule(references: Sequence[str], max_labels: int = 12) -> str | 
     words = sorted(len(r.split()) for r in refs)
     longest = words[int(0.9 * (len(words) - 1))]
     if longest <= 8:
-        rule = f"Reply with only the answer, at most {longest} words, no explanation."
+        length = "a single word" if longest == 1 else f"at most {longest} words"
+        rule = f"Reply with only the answer, {length}, no explanation."
         if all(r == r.lower() for r in refs):
             rule += " Use lowercase."
         elif all(r == r.upper() for r in refs):
