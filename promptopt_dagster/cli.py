@@ -55,13 +55,25 @@ def warn(message: str) -> None:
 
 
 def _prepare_home(settings: Settings) -> None:
-    """Point Dagster at the project's persistent instance, so the UI sees CLI runs."""
+    """Point Dagster at the project's persistent instance, so the UI sees CLI runs: its
+    dagster.yaml as instance_config.py decides (unless the user wrote their own), and the
+    variables that file refers to in this process's environment, which children inherit."""
+    from promptopt_dagster.instance_config import instance_environment, plan_instance_file
+
+    environment = instance_environment(settings)  # a bad DAGSTER_PG_URL stops here, file untouched
     home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_home)
+    config = home / "dagster.yaml"
+    plan = plan_instance_file(config.read_text() if config.exists() else None, settings)
     home.mkdir(parents=True, exist_ok=True)
     os.environ["DAGSTER_HOME"] = str(home.resolve())
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+    os.environ.update(environment)
+    if plan.note:
+        warn(plan.note)
+    if plan.text is not None:
+        # Two CLIs may start together on one home: each replaces the file whole, never half-written.
+        partial = config.with_name(f".dagster.yaml.{os.getpid()}")
+        partial.write_text(plan.text)
+        os.replace(partial, config)
 
 
 def _quiet_dagster(verbose: bool) -> None:
@@ -86,8 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from promptopt_dagster.core.scoring import evaluator_for
     from promptopt_dagster.core.study import load_study
     from promptopt_dagster.core.study_data import load_study_data
+    from promptopt_dagster.instance_config import instance_environment
 
     settings = get_settings()
+    instance_environment(settings)  # a bad DAGSTER_PG_URL is refused before any model loads
     _quiet_dagster(args.verbose)
     study = load_study(args.study)
     # Validate data, columns, splits, metrics and models before anything is registered or run.

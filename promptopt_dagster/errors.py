@@ -27,3 +27,7 @@ class OptimizerError(PromptoptError):
 
 class StorageError(PromptoptError):
     """A storage location is missing, unreachable or not permitted."""
+
+
+class SettingsError(PromptoptError):
+    """A setting (environment variable or `.env`) has a value that cannot work."""

@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     META_MODEL_OVERGENERATE: int = Field(2, ge=1)
     META_MODEL_KEEP_FRACTION: float = Field(0.5, gt=0.0, le=1.0)
 
+    # The Dagster instance the CLI prepares (instance_config.py decides its dagster.yaml).
+    # DAGSTER_PG_URL: run, event-log and schedule storage on PostgreSQL (dagster-postgres) instead
+    # of SQLite files in DAGSTER_HOME; the file names the variable, never the URL or its password.
+    # LLM_POOL_LIMIT: how many LLM-calling steps may run at once across every run on the instance
+    # (the Dagster concurrency pool "llm"); unset = no limit. Requests in flight stay at most
+    # LLM_POOL_LIMIT x VERTEX_CONCURRENCY.
+    DAGSTER_PG_URL: str | None = Field(None, repr=False)
+    LLM_POOL_LIMIT: int | None = Field(None, ge=1)
+
     @model_validator(mode="before")
     @classmethod
     def _gather_vertex_options(cls, data: Any) -> Any:

@@ -42,6 +42,7 @@ class DatasetsResource(dg.ConfigurableResource):
     group_name=GROUP,
     kinds={"parquet"},
     code_version="1",
+    pool="llm",
 )
 def prompt_evaluation(
     context: dg.AssetExecutionContext,

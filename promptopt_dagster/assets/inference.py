@@ -26,6 +26,7 @@ from promptopt_dagster.resources import LLMResource, PromptStoreResource
     kinds={"pandas"},
     check_specs=BASELINE_PREDICTIONS_CHECKS,
     dagster_type=pd.DataFrame,
+    pool="llm",
 )
 def baseline_predictions(
     context: dg.AssetExecutionContext,
@@ -64,6 +65,7 @@ def baseline_predictions(
     kinds={"pandas"},
     check_specs=CANDIDATE_PREDICTIONS_CHECKS,
     dagster_type=pd.DataFrame,
+    pool="llm",
 )
 def candidate_predictions(
     context: dg.AssetExecutionContext,

@@ -13,7 +13,7 @@ from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"}, pool="llm")
 def candidate_prompts(
     context: dg.AssetExecutionContext,
     llm: LLMResource,

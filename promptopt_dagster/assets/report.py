@@ -21,7 +21,7 @@ ITERATION_COLUMNS = (
 )
 
 
-@dg.asset(partitions_def=study_partitions, group_name="report", kinds={"python"})
+@dg.asset(partitions_def=study_partitions, group_name="report", kinds={"python"}, pool="llm")
 def study_report(
     context: dg.AssetExecutionContext, llm: LLMResource, prompt_store: PromptStoreResource
 ) -> StudyReport:

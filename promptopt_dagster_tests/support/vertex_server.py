@@ -27,7 +27,9 @@ Usage (tests)::
 
 The server runs an aiohttp application on its own event loop in a daemon thread (one thread, no
 thread per connection, so hundreds of requests in flight stay cheap), bound to 127.0.0.1 on a free
-port. `stop()` wakes any request held by a "hang" fault and joins the thread.
+port. `stop()` wakes any request held by a "hang" fault or by `hold()` and joins the thread.
+`max_in_flight` is the most generateContent requests it had in flight at once, and
+`max_requests_in_window(s)` the most that arrived within any `s` seconds: what a quota would see.
 support/vertex_process.py runs it in a child process instead, for benchmarks that must not share
 the client's GIL.
 
@@ -161,6 +163,7 @@ class VertexServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
+        self._gate: asyncio.Event | None = None
         self._job_counter = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -205,6 +208,8 @@ class VertexServer:
 
     async def _serve(self) -> None:
         self._stopping = asyncio.Event()
+        self._gate = asyncio.Event()
+        self._gate.set()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -224,6 +229,8 @@ class VertexServer:
             return
         if self._stopping is not None:
             loop.call_soon_threadsafe(self._stopping.set)
+        if self._gate is not None:
+            loop.call_soon_threadsafe(self._gate.set)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         self._thread = None
@@ -248,6 +255,46 @@ class VertexServer:
             self.requests.clear()
             self._faults.clear()
             self.max_in_flight = 0
+
+    def hold(self) -> None:
+        """From now on, generateContent requests are received (and counted in flight) but not
+        answered until `release`: a test can see how many a client keeps in flight at once."""
+        self._call_in_loop(lambda gate: gate.clear())
+
+    def release(self) -> None:
+        """Answer the held requests, and the next ones as they come."""
+        self._call_in_loop(lambda gate: gate.set())
+
+    def _call_in_loop(self, action: Callable[[asyncio.Event], None]) -> None:
+        loop, gate = self._loop, self._gate
+        if loop is None or gate is None:
+            raise RuntimeError("the fake Vertex server is not running; call start() first")
+        done = threading.Event()
+
+        def apply() -> None:
+            action(gate)
+            done.set()
+
+        loop.call_soon_threadsafe(apply)
+        if not done.wait(timeout=10):
+            raise TimeoutError("the fake Vertex server's loop did not answer within 10 s")
+
+    @property
+    def in_flight(self) -> int:
+        """generateContent requests received and not yet answered."""
+        with self._lock:
+            return self._in_flight
+
+    def max_requests_in_window(self, window_s: float) -> int:
+        """The most generateContent requests that arrived within any `window_s` seconds: what a
+        per-minute quota (with window_s=60) would have counted at its worst."""
+        starts = sorted(r.started for r in self.generate_requests())
+        most, first = 0, 0
+        for last, started in enumerate(starts):
+            while started - starts[first] >= window_s:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
 
     def generate_requests(self) -> list[RecordedRequest]:
         with self._lock:
@@ -306,6 +353,8 @@ class VertexServer:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
+            if self._gate is not None:
+                await self._gate.wait()
             delay = self.latency(body) if callable(self.latency) else self.latency
             if delay > 0:
                 await asyncio.sleep(delay)
