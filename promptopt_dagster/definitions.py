@@ -16,7 +16,7 @@ from promptopt_dagster.assets.refinement import candidate_prompts
 from promptopt_dagster.assets.report import study_report
 from promptopt_dagster.assets.tracking import iteration_tracking
 from promptopt_dagster.io_managers import PromptoptIOManager
-from promptopt_dagster.jobs import comparison_job, evaluation_job, iteration_job, report_job
+from promptopt_dagster.jobs import comparison_job, evaluation_job, executor_for, iteration_job, report_job
 from promptopt_dagster.resources import (
     LLMResource,
     MetaModelResource,
@@ -92,6 +92,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or get_settings()
     return dg.Definitions(
         assets=[*ASSETS, *TRACKING_ASSETS, *BACKFILL_ASSETS],
         asset_checks=CHECKS,
@@ -103,7 +104,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             new_prompt_version_sensor,
             evaluation_comparison_sensor,
         ],
-        resources=build_resources(settings or get_settings()),
+        resources=build_resources(settings),
+        executor=executor_for(settings),  # every job's: DAGSTER_EXECUTOR (jobs.py)
     )
 
 

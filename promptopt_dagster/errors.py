@@ -27,3 +27,7 @@ class OptimizerError(PromptoptError):
 
 class StorageError(PromptoptError):
     """A storage location is missing, unreachable or not permitted."""
+
+
+class ExecutorSettingsError(PromptoptError):
+    """DAGSTER_EXECUTOR names an executor whose settings or package are missing."""
