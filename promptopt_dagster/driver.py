@@ -24,7 +24,7 @@ from dagster._core.utils import make_new_run_id
 from dagster._utils.error import SerializableErrorInfo
 
 from promptopt_dagster.core.prompt_store import PromptStore
-from promptopt_dagster.errors import PromptoptError
+from promptopt_dagster.errors import ExecutorSettingsError, PromptoptError
 from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB
 from promptopt_dagster.partitions import STUDY_ITERATION, study_iteration_key, study_iteration_keys
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
@@ -131,6 +131,12 @@ def _execute_elsewhere(
     """Run `job` with its own executor, orchestrated from this process: the steps load the job
     from `location`, so the run records that code origin, with the partition tags
     `execute_in_process` would add. Needs a persistent instance (its ref goes to the steps)."""
+    if instance.is_ephemeral:
+        raise ExecutorSettingsError(
+            f"the {job.executor_def.name} executor (DAGSTER_EXECUTOR) runs steps in other processes, "
+            "which need a persistent Dagster instance: set DAGSTER_HOME to a folder whose dagster.yaml "
+            "uses postgres storage, or set DAGSTER_EXECUTOR=in_process"
+        )
     module, _, attribute = location.partition(":")
     recon = ReconstructableRepository.for_module(module, attribute or "defs", os.getcwd())
     recon_job = recon.get_reconstructable_job(job.name)

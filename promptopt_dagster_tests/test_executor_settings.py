@@ -12,6 +12,7 @@ from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._core.snap import JobSnap
 
 from promptopt_dagster.definitions import build_definitions
+from promptopt_dagster.driver import execute
 from promptopt_dagster.errors import ExecutorSettingsError
 from promptopt_dagster.jobs import COMPARISON_JOB, EVALUATION_JOB, ITERATION_JOB, REPORT_JOB, executor_for
 from promptopt_dagster_tests.support.pipeline import IsolatedSettings
@@ -66,3 +67,15 @@ def test_the_broker_password_is_not_in_what_dagster_shows(tmp_path: Path) -> Non
         assert "br0ker-pa55word" not in snapshot and "6379" not in snapshot, name
     repository = dg.serialize_value(RepositorySnap.from_def(defs.get_repository_def()))
     assert "br0ker-pa55word" not in repository
+
+
+def test_steps_elsewhere_need_a_persistent_instance(tmp_path: Path) -> None:
+    """Checked before any broker is contacted (this one does not exist)."""
+    defs = build_definitions(
+        IsolatedSettings(PROMPTOPT_HOME=tmp_path, DAGSTER_EXECUTOR="celery", CELERY_BROKER_URL=BROKER)
+    )
+    with (
+        dg.DagsterInstance.ephemeral() as instance,
+        pytest.raises(ExecutorSettingsError, match="persistent Dagster instance"),
+    ):
+        execute(defs, instance, REPORT_JOB, "a-study", {})
