@@ -2,7 +2,8 @@
 workers through a real Redis broker, with the Dagster instance on a real PostgreSQL server and
 every asset value and prompt version in a bucket (the GCS emulator), since each step may run on
 another machine. The workers load the test code location (support/fake_location.py: the
-product's definitions with the scripted LLM), configured from the same environment."""
+product's definitions with the scripted LLM), configured from the same environment. A step that
+fails on a worker fails the run with the step and the error named."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from promptopt_dagster import storage
 from promptopt_dagster.core.study import load_study
-from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, drive
+from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, RunFailedError, drive
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
@@ -60,14 +61,16 @@ def use_settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
     return Settings()
 
 
-def register(defs: dg.Definitions, tmp_path: Path) -> None:
-    """The study's dataset in the bucket, the study registered in the (bucket's) prompt store."""
+def register(defs: dg.Definitions, tmp_path: Path, name: str = STUDY) -> str:
+    """The study's dataset in the bucket, the study registered in the (bucket's) prompt store.
+    Returns the dataset's URI."""
     folder = tmp_path / "study"
     folder.mkdir(exist_ok=True)
-    dataset = f"gs://{BUCKET}/data/{STUDY}.csv"
-    path = write_study(folder, STUDY, dataset=dataset, max_iterations=1)
-    storage.write_bytes(dataset, (folder / f"{STUDY}.csv").read_bytes())
+    dataset = f"gs://{BUCKET}/data/{name}.csv"
+    path = write_study(folder, name, dataset=dataset, max_iterations=1)
+    storage.write_bytes(dataset, (folder / f"{name}.csv").read_bytes())
     defs.resources["prompt_store"].store.register_study(load_study(path))  # type: ignore[attr-defined]
+    return dataset
 
 
 def decisions(defs: dg.Definitions) -> list[dict[str, Any]]:
@@ -115,7 +118,6 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         worker_pids = workers.pids
         runs = instance.get_runs()
         assert {run.job_name for run in runs} == {ITERATION_JOB, REPORT_JOB}
-        ran_on: set[str] = set()
         for run in runs:
             assert run.status == dg.DagsterRunStatus.SUCCESS
             starts = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
@@ -124,7 +126,6 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
                 pid = entry.dagster_event.pid  # type: ignore[union-attr]
                 assert pid is not None and pid != os.getpid()
                 assert os.getpgid(pid) in worker_pids, (entry.step_key, pid, worker_pids)
-                ran_on.add(worker_pids[os.getpgid(pid)])
             engine = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
             hosts = {
                 str(e.dagster_event.engine_event_data.metadata["Celery worker"].value)  # type: ignore[union-attr]
@@ -132,7 +133,6 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
                 if "Celery worker" in e.dagster_event.engine_event_data.metadata  # type: ignore[union-attr]
             }
             assert hosts and all(h.split("@")[0] in workers.names for h in hosts), hosts
-        assert ran_on <= set(workers.names)
 
         # The same decisions as in one process, and the same asset files in the bucket.
         ours, theirs = decisions(defs), decisions(ref_defs)
@@ -142,3 +142,15 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         assert decisions(defs)[0]["iteration"] == 0 and decisions(defs)[0]["stop"]
         assert asset_files("celery") == asset_files("ref")
         assert "/iteration_decision/study=scripted/iteration=0000.json" in asset_files("celery")
+
+        # A step that fails on a worker fails the run, and the driver names the step and our
+        # error (from the events the worker sent back): here the dataset vanished after
+        # registration, so the first step that reads it fails.
+        dataset = register(defs, tmp_path, name="vanished")
+        storage.delete(dataset)
+        gone = r"step baseline_predictions: MissingObjectError: gs://\S+/vanished.csv does not exist"
+        with pytest.raises(RunFailedError, match=gone):
+            drive(defs, instance, "vanished", location=LOCATION)
+        [failed] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+        [failure] = instance.all_logs(failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        assert os.getpgid(failure.dagster_event.pid) in worker_pids  # type: ignore[union-attr, arg-type]
