@@ -1,6 +1,7 @@
 """Headless driver: evaluates the same sensors the daemon runs and executes the runs they
-request in-process, on a persistent Dagster instance, so `promptopt run` and the UI share
-history and run keys."""
+request from this process (their steps in it too, unless DAGSTER_EXECUTOR sends them to
+workers), on a persistent Dagster instance, so `promptopt run` and the UI share history and run
+keys."""
 
 from __future__ import annotations
 
