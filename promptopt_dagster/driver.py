@@ -90,19 +90,31 @@ def execute(
     from `location` ("module:attribute", the code location holding `defs`)."""
     job = defs.resolve_job_def(job_name)
     run_id = make_new_run_id()
+    in_process = job.executor_def.name == dg.in_process_executor.name
     if on_step is not None:
+        # Listeners hear only the events this process logs. Steps run elsewhere log STEP_START
+        # there; here the executor logs that it hands a step over (celery: an engine event per
+        # task, k8s: STEP_WORKER_STARTING), so the first such event of each step stands for it.
+        started = {"STEP_START"} if in_process else {"STEP_START", "STEP_WORKER_STARTING", "ENGINE_EVENT"}
+        heard: set[str] = set()
 
         def listen(entry: EventLogEntry) -> None:
             event = entry.dagster_event
-            if event is not None and event.event_type_value == "STEP_START" and event.step_key:
-                on_step(event.step_key)
+            key = event.step_key if event is not None else None
+            if event is None or not key or event.event_type_value not in started:
+                return
+            if not in_process:
+                if key in heard:
+                    return
+                heard.add(key)
+            on_step(key)
 
         instance.add_event_listener(run_id, listen)
     start = time.perf_counter()
     run_tags = {**tags, DRIVER_PID_TAG: str(os.getpid()), DRIVER_HOST_TAG: socket.gethostname()}
     run_config = QUIET_LOGS if quiet else None
     result: dg.ExecuteInProcessResult | JobExecutionResult
-    if job.executor_def.name == dg.in_process_executor.name:
+    if in_process:
         result = job.execute_in_process(
             instance=instance,
             partition_key=partition_key,

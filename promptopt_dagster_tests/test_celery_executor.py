@@ -110,7 +110,8 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         defs = build_fake_definitions(settings)
         assert defs.resolve_job_def(ITERATION_JOB).executor_def.name == "celery"
         register(defs, tmp_path)
-        result = drive(defs, instance, STUDY, location=LOCATION)
+        heard: list[str] = []  # what `promptopt run` shows as each step starts
+        result = drive(defs, instance, STUDY, location=LOCATION, on_step=heard.append)
         assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
 
         # Every step ran in a worker's process (a pool process in a worker's process group),
@@ -118,6 +119,9 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         worker_pids = workers.pids
         runs = instance.get_runs()
         assert {run.job_name for run in runs} == {ITERATION_JOB, REPORT_JOB}
+        step_keys = [e.step_key for run in runs
+                     for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)]
+        assert sorted(heard) == sorted(step_keys) and "current_prompt" in heard
         for run in runs:
             assert run.status == dg.DagsterRunStatus.SUCCESS
             starts = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
