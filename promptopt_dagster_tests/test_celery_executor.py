@@ -37,13 +37,14 @@ BUCKET = "promptopt-celery"
 # A function, so each process that loads it (the workers, the run's own process) builds the
 # definitions from its environment at that moment.
 LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
+BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
 # Timings and the champion's creation time differ from run to run; nothing else may.
 TIMINGS: dict[str, Any] = {"wall_seconds": True, "llm_seconds": True, "champion": {"created_at"}}
 
 
 @pytest.fixture
 def redis() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+    with RedisServer(password=BROKER_PASSWORD) as server:
         yield server
 
 
@@ -146,6 +147,15 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         assert decisions(defs)[0]["iteration"] == 0 and decisions(defs)[0]["stop"]
         assert asset_files("celery") == asset_files("ref")
         assert "/iteration_decision/study=scripted/iteration=0000.json" in asset_files("celery")
+
+        # The broker URL carries a password: not in the run records or any event, not in the
+        # workers' logs (Celery masks it), though it is in the workers' config module on disk.
+        for run in instance.get_runs():
+            assert BROKER_PASSWORD not in dg.serialize_value(run)
+            for entry in instance.all_logs(run.run_id):
+                assert BROKER_PASSWORD not in dg.serialize_value(entry)
+        for name, log in workers.logs().items():
+            assert "redis://:**@" in log and BROKER_PASSWORD not in log, name
 
         # A step that fails on a worker fails the run, and the driver names the step and our
         # error (from the events the worker sent back): here the dataset vanished after

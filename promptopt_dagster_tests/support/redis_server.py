@@ -33,20 +33,23 @@ def find_redis_server() -> str:
 
 
 def answers_ping(port: int, host: str = HOST) -> bool:
-    """Whether a Redis server on host:port replies +PONG to an inline PING."""
+    """Whether a Redis server on host:port answers an inline PING: +PONG, or -NOAUTH when it
+    wants a password first (it is up either way)."""
     try:
         with socket.create_connection((host, port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
 
 class RedisServer:
-    """One ``redis-server`` process on 127.0.0.1 at a free port, with nothing persisted."""
+    """One ``redis-server`` process on 127.0.0.1 at a free port, with nothing persisted; with
+    `password`, clients must authenticate (``requirepass``) and `url` carries it."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
+        self.password = password
         self._dir = Path(tempfile.mkdtemp(prefix="promptopt-redis-"))
         self._server = ServerProcess("redis-server", log_path=self._dir / "redis.log")
 
@@ -55,7 +58,8 @@ class RedisServer:
         return self._server.pid
 
     def url(self, db: int = 0) -> str:
-        return f"redis://{HOST}:{self.port}/{db}"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{HOST}:{self.port}/{db}"
 
     def start(self) -> RedisServer:
         cmd = [
@@ -66,6 +70,7 @@ class RedisServer:
             "--save", "",
             "--appendonly", "no",
             "--daemonize", "no",
+            *(["--requirepass", self.password] if self.password else []),
         ]
         self._server.start(cmd, ready=lambda: answers_ping(self.port), timeout=START_TIMEOUT_S)
         return self
