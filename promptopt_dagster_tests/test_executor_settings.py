@@ -79,3 +79,17 @@ def test_steps_elsewhere_need_a_persistent_instance(tmp_path: Path) -> None:
         pytest.raises(ExecutorSettingsError, match="persistent Dagster instance"),
     ):
         execute(defs, instance, REPORT_JOB, "a-study", {})
+
+
+def test_the_worker_config_reads_the_settings_the_executor_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/celery/worker.yaml, as `dagster-celery worker start -y` validates it: broker and
+    backend from the same variables as the executor's settings."""
+    from dagster_celery.cli import get_validated_config
+
+    from promptopt_dagster_tests.support.celery_workers import WORKER_CONFIG
+
+    monkeypatch.setenv("CELERY_BROKER_URL", BROKER)
+    monkeypatch.setenv("CELERY_BACKEND_URL", "redis://127.0.0.1:6379/1")
+    config = get_validated_config(str(WORKER_CONFIG))
+    assert config["broker"] == BROKER and config["backend"] == "redis://127.0.0.1:6379/1"
+    assert {"CELERY_BROKER_URL", "CELERY_BACKEND_URL"} <= set(IsolatedSettings.model_fields)
