@@ -5,12 +5,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STUDY  ?= promptopt_dagster/examples/sentiment.yaml
 
-.PHONY: run test ui lint bench install clean browser postgres
+.PHONY: run test ui lint bench install clean browser postgres redis
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,workers]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -33,7 +33,13 @@ postgres:
 	    | $$SUDO tee /etc/postgresql-common/createcluster.d/promptopt-no-main-cluster.conf >/dev/null && \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
-test: install browser postgres
+# Debian's Redis server for the Celery tests: support/redis_server.py starts its own on a free port
+# in a temporary folder. apt may start the packaged service where systemd runs; no test uses it.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+
+test: install browser postgres redis
 	$(BIN)/ruff check promptopt_dagster promptopt_dagster_tests benchmarks
 	$(BIN)/pytest
 

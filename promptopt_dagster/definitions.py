@@ -15,7 +15,7 @@ from promptopt_dagster.assets.refinement import candidate_prompts
 from promptopt_dagster.assets.report import study_report
 from promptopt_dagster.assets.tracking import iteration_tracking
 from promptopt_dagster.io_managers import PromptoptIOManager
-from promptopt_dagster.jobs import comparison_job, evaluation_job, iteration_job, report_job
+from promptopt_dagster.jobs import comparison_job, evaluation_job, executor_for, iteration_job, report_job
 from promptopt_dagster.resources import (
     LLMResource,
     MetaModelResource,
@@ -90,6 +90,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or get_settings()
     return dg.Definitions(
         assets=[*ASSETS, *TRACKING_ASSETS, *BACKFILL_ASSETS],
         jobs=[iteration_job, report_job, evaluation_job, comparison_job, start_study_job],
@@ -100,7 +101,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             new_prompt_version_sensor,
             evaluation_comparison_sensor,
         ],
-        resources=build_resources(settings or get_settings()),
+        resources=build_resources(settings),
+        executor=executor_for(settings),  # every job's: DAGSTER_EXECUTOR (jobs.py)
     )
 
 

@@ -1,6 +1,7 @@
 """Headless driver: evaluates the same sensors the daemon runs and executes the runs they
-request in-process, on a persistent Dagster instance, so `promptopt run` and the UI share
-history and run keys."""
+request from this process (their steps in it too, unless DAGSTER_EXECUTOR sends them to
+workers), on a persistent Dagster instance, so `promptopt run` and the UI share history and run
+keys."""
 
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dagster as dg
+from dagster._core.definitions.reconstruct import ReconstructableRepository
 from dagster._core.events.log import EventLogEntry
+from dagster._core.execution.api import execute_run
+from dagster._core.execution.execute_in_process import merge_run_tags
+from dagster._core.execution.job_execution_result import JobExecutionResult
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 from dagster._core.utils import make_new_run_id
 from dagster._utils.error import SerializableErrorInfo
 
 from promptopt_dagster.core.prompt_store import PromptStore
-from promptopt_dagster.errors import PromptoptError
+from promptopt_dagster.errors import ExecutorSettingsError, PromptoptError
 from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB
 from promptopt_dagster.partitions import STUDY_ITERATION, study_iteration_key, study_iteration_keys
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
@@ -36,6 +41,8 @@ class RunFailedError(PromptoptError):
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 DRIVER_PID_TAG = "promptopt/driver_pid"
 DRIVER_HOST_TAG = "promptopt/driver_host"
+# Where steps that run outside this process (DAGSTER_EXECUTOR=celery, k8s) load the jobs from.
+CODE_LOCATION = "promptopt_dagster.definitions:defs"
 
 
 @dataclass
@@ -75,32 +82,85 @@ def execute(
     tags: dict[str, str],
     quiet: bool = True,
     on_step: Callable[[str], None] | None = None,
+    location: str = CODE_LOCATION,
 ) -> RunOutcome:
-    """Run one job in this process; `on_step` hears each step's key as it starts."""
+    """Run one job from this process; `on_step` hears each step's key as it starts. With the
+    in-process executor every step runs here; with another (DAGSTER_EXECUTOR=celery, k8s) this
+    process orchestrates and the steps run where the executor sends them, which load the job
+    from `location` ("module:attribute", the code location holding `defs`)."""
     job = defs.resolve_job_def(job_name)
     run_id = make_new_run_id()
+    in_process = job.executor_def.name == dg.in_process_executor.name
     if on_step is not None:
+        # Listeners hear only the events this process logs. Steps run elsewhere log STEP_START
+        # there; here the executor logs that it hands a step over (celery: an engine event per
+        # task, k8s: STEP_WORKER_STARTING), so the first such event of each step stands for it.
+        started = {"STEP_START"} if in_process else {"STEP_START", "STEP_WORKER_STARTING", "ENGINE_EVENT"}
+        heard: set[str] = set()
 
         def listen(entry: EventLogEntry) -> None:
             event = entry.dagster_event
-            if event is not None and event.event_type_value == "STEP_START" and event.step_key:
-                on_step(event.step_key)
+            key = event.step_key if event is not None else None
+            if event is None or not key or event.event_type_value not in started:
+                return
+            if not in_process:
+                if key in heard:
+                    return
+                heard.add(key)
+            on_step(key)
 
         instance.add_event_listener(run_id, listen)
     start = time.perf_counter()
-    result = job.execute_in_process(
-        instance=instance,
-        partition_key=partition_key,
-        tags={**tags, DRIVER_PID_TAG: str(os.getpid()), DRIVER_HOST_TAG: socket.gethostname()},
-        run_config=QUIET_LOGS if quiet else None,
-        raise_on_error=False,
-        run_id=run_id,
-    )
+    run_tags = {**tags, DRIVER_PID_TAG: str(os.getpid()), DRIVER_HOST_TAG: socket.gethostname()}
+    run_config = QUIET_LOGS if quiet else None
+    result: dg.ExecuteInProcessResult | JobExecutionResult
+    if in_process:
+        result = job.execute_in_process(
+            instance=instance,
+            partition_key=partition_key,
+            tags=run_tags,
+            run_config=run_config,
+            raise_on_error=False,
+            run_id=run_id,
+        )
+    else:
+        result = _execute_elsewhere(job, instance, location, partition_key, run_tags, run_config, run_id)
     if not result.success:
         raise RunFailedError(f"{job_name} for {partition_key} failed: {failure_summary(result)}")
     return RunOutcome(
         job_name, str(partition_key), tags.get(RUN_KEY_TAG), time.perf_counter() - start, result.success
     )
+
+
+def _execute_elsewhere(
+    job: dg.JobDefinition,
+    instance: dg.DagsterInstance,
+    location: str,
+    partition_key: str,
+    tags: dict[str, str],
+    run_config: dict[str, object] | None,
+    run_id: str,
+) -> JobExecutionResult:
+    """Run `job` with its own executor, orchestrated from this process: the steps load the job
+    from `location`, so the run records that code origin, with the partition tags
+    `execute_in_process` would add. Needs a persistent instance (its ref goes to the steps)."""
+    if instance.is_ephemeral:
+        raise ExecutorSettingsError(
+            f"the {job.executor_def.name} executor (DAGSTER_EXECUTOR) runs steps in other processes, "
+            "which need a persistent Dagster instance: set DAGSTER_HOME to a folder whose dagster.yaml "
+            "uses postgres storage, or set DAGSTER_EXECUTOR=in_process"
+        )
+    module, _, attribute = location.partition(":")
+    recon = ReconstructableRepository.for_module(module, attribute or "defs", os.getcwd())
+    recon_job = recon.get_reconstructable_job(job.name)
+    run = instance.create_run_for_job(
+        job_def=recon_job.get_definition(),
+        run_id=run_id,
+        run_config=run_config,
+        tags=merge_run_tags(job, partition_key, tags, None, instance, run_config),
+        job_code_origin=recon_job.get_python_origin(),
+    )
+    return execute_run(recon_job, run, instance)
 
 
 def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
@@ -147,7 +207,7 @@ def _our_error_names() -> set[str]:
     return names
 
 
-def failure_summary(result: dg.ExecuteInProcessResult) -> str:
+def failure_summary(result: dg.ExecuteInProcessResult | JobExecutionResult) -> str:
     """The failing step and the innermost of our errors (else the innermost error), without
     Dagster's wrapping."""
     for event in result.all_events:
@@ -176,9 +236,11 @@ def drive(
     max_runs: int = 1000,
     quiet: bool = True,
     on_step: Callable[[str], None] | None = None,
+    location: str = CODE_LOCATION,
 ) -> DriveResult:
     """Tick both sensors and execute what they request for `study` until nothing is left.
-    A study whose last iteration failed is resumed at that iteration."""
+    A study whose last iteration failed is resumed at that iteration. `location` is where steps
+    run by another executor than in_process load the jobs from (see `execute`)."""
     prompt_store = defs.resources["prompt_store"]
     result = DriveResult()
     for _ in range(max_runs):
@@ -217,7 +279,8 @@ def drive(
         if run.run_key:
             tags[RUN_KEY_TAG] = run.run_key
         outcome = execute(
-            defs, instance, job_name, run.partition_key or "", tags, quiet=quiet, on_step=on_step
+            defs, instance, job_name, run.partition_key or "", tags, quiet=quiet, on_step=on_step,
+            location=location,
         )
         result.runs.append(outcome)
         if on_done:

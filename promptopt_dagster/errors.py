@@ -31,3 +31,7 @@ class StorageError(PromptoptError):
 
 class SettingsError(PromptoptError):
     """A setting (environment variable or `.env`) has a value that cannot work."""
+
+
+class ExecutorSettingsError(SettingsError):
+    """DAGSTER_EXECUTOR names an executor whose settings or package are missing."""

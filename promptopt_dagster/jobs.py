@@ -1,11 +1,18 @@
-"""Jobs: one iteration of a study, and the study report. In-process execution: the multiprocess
-executor starts a Python process per step, about 3 s each on this project's imports."""
+"""Jobs: one iteration of a study, and the study report; and where their steps execute.
+
+The jobs carry no executor of their own: `build_definitions` gives the whole code location the
+one `executor_for(settings)` picks (DAGSTER_EXECUTOR), so sensors and the driver keep using these
+job objects and names whatever the executor. A `dg.Definitions` built without `executor=` runs
+them on Dagster's default (a process per step, about 3 s each on this project's imports); the
+driver's `execute_in_process` always runs in its own process."""
 
 from __future__ import annotations
 
 import dagster as dg
 
+from promptopt_dagster.errors import ExecutorSettingsError
 from promptopt_dagster.partitions import evaluation_partitions, study_iteration_partitions, study_partitions
+from promptopt_dagster.settings import Settings
 
 ITERATION_JOB = "iteration_job"
 REPORT_JOB = "report_job"
@@ -14,14 +21,12 @@ iteration_job = dg.define_asset_job(
     ITERATION_JOB,
     selection=dg.AssetSelection.groups("iteration"),
     partitions_def=study_iteration_partitions,
-    executor_def=dg.in_process_executor,
     description="The five steps of one iteration of one study.",
 )
 report_job = dg.define_asset_job(
     REPORT_JOB,
     selection=dg.AssetSelection.assets("study_report"),
     partitions_def=study_partitions,
-    executor_def=dg.in_process_executor,
     description="Scores the seed and the final prompt on the held-out test split.",
 )
 
@@ -34,12 +39,46 @@ evaluation_job = dg.define_asset_job(
     EVALUATION_JOB,
     selection=dg.AssetSelection.assets("prompt_evaluation"),
     partitions_def=evaluation_partitions,
-    executor_def=dg.in_process_executor,
     description="Scores one prompt version on one dataset file (a prompt version x dataset partition).",
 )
 comparison_job = dg.define_asset_job(
     COMPARISON_JOB,
     selection=dg.AssetSelection.assets("evaluation_comparison"),
-    executor_def=dg.in_process_executor,
     description="Gathers every evaluation into the prompt version x dataset x metric table.",
 )
+
+WORKERS_EXTRA = "pip install 'promptopt_dagster[workers]'"
+
+
+def executor_for(settings: Settings) -> dg.ExecutorDefinition:
+    """The executor DAGSTER_EXECUTOR names. in_process: every step in the run's process (the
+    embedded model loads once per run). celery: each step is a Celery task that a
+    `dagster-celery worker` runs, reached through CELERY_BROKER_URL (results through
+    CELERY_BACKEND_URL, else the broker). k8s: each step a Kubernetes Job, with the image, env
+    and secrets of the K8sRunLauncher that launched the run (deploy/k8s/values.yaml)."""
+    kind = settings.DAGSTER_EXECUTOR
+    if kind == "in_process":
+        return dg.in_process_executor
+    if kind == "celery":
+        if not settings.CELERY_BROKER_URL:
+            raise ExecutorSettingsError(
+                "DAGSTER_EXECUTOR=celery needs CELERY_BROKER_URL, the broker the workers listen on "
+                "(e.g. redis://127.0.0.1:6379/0); set it, or DAGSTER_EXECUTOR=in_process"
+            )
+        try:
+            from dagster_celery import celery_executor
+        except ImportError as exc:
+            raise ExecutorSettingsError(
+                f"DAGSTER_EXECUTOR=celery needs dagster-celery: {WORKERS_EXTRA}"
+            ) from exc
+        # The URLs may carry a password: they stay in this closure, out of run config and UI.
+        config = {
+            "broker": settings.CELERY_BROKER_URL,
+            "backend": settings.CELERY_BACKEND_URL or settings.CELERY_BROKER_URL,
+        }
+        return celery_executor.configured(config, name="celery")
+    try:
+        from dagster_k8s import k8s_job_executor
+    except ImportError as exc:
+        raise ExecutorSettingsError(f"DAGSTER_EXECUTOR=k8s needs dagster-k8s: {WORKERS_EXTRA}") from exc
+    return k8s_job_executor

@@ -72,6 +72,15 @@ class Settings(BaseSettings):
     DAGSTER_PG_URL: str | None = Field(None, repr=False)
     LLM_POOL_LIMIT: int | None = Field(None, ge=1)
 
+    # Where a run's steps execute (jobs.py executor_for): "in_process" (default: one process, the
+    # embedded model loads once), "celery" (each step a task on `dagster-celery` workers through
+    # the broker; needs CELERY_BROKER_URL), "k8s" (each step a Kubernetes Job, dagster-k8s). Both
+    # scale-out executors need storage every worker reaches: GCS_BUCKET_NAME and a Postgres
+    # Dagster instance. The result backend defaults to the broker (Redis serves as both).
+    DAGSTER_EXECUTOR: Literal["in_process", "celery", "k8s"] = "in_process"
+    CELERY_BROKER_URL: str | None = Field(None, repr=False)
+    CELERY_BACKEND_URL: str | None = Field(None, repr=False)
+
     @model_validator(mode="before")
     @classmethod
     def _gather_vertex_options(cls, data: Any) -> Any:

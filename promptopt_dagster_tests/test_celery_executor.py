@@ -1,0 +1,170 @@
+"""Steps on workers: DAGSTER_EXECUTOR=celery sends every step of a run to `dagster-celery`
+workers through a real Redis broker, with the Dagster instance on a real PostgreSQL server and
+every asset value and prompt version in a bucket (the GCS emulator), since each step may run on
+another machine. The workers load the test code location (support/fake_location.py: the
+product's definitions with the scripted LLM), configured from the same environment. A step that
+fails on a worker fails the run with the step and the error named."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from promptopt_dagster import storage
+from promptopt_dagster.core.study import load_study
+from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, RunFailedError, drive
+from promptopt_dagster.settings import Settings
+from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
+from promptopt_dagster_tests.support.fake_location import build_fake_definitions
+from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment
+from promptopt_dagster_tests.support.postgres import postgres_instance
+from promptopt_dagster_tests.support.postgres_fixtures import (
+    postgres_db_url,  # noqa: F401
+    postgres_server,  # noqa: F401
+)
+from promptopt_dagster_tests.support.redis_server import RedisServer
+from promptopt_dagster_tests.support.scripted import write_study
+
+pytestmark = pytest.mark.e2e
+
+STUDY = "scripted"
+BUCKET = "promptopt-celery"
+# A function, so each process that loads it (the workers, the run's own process) builds the
+# definitions from its environment at that moment.
+LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
+BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
+# Timings and the champion's creation time differ from run to run; nothing else may.
+TIMINGS: dict[str, Any] = {"wall_seconds": True, "llm_seconds": True, "champion": {"created_at"}}
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    with RedisServer(password=BROKER_PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture
+def bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[GcsEmulator]:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    with GcsEmulator(bucket=BUCKET) as emulator, emulator_environment(emulator):
+        yield emulator
+
+
+def use_settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
+    """Settings as every process reads them: from the environment, which the workers inherit."""
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return Settings()
+
+
+def register(defs: dg.Definitions, tmp_path: Path, name: str = STUDY) -> str:
+    """The study's dataset in the bucket, the study registered in the (bucket's) prompt store.
+    Returns the dataset's URI."""
+    folder = tmp_path / "study"
+    folder.mkdir(exist_ok=True)
+    dataset = f"gs://{BUCKET}/data/{name}.csv"
+    path = write_study(folder, name, dataset=dataset, max_iterations=1)
+    storage.write_bytes(dataset, (folder / f"{name}.csv").read_bytes())
+    defs.resources["prompt_store"].store.register_study(load_study(path))  # type: ignore[attr-defined]
+    return dataset
+
+
+def decisions(defs: dg.Definitions) -> list[dict[str, Any]]:
+    records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
+    return [record.model_dump(exclude=TIMINGS) for record in records]
+
+
+def asset_files(prefix: str) -> set[str]:
+    root = f"gs://{BUCKET}/{prefix}/assets"
+    return {uri.removeprefix(root) for uri in storage.list_files(root, "**/*")}
+
+
+def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+) -> None:
+    common = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
+    # The reference: the same study with every step in this process.
+    reference = use_settings(monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "ref"),
+                             GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
+    ref_defs = build_fake_definitions(reference)
+    register(ref_defs, tmp_path)
+    with dg.instance_for_test() as ref_instance:
+        ref_runs = drive(ref_defs, ref_instance, STUDY)
+    assert [r.job for r in ref_runs.runs] == [ITERATION_JOB, REPORT_JOB]
+
+    home = tmp_path / "dagster"
+    settings = use_settings(
+        monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "celery"), GCS_PREFIX="celery",
+        DAGSTER_EXECUTOR="celery", DAGSTER_HOME=str(home),
+        CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1),
+    )
+    with (
+        postgres_instance(postgres_db_url, home) as instance,
+        CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
+    ):
+        defs = build_fake_definitions(settings)
+        assert defs.resolve_job_def(ITERATION_JOB).executor_def.name == "celery"
+        register(defs, tmp_path)
+        heard: list[str] = []  # what `promptopt run` shows as each step starts
+        result = drive(defs, instance, STUDY, location=LOCATION, on_step=heard.append)
+        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+
+        # Every step ran in a worker's process (a pool process in a worker's process group),
+        # none in this one, and the workers say so in the run's log.
+        worker_pids = workers.pids
+        runs = instance.get_runs()
+        assert {run.job_name for run in runs} == {ITERATION_JOB, REPORT_JOB}
+        step_keys = [e.step_key for run in runs
+                     for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)]
+        assert sorted(heard) == sorted(step_keys) and "current_prompt" in heard
+        for run in runs:
+            assert run.status == dg.DagsterRunStatus.SUCCESS
+            starts = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+            assert starts, run.job_name
+            for entry in starts:
+                pid = entry.dagster_event.pid  # type: ignore[union-attr]
+                assert pid is not None and pid != os.getpid()
+                assert os.getpgid(pid) in worker_pids, (entry.step_key, pid, worker_pids)
+            engine = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
+            hosts = {
+                str(e.dagster_event.engine_event_data.metadata["Celery worker"].value)  # type: ignore[union-attr]
+                for e in engine
+                if "Celery worker" in e.dagster_event.engine_event_data.metadata  # type: ignore[union-attr]
+            }
+            assert hosts and all(h.split("@")[0] in workers.names for h in hosts), hosts
+
+        # The same decisions as in one process, and the same asset files in the bucket.
+        ours, theirs = decisions(defs), decisions(ref_defs)
+        assert len(ours) == len(theirs)
+        for mine, ref in zip(ours, theirs, strict=True):
+            assert {k: v for k, v in mine.items() if ref.get(k) != v} == {}, "differs from in-process"
+        assert decisions(defs)[0]["iteration"] == 0 and decisions(defs)[0]["stop"]
+        assert asset_files("celery") == asset_files("ref")
+        assert "/iteration_decision/study=scripted/iteration=0000.json" in asset_files("celery")
+
+        # The broker URL carries a password: not in the run records or any event, not in the
+        # workers' logs (Celery masks it), though it is in the workers' config module on disk.
+        for run in instance.get_runs():
+            assert BROKER_PASSWORD not in dg.serialize_value(run)
+            for entry in instance.all_logs(run.run_id):
+                assert BROKER_PASSWORD not in dg.serialize_value(entry)
+        for name, log in workers.logs().items():
+            assert "redis://:**@" in log and BROKER_PASSWORD not in log, name
+
+        # A step that fails on a worker fails the run, and the driver names the step and our
+        # error (from the events the worker sent back): here the dataset vanished after
+        # registration, so the first step that reads it fails.
+        dataset = register(defs, tmp_path, name="vanished")
+        storage.delete(dataset)
+        gone = r"step baseline_predictions: MissingObjectError: gs://\S+/vanished.csv does not exist"
+        with pytest.raises(RunFailedError, match=gone):
+            drive(defs, instance, "vanished", location=LOCATION)
+        [failed] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+        [failure] = instance.all_logs(failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
+        assert os.getpgid(failure.dagster_event.pid) in worker_pids  # type: ignore[union-attr, arg-type]

@@ -1,0 +1,95 @@
+"""DAGSTER_EXECUTOR picks every job's executor in one place (jobs.executor_for, given to the
+Definitions); the default stays in-process; a scale-out executor without its settings fails
+with a message naming the fix, and a broker password never reaches what Dagster shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from dagster._core.remote_representation.external_data import RepositorySnap
+from dagster._core.snap import JobSnap
+
+from promptopt_dagster.definitions import build_definitions
+from promptopt_dagster.driver import execute
+from promptopt_dagster.errors import ExecutorSettingsError
+from promptopt_dagster.jobs import COMPARISON_JOB, EVALUATION_JOB, ITERATION_JOB, REPORT_JOB, executor_for
+from promptopt_dagster_tests.support.pipeline import IsolatedSettings
+
+JOBS = [ITERATION_JOB, REPORT_JOB, EVALUATION_JOB, COMPARISON_JOB]
+BROKER = "redis://:br0ker-pa55word@127.0.0.1:6379/0"
+
+
+def executors(tmp_path: Path, **values: object) -> dict[str, str]:
+    defs = build_definitions(IsolatedSettings(PROMPTOPT_HOME=tmp_path, **values))
+    return {name: defs.resolve_job_def(name).executor_def.name for name in JOBS}
+
+
+def test_the_default_runs_every_step_in_process(tmp_path: Path) -> None:
+    assert executors(tmp_path) == dict.fromkeys(JOBS, "in_process")
+
+
+def test_celery_selected_by_settings_for_every_job(tmp_path: Path) -> None:
+    assert executors(tmp_path, DAGSTER_EXECUTOR="celery", CELERY_BROKER_URL=BROKER) == dict.fromkeys(
+        JOBS, "celery"
+    )
+
+
+def test_k8s_selected_by_settings_for_every_job(tmp_path: Path) -> None:
+    assert executors(tmp_path, DAGSTER_EXECUTOR="k8s") == dict.fromkeys(JOBS, "k8s")
+
+
+def test_the_launchpad_job_stays_in_process(tmp_path: Path) -> None:
+    defs = build_definitions(IsolatedSettings(PROMPTOPT_HOME=tmp_path, DAGSTER_EXECUTOR="k8s"))
+    assert defs.resolve_job_def("start_study").executor_def.name == "in_process"
+
+
+def test_celery_without_a_broker_names_the_setting(tmp_path: Path) -> None:
+    with pytest.raises(ExecutorSettingsError, match="CELERY_BROKER_URL"):
+        executor_for(IsolatedSettings(PROMPTOPT_HOME=tmp_path, DAGSTER_EXECUTOR="celery"))
+
+
+def test_an_unknown_executor_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="DAGSTER_EXECUTOR"):
+        IsolatedSettings(PROMPTOPT_HOME=tmp_path, DAGSTER_EXECUTOR="dask")
+
+
+def test_the_broker_password_is_not_in_what_dagster_shows(tmp_path: Path) -> None:
+    """The UI and the run storage get snapshots: each job's (its config schema, executor config
+    included, with defaults) and the repository's."""
+    defs = build_definitions(
+        IsolatedSettings(PROMPTOPT_HOME=tmp_path, DAGSTER_EXECUTOR="celery", CELERY_BROKER_URL=BROKER)
+    )
+    for name in JOBS:
+        snapshot = dg.serialize_value(JobSnap.from_job_def(defs.resolve_job_def(name)))
+        assert '"name": "execution"' in snapshot
+        assert "br0ker-pa55word" not in snapshot and "6379" not in snapshot, name
+    repository = dg.serialize_value(RepositorySnap.from_def(defs.get_repository_def()))
+    assert "br0ker-pa55word" not in repository
+
+
+def test_steps_elsewhere_need_a_persistent_instance(tmp_path: Path) -> None:
+    """Checked before any broker is contacted (this one does not exist)."""
+    defs = build_definitions(
+        IsolatedSettings(PROMPTOPT_HOME=tmp_path, DAGSTER_EXECUTOR="celery", CELERY_BROKER_URL=BROKER)
+    )
+    with (
+        dg.DagsterInstance.ephemeral() as instance,
+        pytest.raises(ExecutorSettingsError, match="persistent Dagster instance"),
+    ):
+        execute(defs, instance, REPORT_JOB, "a-study", {})
+
+
+def test_the_worker_config_reads_the_settings_the_executor_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/celery/worker.yaml, as `dagster-celery worker start -y` validates it: broker and
+    backend from the same variables as the executor's settings."""
+    from dagster_celery.cli import get_validated_config
+
+    from promptopt_dagster_tests.support.celery_workers import WORKER_CONFIG
+
+    monkeypatch.setenv("CELERY_BROKER_URL", BROKER)
+    monkeypatch.setenv("CELERY_BACKEND_URL", "redis://127.0.0.1:6379/1")
+    config = get_validated_config(str(WORKER_CONFIG))
+    assert config["broker"] == BROKER and config["backend"] == "redis://127.0.0.1:6379/1"
+    assert {"CELERY_BROKER_URL", "CELERY_BACKEND_URL"} <= set(IsolatedSettings.model_fields)
