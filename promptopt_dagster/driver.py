@@ -39,6 +39,14 @@ class RunFailedError(PromptoptError):
 # Dagster's console log stays out of the CLI's output (its own lines say what happens); a failure
 # is reported once, by RunFailedError. `--verbose` shows Dagster's log.
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+# Executors whose steps this process can run itself with `execute_in_process` (which runs every
+# step in-process whatever the job's executor): Dagster's own, including the default a
+# Definitions without `executor=` gets. Any other (celery, k8s) sends the steps to workers.
+_HERE_EXECUTORS = {
+    dg.in_process_executor.name,
+    dg.multi_or_in_process_executor.name,
+    dg.multiprocess_executor.name,
+}
 DRIVER_PID_TAG = "promptopt/driver_pid"
 DRIVER_HOST_TAG = "promptopt/driver_host"
 # Where steps that run outside this process (DAGSTER_EXECUTOR=celery, k8s) load the jobs from.
@@ -90,7 +98,7 @@ def execute(
     from `location` ("module:attribute", the code location holding `defs`)."""
     job = defs.resolve_job_def(job_name)
     run_id = make_new_run_id()
-    in_process = job.executor_def.name == dg.in_process_executor.name
+    in_process = job.executor_def.name in _HERE_EXECUTORS
     if on_step is not None:
         # Listeners hear only the events this process logs. Steps run elsewhere log STEP_START
         # there; here the executor logs that it hands a step over (celery: an engine event per
