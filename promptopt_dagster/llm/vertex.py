@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any
 from promptopt_dagster.errors import DatasetError, ModelError
 from promptopt_dagster.llm import vertex_errors as errors
 from promptopt_dagster.llm import vertex_wire as wire
-from promptopt_dagster.llm.base import ChatRequest, ChatResponse, GenerationParams, Message, Usage
+from promptopt_dagster.llm.base import (
+    ChatRequest,
+    ChatResponse,
+    GenerationParams,
+    Message,
+    ReplyCallback,
+    Usage,
+)
 from promptopt_dagster.llm.ratelimit import RateLimiter
 from promptopt_dagster.llm.vertex_batch import ProgressCallback, VertexBatchJob
 from promptopt_dagster.llm.vertex_options import VertexOptions
@@ -65,8 +72,9 @@ class _ModelView:
         self.owner = owner
         self.model = model
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
-        return self.owner._generate_uncached(requests, self.model)
+    def generate(self, requests: Sequence[ChatRequest], on_reply: ReplyCallback | None = None
+                 ) -> list[ChatResponse]:
+        return self.owner._generate_uncached(requests, self.model, on_reply)
 
 
 class VertexLLM:
@@ -153,23 +161,28 @@ class VertexLLM:
 
     # --- the LLMClient protocol ----------------------------------------------------------------
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
-        """One response per request, in order (see the module docstring for faults)."""
-        return self._generate(requests, self.model)
+    def generate(self, requests: Sequence[ChatRequest], on_reply: ReplyCallback | None = None
+                 ) -> list[ChatResponse]:
+        """One response per request, in order (see the module docstring for faults). Online,
+        `on_reply(index, reply)` hears each row as its reply arrives; a batch job's rows all
+        arrive at its end, in the returned list."""
+        return self._generate(requests, self.model, on_reply)
 
-    def _generate(self, requests: Sequence[ChatRequest], model: str) -> list[ChatResponse]:
+    def _generate(self, requests: Sequence[ChatRequest], model: str,
+                  on_reply: ReplyCallback | None = None) -> list[ChatResponse]:
         if not requests:
             return []
         if self.checkpoint_path is not None:
             from promptopt_dagster.llm.cache import CachedLLM
 
             return CachedLLM(_ModelView(self, model), self.checkpoint_path).generate(requests)
-        return self._generate_uncached(requests, model)
+        return self._generate_uncached(requests, model, on_reply)
 
-    def _generate_uncached(self, requests: Sequence[ChatRequest], model: str) -> list[ChatResponse]:
+    def _generate_uncached(self, requests: Sequence[ChatRequest], model: str,
+                           on_reply: ReplyCallback | None = None) -> list[ChatResponse]:
         if self._use_batch(len(requests)):
             return self.run_batch_job(requests, model)
-        return _run_sync(self.agenerate(requests, model))
+        return _run_sync(self.agenerate(requests, model, on_reply))
 
     def _use_batch(self, rows: int) -> bool:
         options = self.options
@@ -184,9 +197,11 @@ class VertexLLM:
         return self.batch_jobs.run(requests, model or self.model)
 
     async def agenerate(
-        self, requests: Sequence[ChatRequest], model: str | None = None
+        self, requests: Sequence[ChatRequest], model: str | None = None,
+        on_reply: ReplyCallback | None = None,
     ) -> list[ChatResponse]:
-        """The online path for callers already in asyncio: concurrent, rate limited, in order."""
+        """The online path for callers already in asyncio: concurrent, rate limited, in order;
+        `on_reply(index, reply)` is called on the loop as each row's reply (or final error) is in."""
         import aiohttp
 
         model = model or self.model
@@ -201,6 +216,8 @@ class VertexLLM:
         async def run(index: int, request: ChatRequest) -> None:
             async with semaphore:
                 results[index] = await self._one(aio, request, model)
+            if on_reply is not None:
+                on_reply(index, results[index])
 
         try:
             async with asyncio.TaskGroup() as group:
