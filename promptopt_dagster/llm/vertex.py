@@ -14,9 +14,10 @@ conversions, which on 2 cores caps 32-way concurrency at about 75% of the latenc
 `transport="sdk"` uses it anyway, and a test checks both send the same body.
 
 Checkpointing is the project's response cache (`llm/cache.py`, SQLite keyed by request): with
-`checkpoint_path` set, successful rows are stored there and a re-run of the same batch sends only
-the rows that are missing. (The factory already wraps every backend in that cache when a
-response cache path is configured; `checkpoint_path` is for direct use.)
+`checkpoint_path` set, successful rows are stored there as their replies arrive (`on_reply`) and a
+re-run of the same batch sends only the rows that are missing. (The factory already wraps every
+backend in that cache when a response cache path is configured; `checkpoint_path` is for direct
+use.)
 
 Batch mode (above `batch_threshold` rows, or `batch_mode="batch"`) runs the rows as one Vertex
 batch prediction job (`vertex_batch`).

@@ -25,6 +25,9 @@ Usage (tests)::
         ...
         assert len(server.generate_requests()) == 3
 
+For a whole run, ``server.schedule = FaultSchedule(rate=0.3)`` fails a deterministic share of
+all generateContent attempts with a mix of faults (see `FaultSchedule`).
+
 The server runs an aiohttp application on its own event loop in a daemon thread (one thread, no
 thread per connection, so hundreds of requests in flight stay cheap), bound to 127.0.0.1 on a free
 port. `stop()` wakes any request held by a "hang" fault or by `hold()` and joins the thread.
