@@ -22,7 +22,8 @@ stores it there, and stores the rest (a backend without it, a Vertex batch job) 
 returns. Why not send the misses in chunks instead: a chunk boundary leaves Vertex's concurrency
 idle while the chunk's slowest calls finish, and a chunk below VERTEX_BATCH_THRESHOLD would go
 online instead of as one batch job. The price is one insert per reply (about 0.2 ms on SQLite on 2
-busy cores), against a model call of a few hundred milliseconds or more.
+busy cores), against a model call of a few hundred milliseconds or more. While the cache is
+unreachable (below), replies are kept for one store attempt when the batch returns.
 
 Outages: opening the cache (creating its table) raises `StorageError` at once, before any call is
 paid for, because a cache that cannot be opened then is a setting to fix (a wrong URL, password or
@@ -315,8 +316,11 @@ class CachedLLM:
             stored: set[int] = set()
 
             def on_reply(index: int, reply: ChatResponse) -> None:
-                self._store([(sent[index], reply)])
-                stored.add(index)
+                # While the cache is unreachable, one store at the end of the batch tries again:
+                # a store per reply could cost a connect timeout per reply.
+                if self._reachable:
+                    self._store([(sent[index], reply)])
+                    stored.add(index)
 
             batch = [requests[i] for i in first_index.values()]
             if self._reports_replies:
