@@ -3,8 +3,9 @@ sqlite3 code it replaced, both behind the same `CachedLLM` and the scripted fake
 so the difference is the store alone.
 
 For each store, on a fresh file: `--requests` distinct requests in batches of `--batch` (one
-lookup and one store per batch: every request misses), then the same batches again (one lookup
-per batch: every request hits). Figures are requests per second, the best of `--repeats` runs.
+lookup per batch and one store per reply, as each arrives: every request misses), then the same
+batches again (one lookup per batch: every request hits). Figures are requests per second, the
+best of `--repeats` runs.
 Optionally `--postgres URL` adds the PostgreSQL table (a real server over TCP).
 
     python benchmarks/response_cache_speed.py [--requests 2000] [--batch 20] [--repeats 3]

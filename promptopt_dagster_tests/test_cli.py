@@ -17,9 +17,17 @@ import pytest
 from promptopt_dagster import cli
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import load_study
+from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.settings import get_settings
+from promptopt_dagster_tests.support import scripted as scripted_module
 from promptopt_dagster_tests.support.scripted import write_dataset, write_study
-from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, use_scripted_llm
+from promptopt_dagster_tests.support.scripted_cli import (
+    ANSWERED_ENV,
+    BLOCK_AT_ENV,
+    BLOCKED_ENV,
+    answered_keys,
+    use_scripted_llm,
+)
 
 
 @pytest.fixture
@@ -238,6 +246,66 @@ def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
     with dg.DagsterInstance.get() as instance:
         assert instance.get_run_by_id(orphan.run_id).status == dg.DagsterRunStatus.FAILURE
         assert not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+
+
+def _materialization_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict[str, object]:
+    [record] = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1
+    ).records
+    assert record.asset_materialization is not None
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+
+@pytest.mark.e2e
+def test_a_run_killed_in_the_middle_of_a_batch_resumes_without_repeating_a_call(
+    scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL while the model answers iteration 0's baseline batch one row after another, after
+    BLOCK_AT - 1 rows were answered: the rerun asks the model for none of them again."""
+    block_at = 5  # the baseline batch is the minibatch (6 rows) plus validation
+    study = write_study(tmp_path, max_iterations=1)
+    marker, answered = tmp_path / "blocked", tmp_path / "answered.txt"
+    env = {**os.environ, BLOCKED_ENV: str(marker), BLOCK_AT_ENV: str(block_at), ANSWERED_ENV: str(answered),
+           "PROMPTOPT_HOME": str(home)}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "promptopt_dagster_tests.support.scripted_cli", "run", str(study)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():  # the child is inside its block_at-th primary call
+            assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
+            assert time.monotonic() < deadline, "the child never reached the blocking LLM call"
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
+    paid_for = answered_keys(answered)
+    assert len(paid_for) == block_at - 1 and len(set(paid_for)) == len(paid_for)
+
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    with dg.DagsterInstance.get() as instance:
+        [orphan] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    assert cli.main(["run", str(study)]) == 0
+    captured = capsys.readouterr()
+    assert f"run {orphan.run_id} was left unfinished" in captured.err
+    assert "iteration 0: incumbent val" in captured.out and "test exact_match" in captured.out
+
+    # the rerun's model calls (this process's scripted clients), by request key
+    asked_again = [request.cache_key(client.backend, client.model)
+                   for (cache, _role), client in scripted_module._CLIENTS.items()
+                   if cache.startswith(str(home)) for request in client.requests]
+    assert asked_again, "the rerun made no model call at all"
+    assert not set(paid_for) & set(asked_again)
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_run_by_id(orphan.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+        # the answered rows came from the cache, the rest of the batch from the model
+        meta = _materialization_metadata(instance, "baseline_predictions", study_iteration_key("scripted", 0))
+    assert meta["llm_cached_calls"] == block_at - 1
+    assert meta["llm_calls"] == int(meta["rows"]) - (block_at - 1) > 0  # type: ignore[call-overload]
 
 
 # --- help, and packaging ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from promptopt_dagster.errors import StorageError
-from promptopt_dagster.llm.base import ChatRequest, LLMClient, Usage
+from promptopt_dagster.llm.base import ChatRequest, ChatResponse, LLMClient, Usage
 from promptopt_dagster.llm.cache import CachedLLM
 from promptopt_dagster.llm.fake import ScriptedLLM
 
@@ -50,6 +50,45 @@ def test_only_misses_go_to_inner_in_one_ordered_batch(tmp_path: Path) -> None:
     assert [r.cached for r in replies] == [False, True, False, True, False, True]
     assert inner.batches == 2
     assert [r.messages[-1].content for r in inner.requests[2:]] == ["a", "c", "e"]
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL inside a batch: not an Exception, so no layer turns it into a row error."""
+
+
+def test_each_reply_is_stored_as_it_arrives_so_a_batch_cut_short_keeps_its_answers(tmp_path: Path) -> None:
+    def dies_at_the_fourth(request: ChatRequest) -> str:
+        if request.messages[-1].content == "r3":
+            raise Killed
+        return shout(request)
+
+    batch = [ask(f"r{i}") for i in range(8)]
+    with pytest.raises(Killed):
+        CachedLLM(ScriptedLLM(dies_at_the_fourth), tmp_path / "c.sqlite").generate(batch)
+
+    again = ScriptedLLM(shout)
+    replies = CachedLLM(again, tmp_path / "c.sqlite").generate(batch)
+    assert [r.cached for r in replies] == [True] * 3 + [False] * 5
+    assert [r.messages[-1].content for r in again.requests] == [f"r{i}" for i in range(3, 8)]
+    assert [r.text for r in replies] == [f"R{i} !" for i in range(8)]
+
+
+def test_a_backend_without_on_reply_gets_one_batch_stored_when_it_returns(tmp_path: Path) -> None:
+    class Plain:
+        backend, model = "fake", "plain"
+
+        def __init__(self) -> None:
+            self.batches: list[int] = []
+
+        def generate(self, requests: list[ChatRequest]) -> list[ChatResponse]:
+            self.batches.append(len(requests))
+            return [ChatResponse(text=shout(r)) for r in requests]
+
+    inner = Plain()
+    llm = CachedLLM(inner, tmp_path / "c.sqlite")
+    llm.generate([ask("a"), ask("b")])
+    assert [r.cached for r in llm.generate([ask("a"), ask("b"), ask("c")])] == [True, True, False]
+    assert inner.batches == [2, 1]
 
 
 def test_key_covers_params_and_model(tmp_path: Path) -> None:

@@ -282,6 +282,17 @@ def test_partial_failure_keeps_good_rows_and_checkpoint_resends_only_missing(
     assert sum(r.cached for r in second) == 8
 
 
+def test_online_replies_are_reported_as_they_arrive(server: VertexServer) -> None:
+    """What lets the response cache store a reply before its batch is done: the slow first row
+    is reported last, every row once, with the reply `generate` returns for it."""
+    server.latency = lambda body: 0.5 if user_text(body) == "q0" else 0.0
+    heard: list[tuple[int, str]] = []
+    replies = make_llm(server, concurrency=4).generate(
+        [ask(f"q{i}") for i in range(6)], on_reply=lambda i, r: heard.append((i, r.text)))
+    assert heard[-1] == (0, "echo: q0")
+    assert sorted(heard) == [(i, r.text) for i, r in enumerate(replies)]
+
+
 @pytest.mark.e2e
 def test_original_api_generate_response_and_batch_predict(server: VertexServer) -> None:
     llm = make_llm(server)

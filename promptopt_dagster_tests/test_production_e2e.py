@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_e
 from promptopt_dagster_tests.support.scripted import GOOD, write_study
 from promptopt_dagster_tests.support.vertex_server import (
     Fault,
+    FaultSchedule,
     VertexServer,
     system_text,
     user_text,
@@ -472,3 +474,75 @@ def test_a_429_burst_during_the_study_is_survived(prod: Production, caplog: pyte
         assert records[-1].stop_reason == "max_iterations"
         assert "429" in caplog.text  # the retries were logged ...
         assert_token_nowhere(instance, prod.tmp / "home", caplog.text)  # ... without the echoed token
+
+
+# Decision fields that depend on the model's answers only (not on time, retries or cost).
+_DECISION = {"iteration", "incumbent_id", "incumbent_train_score", "incumbent_val_score", "candidates",
+             "accepted", "accepted_id", "champion_val_score", "best_val_score", "stop", "stop_reason",
+             "calls", "tokens"}
+
+
+def _study_outcome(defs: dg.Definitions, instance: dg.DagsterInstance) -> dict[str, Any]:
+    """What a study decided and predicted: its decisions, champion, test scores and every
+    prediction row (id, split, prediction, error) of every iteration."""
+    records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
+    report = defs.load_asset_value("study_report", partition_key=STUDY, instance=instance)
+    predictions = {}
+    for record in records:
+        key = str(study_iteration_key(STUDY, record.iteration))
+        for asset in ("baseline_predictions", "candidate_predictions"):
+            frame = defs.load_asset_value(asset, partition_key=key, instance=instance)
+            columns = [c for c in ("candidate_id", "row_id", "split", "prediction", "error") if c in frame]
+            predictions[(asset, record.iteration)] = frame[columns].to_dict(orient="records")
+    return {
+        "decisions": [r.model_dump(include=_DECISION) for r in records],
+        "champion": records[-1].champion.model_dump(exclude={"created_at"}),
+        "seed_test": report["seed_test"],
+        "final_test": report["final_test"],
+        "predictions": predictions,
+    }
+
+
+@pytest.mark.e2e
+def test_a_study_with_30_percent_of_calls_failing_ends_as_a_clean_run_does(
+    prod: Production, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """429s with Retry-After, 500s, timeouts and malformed replies on a deterministic 30% of all
+    generateContent attempts, for a whole study: the same decisions, champion, test scores and
+    prediction rows as the same study without faults, and no row lost to an error."""
+    outcomes, figures = [], []
+    for name, schedule in (("clean", None), ("faulty", FaultSchedule(rate=0.3, retry_after=0.2))):
+        prod.server.clear()
+        prod.server.schedule = schedule
+        settings = prod.settings(PROMPTOPT_HOME=prod.tmp / name, GCS_PREFIX=name, VERTEX_BATCH_MODE="online",
+                                 VERTEX_TIMEOUT_S=1.0, VERTEX_BACKOFF_INITIAL_S=0.05,
+                                 VERTEX_BACKOFF_MAX_S=0.5)
+        defs = build_definitions(settings)
+        prod.register(defs)
+        started = time.monotonic()
+        with dg.instance_for_test() as instance:
+            result = drive(defs, instance, STUDY)
+            wall = time.monotonic() - started
+            assert [r.job for r in result.runs] == [ITERATION_JOB, ITERATION_JOB, REPORT_JOB]
+            outcomes.append(_study_outcome(defs, instance))
+            errors = [row["error"] for frame in outcomes[-1]["predictions"].values() for row in frame
+                      if row["error"] is not None]
+            assert not errors, f"{name}: rows lost to errors: {errors}"
+            for iteration in (0, 1):
+                for asset in ("baseline_predictions", "candidate_predictions"):
+                    assert materialization_metadata(instance, asset, iteration)["llm_failed_calls"] == 0
+        requests = prod.server.generate_requests()
+        bodies = {json.dumps(r.body, sort_keys=True) for r in requests}
+        figures.append(f"{name}: {len(requests)} generateContent requests for {len(bodies)} distinct "
+                       f"calls ({sum(wants_json(json.loads(b)) for b in bodies)} in JSON mode) "
+                       f"({len(requests) - len(bodies)} retries, "
+                       f"{sum(r.status != 200 for r in requests)} answered with an error status), "
+                       f"injected {dict(schedule.injected) if schedule else {}}, wall {wall:.1f} s")
+    clean, faulty = outcomes
+    with capsys.disabled():
+        print("\n" + "\n".join(figures))
+    assert schedule is not None and sum(schedule.injected.values()) > 0
+    assert {"429", "500", "timeout", "malformed_json"} <= set(schedule.injected)
+    rows = [row for frame in faulty["predictions"].values() for row in frame]
+    assert rows and all(row["error"] is None for row in rows)
+    assert faulty == clean

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -137,10 +137,18 @@ class Usage:
         }
 
 
+# Called with (index in the batch, reply) as each reply arrives, before `generate` returns.
+ReplyCallback = Callable[[int, ChatResponse], None]
+
+
 @runtime_checkable
 class LLMClient(Protocol):
     """A chat model. `generate` returns one response per request, in request order, and never
-    raises for a single failed row: that row's response carries `error` instead."""
+    raises for a single failed row: that row's response carries `error` instead.
+
+    A backend may also take a keyword `on_reply: ReplyCallback | None` in `generate` and call it
+    once per row as that row's reply arrives (from any thread). The response cache passes one to
+    store each reply at once, so a process killed in the middle of a batch loses no paid reply."""
 
     backend: str
     model: str

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from promptopt_dagster.llm.base import ChatRequest, ChatResponse
+from promptopt_dagster.llm.base import ChatRequest, ChatResponse, ReplyCallback
 
 Responder = Callable[[ChatRequest], str]
 
@@ -47,9 +47,16 @@ class ScriptedLLM:
         return ChatResponse(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(text.split()),
                             seconds=time.perf_counter() - start)
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
+    def generate(self, requests: Sequence[ChatRequest], on_reply: ReplyCallback | None = None
+                 ) -> list[ChatResponse]:
+        """Answers the rows one after another, like the embedded model; `on_reply` hears each."""
         with self._lock:
             self.batches += 1
             self.calls += len(requests)
             self.requests.extend(requests)
-        return [self._one(r) for r in requests]
+        out: list[ChatResponse] = []
+        for index, request in enumerate(requests):
+            out.append(self._one(request))
+            if on_reply is not None:
+                on_reply(index, out[-1])
+        return out

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from promptopt_dagster.errors import ModelError
-from promptopt_dagster.llm.base import ChatRequest, ChatResponse
+from promptopt_dagster.llm.base import ChatRequest, ChatResponse, ReplyCallback
 from promptopt_dagster.llm.weights import DEFAULT_CACHE_DIR, resolve_model_path
 
 # One llama.cpp server per (model file, context, slots, threads) per process: loading costs ~1-2 s
@@ -157,12 +157,16 @@ class LocalLLM:
             seconds=seconds,
         )
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
+    def generate(self, requests: Sequence[ChatRequest], on_reply: ReplyCallback | None = None
+                 ) -> list[ChatResponse]:
+        """One reply per request, in order; `on_reply(index, reply)` hears each as it is done."""
         total = len(requests)
         if self.parallel == 1 or total <= 1:
             out: list[ChatResponse] = []
             for request in requests:
                 out.append(self._one(request))
+                if on_reply is not None:
+                    on_reply(len(out) - 1, out[-1])
                 if self.progress:
                     self.progress(len(out), total)
             return out
@@ -170,7 +174,10 @@ class LocalLLM:
         with ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="local-llm") as pool:
             futures = {pool.submit(self._one, r): i for i, r in enumerate(requests)}
             for done, future in enumerate(as_completed(futures), start=1):
-                results[futures[future]] = future.result()
+                index = futures[future]
+                results[index] = future.result()
+                if on_reply is not None:
+                    on_reply(index, future.result())
                 if self.progress:
                     self.progress(done, total)
         return [r for r in results if r is not None]

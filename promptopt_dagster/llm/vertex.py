@@ -14,9 +14,10 @@ conversions, which on 2 cores caps 32-way concurrency at about 75% of the latenc
 `transport="sdk"` uses it anyway, and a test checks both send the same body.
 
 Checkpointing is the project's response cache (`llm/cache.py`, SQLite keyed by request): with
-`checkpoint_path` set, successful rows are stored there and a re-run of the same batch sends only
-the rows that are missing. (The factory already wraps every backend in that cache when a
-response cache path is configured; `checkpoint_path` is for direct use.)
+`checkpoint_path` set, successful rows are stored there as their replies arrive (`on_reply`) and a
+re-run of the same batch sends only the rows that are missing. (The factory already wraps every
+backend in that cache when a response cache path is configured; `checkpoint_path` is for direct
+use.)
 
 Batch mode (above `batch_threshold` rows, or `batch_mode="batch"`) runs the rows as one Vertex
 batch prediction job (`vertex_batch`).
@@ -40,7 +41,14 @@ from typing import TYPE_CHECKING, Any
 from promptopt_dagster.errors import DatasetError, ModelError
 from promptopt_dagster.llm import vertex_errors as errors
 from promptopt_dagster.llm import vertex_wire as wire
-from promptopt_dagster.llm.base import ChatRequest, ChatResponse, GenerationParams, Message, Usage
+from promptopt_dagster.llm.base import (
+    ChatRequest,
+    ChatResponse,
+    GenerationParams,
+    Message,
+    ReplyCallback,
+    Usage,
+)
 from promptopt_dagster.llm.ratelimit import RateLimiter
 from promptopt_dagster.llm.vertex_batch import ProgressCallback, VertexBatchJob
 from promptopt_dagster.llm.vertex_options import VertexOptions
@@ -65,8 +73,9 @@ class _ModelView:
         self.owner = owner
         self.model = model
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
-        return self.owner._generate_uncached(requests, self.model)
+    def generate(self, requests: Sequence[ChatRequest], on_reply: ReplyCallback | None = None
+                 ) -> list[ChatResponse]:
+        return self.owner._generate_uncached(requests, self.model, on_reply)
 
 
 class VertexLLM:
@@ -153,23 +162,28 @@ class VertexLLM:
 
     # --- the LLMClient protocol ----------------------------------------------------------------
 
-    def generate(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
-        """One response per request, in order (see the module docstring for faults)."""
-        return self._generate(requests, self.model)
+    def generate(self, requests: Sequence[ChatRequest], on_reply: ReplyCallback | None = None
+                 ) -> list[ChatResponse]:
+        """One response per request, in order (see the module docstring for faults). Online,
+        `on_reply(index, reply)` hears each row as its reply arrives; a batch job's rows all
+        arrive at its end, in the returned list."""
+        return self._generate(requests, self.model, on_reply)
 
-    def _generate(self, requests: Sequence[ChatRequest], model: str) -> list[ChatResponse]:
+    def _generate(self, requests: Sequence[ChatRequest], model: str,
+                  on_reply: ReplyCallback | None = None) -> list[ChatResponse]:
         if not requests:
             return []
         if self.checkpoint_path is not None:
             from promptopt_dagster.llm.cache import CachedLLM
 
             return CachedLLM(_ModelView(self, model), self.checkpoint_path).generate(requests)
-        return self._generate_uncached(requests, model)
+        return self._generate_uncached(requests, model, on_reply)
 
-    def _generate_uncached(self, requests: Sequence[ChatRequest], model: str) -> list[ChatResponse]:
+    def _generate_uncached(self, requests: Sequence[ChatRequest], model: str,
+                           on_reply: ReplyCallback | None = None) -> list[ChatResponse]:
         if self._use_batch(len(requests)):
             return self.run_batch_job(requests, model)
-        return _run_sync(self.agenerate(requests, model))
+        return _run_sync(self.agenerate(requests, model, on_reply))
 
     def _use_batch(self, rows: int) -> bool:
         options = self.options
@@ -184,9 +198,11 @@ class VertexLLM:
         return self.batch_jobs.run(requests, model or self.model)
 
     async def agenerate(
-        self, requests: Sequence[ChatRequest], model: str | None = None
+        self, requests: Sequence[ChatRequest], model: str | None = None,
+        on_reply: ReplyCallback | None = None,
     ) -> list[ChatResponse]:
-        """The online path for callers already in asyncio: concurrent, rate limited, in order."""
+        """The online path for callers already in asyncio: concurrent, rate limited, in order;
+        `on_reply(index, reply)` is called on the loop as each row's reply (or final error) is in."""
         import aiohttp
 
         model = model or self.model
@@ -201,6 +217,8 @@ class VertexLLM:
         async def run(index: int, request: ChatRequest) -> None:
             async with semaphore:
                 results[index] = await self._one(aio, request, model)
+            if on_reply is not None:
+                on_reply(index, results[index])
 
         try:
             async with asyncio.TaskGroup() as group:

@@ -12,9 +12,14 @@ from promptopt_dagster import definitions
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.scripted import scripted_llm_resource
 
-# In a child process: this file is written when the first primary call arrives, and that call
-# never returns, so a test can kill the process mid-iteration at a known point.
+# In a child process: this file is written when the BLOCK_AT_ENV-th primary call (default the
+# first) reaches the model, and that call never returns, so a test can kill the process
+# mid-iteration, or mid-batch, at a known point.
 BLOCKED_ENV = "PROMPTOPT_TEST_BLOCKED_FILE"
+BLOCK_AT_ENV = "PROMPTOPT_TEST_BLOCK_AT_CALL"
+# If set, the cache key of every request the scripted models answer is appended to this file,
+# one line each, as it is answered: what a test counts across processes.
+ANSWERED_ENV = "PROMPTOPT_TEST_ANSWERED_FILE"
 
 
 def scripted_resources(settings: Settings) -> dict[str, object]:
@@ -28,20 +33,50 @@ def use_scripted_llm(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(definitions, "build_resources", scripted_resources)
 
 
+def answered_keys(path: Path) -> list[str]:
+    """The keys a child appended to its ANSWERED_ENV file (none if it wrote nothing)."""
+    return path.read_text().split() if path.exists() else []
+
+
 def _blocked_child() -> int:
     """`python -m promptopt_dagster_tests.support.scripted_cli run STUDY`: the CLI on the
-    scripted LLM, stuck in its first primary call."""
+    scripted LLM, stuck in its BLOCK_AT_ENV-th primary call (default the first)."""
     from promptopt_dagster import cli
+    from promptopt_dagster.llm.base import ChatRequest
     from promptopt_dagster_tests.support import scripted
 
     definitions.build_resources = scripted_resources  # type: ignore[assignment]
     marker = Path(os.environ[BLOCKED_ENV])
+    block_at = int(os.environ.get(BLOCK_AT_ENV, "1"))
+    answered = os.environ.get(ANSWERED_ENV)
+    lock = threading.Lock()
+    primary_calls = 0
 
-    def blocked(request):  # type: ignore[no-untyped-def]
-        marker.write_text(str(os.getpid()))
-        threading.Event().wait()  # until the test kills this process
+    def record(request: ChatRequest, role: str) -> None:
+        if answered:
+            with lock, open(answered, "a") as log:
+                log.write(request.cache_key("fake", f"scripted-{role}") + "\n")
 
-    scripted.primary_responder = blocked  # type: ignore[assignment]
+    def primary(request: ChatRequest) -> str:
+        nonlocal primary_calls
+        with lock:
+            primary_calls += 1
+            blocked = primary_calls == block_at
+        if blocked:
+            marker.write_text(str(os.getpid()))
+            threading.Event().wait()  # until the test kills this process
+        reply = real_primary(request)
+        record(request, "primary")
+        return reply
+
+    def optimizer(request: ChatRequest) -> str:
+        reply = real_optimizer(request)
+        record(request, "optimizer")
+        return reply
+
+    real_primary, real_optimizer = scripted.primary_responder, scripted.optimizer_responder
+    scripted.primary_responder = primary  # type: ignore[assignment]
+    scripted.optimizer_responder = optimizer  # type: ignore[assignment]
     return cli.main(sys.argv[1:])
 
 

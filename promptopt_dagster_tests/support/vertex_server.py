@@ -25,6 +25,9 @@ Usage (tests)::
         ...
         assert len(server.generate_requests()) == 3
 
+For a whole run, ``server.schedule = FaultSchedule(rate=0.3)`` fails a deterministic share of
+all generateContent attempts with a mix of faults (see `FaultSchedule`).
+
 The server runs an aiohttp application on its own event loop in a daemon thread (one thread, no
 thread per connection, so hundreds of requests in flight stay cheap), bound to 127.0.0.1 on a free
 port. `stop()` wakes any request held by a "hang" fault or by `hold()` and joins the thread.
@@ -42,13 +45,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
@@ -120,6 +125,49 @@ class Fault:
 
 
 @dataclass
+class FaultSchedule:
+    """A deterministic share of failing generateContent requests, for a whole run: the n-th
+    arrival of a given body fails when a hash of (body, n) falls under `rate`, so which attempts
+    fail depends on the requests only, never on their order or timing, and a retry of a failed
+    attempt is a new draw. A failure is, by shares of the failing draws: a 429 with Retry-After
+    (30%), a 500 (25%), a hang longer than the client's timeout (20%), or a malformed reply (25%;
+    prose where JSON was asked, else a truncated JSON body). `injected` counts them by kind.
+    Set it as `VertexServer.schedule`; injected `Fault`s still come first."""
+
+    rate: float = 0.3
+    retry_after: float = 0.2
+    hang_s: float = 5.0
+    injected: Counter[str] = field(default_factory=Counter)
+    _arrivals: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, body: dict[str, Any]) -> Fault | None:
+        key = json.dumps(body, sort_keys=True)
+        with self._lock:
+            arrival = self._arrivals[key]
+            self._arrivals[key] += 1
+        digest = hashlib.sha256(f"{arrival}:{key}".encode()).digest()
+        draw = int.from_bytes(digest[:8], "big") / 2**64
+        if draw >= self.rate:
+            return None
+        share = draw / self.rate
+        if share < 0.30:
+            name, fault = "429", Fault("status", status=429, retry_after=self.retry_after,
+                                       message="quota exceeded")
+        elif share < 0.55:
+            name, fault = "500", Fault("status", status=500, message="internal error")
+        elif share < 0.75:
+            name, fault = "timeout", Fault("hang", hang_s=self.hang_s)
+        elif wants_json(body):
+            name, fault = "non_json_reply", Fault("non_json_reply")
+        else:
+            name, fault = "malformed_json", Fault("malformed_json")
+        with self._lock:
+            self.injected[name] += 1
+        return fault
+
+
+@dataclass
 class RecordedRequest:
     method: str
     path: str
@@ -156,6 +204,8 @@ class VertexServer:
         self.requests: list[RecordedRequest] = []
         self.jobs: dict[str, BatchJob] = {}
         self._faults: list[Fault] = []
+        # Consulted for each generateContent request no injected fault matched (FaultSchedule).
+        self.schedule: Callable[[dict[str, Any]], Fault | None] | None = None
         self._lock = threading.Lock()
         self._in_flight = 0
         self.max_in_flight = 0
@@ -359,6 +409,8 @@ class VertexServer:
             if delay > 0:
                 await asyncio.sleep(delay)
             fault = self._take_fault(body)
+            if fault is None and self.schedule is not None:
+                fault = self.schedule(body)
             if fault is not None and fault.kind == "hang":
                 assert self._stopping is not None
                 with contextlib.suppress(TimeoutError):
