@@ -62,6 +62,28 @@ def race_log(study: str) -> IterationLog:
                 candidate_id=winner.id,
             ),
         ],
+        trace={
+            "name": "iteration-0000",
+            "start_ns": 1_700_000_000_000_000_000,
+            "calls": 1,
+            "skipped": 0,
+            "groups": [
+                {
+                    "name": "incumbent",
+                    "prompt_id": seed.id,
+                    "calls": [
+                        {
+                            "name": "call train/1",
+                            "seconds": 0.5,
+                            "inputs": {"messages": [{"role": "user", "content": "Q: 1+1\nA:"}]},
+                            "outputs": {"reply": "2", "prediction": "2"},
+                            "attributes": {"row_id": "1", "split": "train"},
+                            "error": None,
+                        }
+                    ],
+                }
+            ],
+        },
     )
 
 
@@ -124,8 +146,10 @@ def census(tracker: MlflowTracker, study: str) -> dict[str, Counter[str]]:
         ident = {"iteration": tags.get("promptopt.iteration"), "candidate": tags.get("promptopt.candidate")}
         per_run[f"{kind}:{ident.get(kind) or tags.get('promptopt.key')}"] += 1
     versions = tracker.store.prompt_versions(prompt_name(study))
+    traces = client.search_traces(locations=[exp.experiment_id], include_spans=False)
     return {
         "runs": per_run,
+        "traces": Counter(t.info.tags.get("promptopt.trace_key", "") for t in traces),
         "versions_by_id": Counter(v.tags.get(TAG_PROMPT_ID, "") for v in versions),
         "versions_by_text": Counter(str(v.template) for v in versions),
     }
@@ -145,6 +169,7 @@ def check_one_of_each(tracker: MlflowTracker, study: str, results: list[dict[str
     assert dict(counts["runs"]) == expected_runs, f"runs per identity and versions per prompt: {seen}"
     assert sorted(counts["versions_by_id"].values()) == [1, 1], seen
     assert sorted(counts["versions_by_text"].values()) == [1, 1], seen
+    assert dict(counts["traces"]) == {f"{study}.0000": 1}, seen
     # every process ended up with the same, surviving run and version ids
     ids = {tracker.resolve(r["run_id"]) for r in results}
     assert len(ids) == 1, f"processes used {len(ids)} different iteration runs"
