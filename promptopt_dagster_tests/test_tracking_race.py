@@ -215,3 +215,26 @@ def test_relogging_an_iteration_in_one_process_reuses_its_runs_and_versions(tmp_
     second = log_once(tracker, "relog")
     assert first == second
     check_one_of_each(tracker, "relog", [first, second])
+
+
+def test_a_run_left_half_created_is_replaced_and_an_unstamped_older_run_is_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from promptopt_dagster.tracking import store
+
+    monkeypatch.setattr(store, "STAMP_WAIT_S", 0.5)
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", outbox_path=tmp_path / "outbox.jsonl")
+    exp = tracker.experiment_id("leftovers")
+    ident = {"promptopt.kind": "iteration", "promptopt.study": "leftovers"}
+    # a process that died between creating its run and stamping it
+    dead = tracker.client.create_run(
+        exp, tags={**ident, "promptopt.iteration": "0001", "promptopt.created_ns": "pending"}
+    ).info.run_id
+    run = tracker.iteration_run("leftovers", 1)
+    assert run != dead
+    assert tracker.client.get_run(dead).info.lifecycle_stage == "deleted"
+    assert tracker.client.get_run(run).data.tags["promptopt.created_ns"].isdigit()
+    # a run created before runs were stamped is found again, not duplicated
+    old = tracker.client.create_run(exp, tags={**ident, "promptopt.iteration": "0002"}).info.run_id
+    assert tracker.iteration_run("leftovers", 2) == old
+    assert census(tracker, "leftovers")["runs"] == Counter({"iteration:0001": 1, "iteration:0002": 1})
