@@ -553,19 +553,12 @@ class LiveStore:
         template = [{"role": "system", "content": system_prompt}, {"role": "user", "content": output_prompt}]
         ident = tags.get(TAG_PROMPT_ID)
         with self.creating():
-            version = self._find_version(name, ident, template)
-            if version is None:
-                mine = self._new_version(name, template, commit_message, {**tags, TAG_STUDY: study})
-                version = self._find_version(name, ident, template) or mine
-                if version != mine:
-                    self.client.delete_prompt_version(name, str(mine))
-                    logger.info(
-                        "another process registered %s version %d for the same prompt at the same time; "
-                        "deleted the duplicate version %d",
-                        name,
-                        version,
-                        mine,
-                    )
+            found = self._find_versions(name, ident, template)
+            if not found:
+                found = self._register_and_converge(
+                    name, ident, template, commit_message, {**tags, TAG_STUDY: study}
+                )
+            version = found[0]
         if champion:
             self.set_champion(study, version)
         if run_id:
@@ -574,30 +567,67 @@ class LiveStore:
                 self.client.link_prompt_version_to_run(run_id, f"prompts:/{name}/{version}")
         return version
 
-    def _find_version(self, name: str, prompt_id: str | None, template: list[dict[str, str]]) -> int | None:
-        """The first (canonical) version of `name` with PromptState id `prompt_id`, or without
-        an id, with `template`; None if there is none."""
-        found = [
+    def _find_versions(self, name: str, prompt_id: str | None, template: list[dict[str, str]]) -> list[int]:
+        """The versions of `name` with PromptState id `prompt_id` (without an id: with
+        `template`), smallest (canonical) first."""
+        return sorted(
             int(v.version)
             for v in self.prompt_versions(name)
             if ((v.tags or {}).get(TAG_PROMPT_ID) == prompt_id if prompt_id else v.template == template)
-        ]
-        return min(found) if found else None
+        )
+
+    def _register_and_converge(
+        self,
+        name: str,
+        prompt_id: str | None,
+        template: list[dict[str, str]],
+        commit_message: str | None,
+        tags: dict[str, str],
+    ) -> list[int]:
+        """Register a version, then delete every version of the same prompt but the canonical
+        one (ours or another process's); returns [the canonical version].
+
+        Deleting another process's duplicate is safe: a version is used only by a process that
+        found it canonical, and every smaller version was visible then. MLflow can also fail
+        after the version is stored (while other processes register versions of the same prompt,
+        its answer sometimes lacks the version's tags), so the search afterwards, not the answer,
+        tells which versions exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._new_version(name, template, commit_message, tags)
+        except MlflowException as exc:
+            if not self._find_versions(name, prompt_id, template):
+                raise
+            logger.info("registering a version of %s failed after storing it (%s)", name, exc.error_code)
+        canonical, *duplicates = self._find_versions(name, prompt_id, template)
+        for version in duplicates:
+            try:
+                self.client.delete_prompt_version(name, str(version))
+            except MlflowException:  # deleted meanwhile by the process that registered it
+                continue
+            logger.info(
+                "deleted %s version %d: processes registered the same prompt at the same time, "
+                "version %d is kept",
+                name,
+                version,
+                canonical,
+            )
+        return [canonical]
 
     def _new_version(
         self, name: str, template: list[dict[str, str]], commit_message: str | None, tags: dict[str, str]
-    ) -> int:
+    ) -> None:
         """Register a version; the first version also creates the prompt, and when another
         process creates it at the same moment, MLflow refuses one creation: retried once."""
         from mlflow.exceptions import MlflowException
 
         try:
-            pv = self.client.register_prompt(name, template, commit_message=commit_message, tags=tags)
+            self.client.register_prompt(name, template, commit_message=commit_message, tags=tags)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-            pv = self.client.register_prompt(name, template, commit_message=commit_message, tags=tags)
-        return int(pv.version)
+            self.client.register_prompt(name, template, commit_message=commit_message, tags=tags)
 
     def set_champion(self, study: str, version: int) -> None:
         """Point the alias at `version`. The store inserts a new alias row, and when another
