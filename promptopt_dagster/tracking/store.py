@@ -91,6 +91,7 @@ MAX_SAME_IDENTITY = 50
 # in between leaves it pending, and after this long it is deleted.
 STAMP_PENDING = "pending"
 STAMP_WAIT_S = 10.0
+SEARCH_ATTEMPTS = 5
 
 
 @contextlib.contextmanager
@@ -291,7 +292,24 @@ class LiveStore:
         return self.run_experiments[run_id]
 
     def prompt_versions(self, name: str) -> list[Any]:
-        """The registry versions of prompt `name`; empty if the prompt does not exist."""
+        """The registry versions of prompt `name`; empty if the prompt does not exist.
+
+        While other processes register versions of the same prompt, MLflow's search sometimes
+        returns a version without its tags and then refuses the whole answer ("registered as a
+        model, not a prompt"); a moment later the same search succeeds, so it is repeated a few
+        times before the error counts."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(SEARCH_ATTEMPTS):
+            try:
+                return self._prompt_versions_once(name)
+            except MlflowException as exc:
+                if attempt == SEARCH_ATTEMPTS - 1 or "registered as a model" not in str(exc):
+                    raise
+                time.sleep(0.05 * 2**attempt)  # another process's transaction, which no event announces
+        raise AssertionError("unreachable")
+
+    def _prompt_versions_once(self, name: str) -> list[Any]:
         from mlflow.exceptions import MlflowException
 
         out: list[Any] = []
