@@ -348,12 +348,23 @@ class LiveStore:
             if time.monotonic() > deadline:
                 for run in pending:
                     logger.warning("deleting run %s, left half-created by a process", run.info.run_id)
-                    self.client.delete_run(run.info.run_id)
-                runs = [r for r in runs if r not in pending]
+                    self._delete_run(run.info.run_id)
+                left = {r.info.run_id for r in pending}
+                runs = [r for r in runs if r.info.run_id not in left]
                 break
             time.sleep(delay)  # another process's next call, which no event announces
             delay = min(delay * 2, 0.2)
         return min(runs, key=_creation_order).info.run_id if runs else None
+
+    def _delete_run(self, run_id: str) -> None:
+        """Delete a duplicate or abandoned run; one another process deleted first stays deleted."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_run(run_id)
+        except MlflowException:
+            if self.client.get_run(run_id).info.lifecycle_stage != "deleted":
+                raise
 
     def _create_run(
         self,
@@ -378,7 +389,7 @@ class LiveStore:
             return (canonical, False) if canonical else (mine, True)
         canonical = self._find_run(exp_id, ident) or mine
         if canonical != mine:
-            self.client.delete_run(mine)
+            self._delete_run(mine)
             logger.info(
                 "another process created run %s for the same %s at the same time; deleted the duplicate %s",
                 canonical,
