@@ -19,9 +19,14 @@ has no "create if absent" for runs, so find-then-create alone lets both create. 
   read right after the creation returned, and the canonical run is the smallest (stamp, run
   id); a search that shows a pending run waits for its stamp. A run a search does not show yet
   becomes visible later and so gets a later stamp: the rule never moves away from a run some
-  process already uses. Exact on one machine's clock; across machines it assumes their clocks
-  agree to within the time between a creation and a search. MLflow cannot create a run under a
-  chosen id, so nothing stronger is available without a lock service.
+  process already uses (a stamp read *before* creating does not have that property: a slow
+  creation request can then end up canonical after another process took its own run). Exact on
+  one machine's clock; across machines it assumes their clocks agree to within the time between
+  a creation and a search. MLflow cannot create a run under a chosen id, so nothing stronger is
+  available without a lock service. Traces: `traces.write_trace`.
+
+The store itself refuses one of two simultaneous inserts of the same experiment tag, param or
+alias (a unique-key error); those writes check what is there and retry.
 """
 
 from __future__ import annotations
