@@ -58,6 +58,7 @@ def tracked(p: Pipeline, tracking_uri: str, outbox: Path, **policy: object) -> P
         jobs=[iteration_job, report_job],
         sensors=[new_study_sensor, continue_study_sensor],
         resources=resources,
+        executor=dg.in_process_executor,  # as definitions.py with the default DAGSTER_EXECUTOR
     )
     return dataclasses.replace(p, defs=defs)
 

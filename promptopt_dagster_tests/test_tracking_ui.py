@@ -55,6 +55,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracked]:
             jobs=[iteration_job, report_job],
             sensors=[new_study_sensor, continue_study_sensor],
             resources=resources,
+            executor=dg.in_process_executor,  # as definitions.py with the default DAGSTER_EXECUTOR
         )
         p = dataclasses.replace(p, defs=defs)
         p.store.register_study(p.study)

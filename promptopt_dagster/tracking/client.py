@@ -337,8 +337,10 @@ class MlflowTracker:
         champion: bool = False,
         run_id: str | None = None,
     ) -> int | None:
-        """A new prompt version; returns its number, or None if it was queued during an outage
+        """A prompt version; returns its number, or None if it was queued during an outage
         (pass ``champion=True`` to alias it in the same step, which also works when queued).
+        Registered once: a version with the same ``promptopt.prompt_id`` tag (without one, the
+        same texts) is reused, also when processes register it at the same moment (`store.py`).
         With `run_id` the version is linked to that run (the run page lists its prompts)."""
         args = {
             "study": study,

@@ -30,6 +30,7 @@ TAG_CANDIDATE = "promptopt.candidate"
 TAG_KIND = "promptopt.kind"
 TAG_KEY = "promptopt.key"
 TAG_PROMPT_ID = "promptopt.prompt_id"
+TAG_CREATED = "promptopt.created_ns"  # when the creating process asked for the run (time.time_ns)
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
 
 # MLflow's own limits (mlflow.utils.validation); repeated so importing this module stays light.

@@ -3,6 +3,30 @@
 These operations run when MLflow answers and again when the outbox replays a queued call, so
 every argument is JSON-friendly (or has a JSON form) and every run creation is idempotent: runs
 are found again by tag before one is created.
+
+Several processes may log the same run or prompt version at once (two workers re-running an
+iteration, a retried step racing a slow first attempt, two `promptopt run` of one study). MLflow
+has no "create if absent" for runs, so find-then-create alone lets both create. Two measures:
+
+- Local stores (``sqlite:///`` file, ``file:`` folder) can only be shared by processes of one
+  machine, so a file lock beside the store makes find-or-create atomic: nothing duplicated.
+- Every store, a server shared by machines included, then applies one convergent rule: after
+  creating, search again by identity and keep the canonical one; a process whose own creation
+  is not canonical deletes it and uses the canonical one, and finding picks the canonical one
+  too. Prompt versions: the smallest version number (the store numbers versions in order, so a
+  version nobody has seen yet always has a larger number). Runs: MLflow has no such number, so
+  a run is created with tag ``promptopt.created_ns`` = ``pending``, then stamped with the time
+  read right after the creation returned, and the canonical run is the smallest (stamp, run
+  id); a search that shows a pending run waits for its stamp. A run a search does not show yet
+  becomes visible later and so gets a later stamp: the rule never moves away from a run some
+  process already uses (a stamp read *before* creating does not have that property: a slow
+  creation request can then end up canonical after another process took its own run). Exact on
+  one machine's clock; across machines it assumes their clocks agree to within the time between
+  a creation and a search. MLflow cannot create a run under a chosen id, so nothing stronger is
+  available without a lock service. Traces: `traces.write_trace`.
+
+The store itself refuses one of two simultaneous inserts of the same experiment tag, param or
+alias (a unique-key error); those writes check what is there and retry.
 """
 
 from __future__ import annotations
@@ -23,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock
 
 from promptopt_dagster.core.prompt_store import iteration_key
 from promptopt_dagster.tracking.errors import TrackingError
@@ -32,9 +57,11 @@ from promptopt_dagster.tracking.layout import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAMS_PER_BATCH,
     TAG_CANDIDATE,
+    TAG_CREATED,
     TAG_ITERATION,
     TAG_KEY,
     TAG_KIND,
+    TAG_PROMPT_ID,
     TAG_STUDY,
     experiment_name,
     experiment_note,
@@ -62,6 +89,14 @@ OPS = (
 )
 
 _GLOBAL_URI_LOCK = threading.RLock()
+CREATION_LOCK_TIMEOUT_S = 120.0
+# How many runs of one identity a search returns: duplicates are rare, a few at most.
+MAX_SAME_IDENTITY = 50
+# A run is created with this stamp and stamped with the time right after; a process that died
+# in between leaves it pending, and after this long it is deleted.
+STAMP_PENDING = "pending"
+STAMP_WAIT_S = 10.0
+SEARCH_ATTEMPTS = 5
 
 
 @contextlib.contextmanager
@@ -98,6 +133,24 @@ def default_artifact_root(tracking_uri: str) -> str | None:
     return None
 
 
+def creation_lock_path(tracking_uri: str) -> Path | None:
+    """The lock file serializing creations in a store on this machine's disk, beside it; None
+    for stores behind a server or a database server (shared by machines)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        return db.with_name(db.name + ".create.lock")
+    if tracking_uri.startswith("file:") or "://" not in tracking_uri:
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        local = (
+            url2pathname(urlparse(tracking_uri).path) if tracking_uri.startswith("file:") else tracking_uri
+        )
+        folder = Path(local).resolve()
+        return folder.parent / f"{folder.name}.create.lock"
+    return None
+
+
 def default_pip_requirements() -> list[str]:
     """Pinned requirements for a logged scikit-learn model, from the installed versions."""
     from importlib.metadata import version
@@ -115,6 +168,16 @@ class RegisteredPrompt:
     output_prompt: str
     commit_message: str | None
     tags: dict[str, str]
+
+
+def _creation_order(run: Any) -> tuple[int, str]:
+    """The order that picks the canonical run among runs of one identity: the creation stamp
+    (runs from before the stamp existed: their start time), then the run id."""
+    stamp = run.data.tags.get(TAG_CREATED)
+    return (
+        int(stamp) if stamp and stamp.isdigit() else int(run.info.start_time or 0) * 1_000_000,
+        run.info.run_id,
+    )
 
 
 def to_registered(pv: Any) -> RegisteredPrompt:
@@ -145,6 +208,20 @@ class LiveStore:
         self._client_obj: Any = None
         self._experiments: dict[str, str] = {}
         self.run_experiments: dict[str, str] = {}  # run id -> experiment id, as seen so far
+        lock_path = creation_lock_path(tracking_uri)
+        self._creation_lock = (
+            None if lock_path is None else FileLock(str(lock_path), timeout=CREATION_LOCK_TIMEOUT_S)
+        )
+
+    @contextlib.contextmanager
+    def creating(self) -> Iterator[None]:
+        """Hold the store's creation lock (local stores; a no-op for servers) for one find-or-create."""
+        if self._creation_lock is None:
+            yield
+            return
+        Path(self._creation_lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
+        with self._creation_lock:
+            yield
 
     @property
     def client(self) -> Any:
@@ -170,21 +247,22 @@ class LiveStore:
         if study in self._experiments:
             return self._experiments[study]
         name = experiment_name(study)
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            location = f"{self.artifact_root.rstrip('/')}/{study}" if self.artifact_root else None
-            try:
-                exp_id = self.client.create_experiment(
-                    name, artifact_location=location, tags={TAG_STUDY: study}
-                )
-            except MlflowException:  # created meanwhile by another process
-                exp = self.client.get_experiment_by_name(name)
-                if exp is None:
-                    raise
+        with self.creating():
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                location = f"{self.artifact_root.rstrip('/')}/{study}" if self.artifact_root else None
+                try:
+                    exp_id = self.client.create_experiment(
+                        name, artifact_location=location, tags={TAG_STUDY: study}
+                    )
+                except MlflowException:  # created meanwhile by another process (names are unique)
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
+            else:
                 exp_id = exp.experiment_id
-        else:
-            exp_id = exp.experiment_id
-        self._describe_experiment(study, exp_id, {} if exp is None else dict(exp.tags))
+            self._describe_experiment(study, exp_id, {} if exp is None else dict(exp.tags))
         self._experiments[study] = exp_id
         return exp_id
 
@@ -197,9 +275,20 @@ class LiveStore:
         except ValueError:
             current = None
         if current != json.loads(value)["state"]:
-            self.client.set_experiment_tag(exp_id, key, value)
+            self._set_experiment_tag(exp_id, key, value)
         if EXPERIMENT_NOTE_TAG not in tags:
-            self.client.set_experiment_tag(exp_id, EXPERIMENT_NOTE_TAG, experiment_note(study))
+            self._set_experiment_tag(exp_id, EXPERIMENT_NOTE_TAG, experiment_note(study))
+
+    def _set_experiment_tag(self, exp_id: str, key: str, value: str) -> None:
+        """Set an experiment tag; when another process inserts the same tag at the same moment,
+        the store refuses one insert (a unique-key error) and the tag it wrote stays."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_experiment_tag(exp_id, key, value)
+        except MlflowException:
+            if key not in self.client.get_experiment(exp_id).tags:
+                raise
 
     def experiment_of(self, run_id: str) -> str:
         """The experiment id of a run (remembered once seen)."""
@@ -208,16 +297,39 @@ class LiveStore:
         return self.run_experiments[run_id]
 
     def prompt_versions(self, name: str) -> list[Any]:
-        """The registry versions of prompt `name`; empty if the prompt does not exist."""
+        """The registry versions of prompt `name`; empty if the prompt does not exist.
+
+        While other processes register versions of the same prompt, MLflow's search sometimes
+        returns a version without its tags and then refuses the whole answer ("registered as a
+        model, not a prompt"); a moment later the same search succeeds, so it is repeated a few
+        times before the error counts."""
         from mlflow.exceptions import MlflowException
 
-        try:
-            versions = self.client.search_prompt_versions(name)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return []
-            raise
-        return list(getattr(versions, "prompt_versions", versions))
+        for attempt in range(SEARCH_ATTEMPTS):
+            try:
+                return self._prompt_versions_once(name)
+            except MlflowException as exc:
+                if attempt == SEARCH_ATTEMPTS - 1 or "registered as a model" not in str(exc):
+                    raise
+                time.sleep(0.05 * 2**attempt)  # another process's transaction, which no event announces
+        raise AssertionError("unreachable")
+
+    def _prompt_versions_once(self, name: str) -> list[Any]:
+        from mlflow.exceptions import MlflowException
+
+        out: list[Any] = []
+        token: str | None = None
+        while True:  # pages of 100, newest first
+            try:
+                page = self.client.search_prompt_versions(name, page_token=token)
+            except MlflowException as exc:
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    return []
+                raise
+            out.extend(getattr(page, "prompt_versions", page))
+            token = getattr(page, "token", None)
+            if not token:
+                return out
 
     def load_prompt(self, uri: str) -> RegisteredPrompt | None:
         pv = self.client.load_prompt(uri, allow_missing=True, cache_ttl_seconds=0)
@@ -226,11 +338,70 @@ class LiveStore:
     # --- runs ----------------------------------------------------------------------------------
 
     def _find_run(self, experiment_id: str, tags: Mapping[str, str]) -> str | None:
+        """The canonical active run tagged `tags` (module docstring), or None. Runs still being
+        created (stamp ``pending``) are waited for; one still pending after `STAMP_WAIT_S` was
+        left by a process that died between its two calls, and is deleted."""
         clauses = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-        runs = self.client.search_runs(
-            [experiment_id], filter_string=clauses, max_results=1, order_by=["attributes.start_time ASC"]
-        )
-        return runs[0].info.run_id if runs else None
+        deadline, delay = time.monotonic() + STAMP_WAIT_S, 0.01
+        while True:
+            runs = self.client.search_runs(
+                [experiment_id], filter_string=clauses, max_results=MAX_SAME_IDENTITY
+            )
+            pending = [r for r in runs if r.data.tags.get(TAG_CREATED) == STAMP_PENDING]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                for run in pending:
+                    logger.warning("deleting run %s, left half-created by a process", run.info.run_id)
+                    self._delete_run(run.info.run_id)
+                left = {r.info.run_id for r in pending}
+                runs = [r for r in runs if r.info.run_id not in left]
+                break
+            time.sleep(delay)  # another process's next call, which no event announces
+            delay = min(delay * 2, 0.2)
+        return min(runs, key=_creation_order).info.run_id if runs else None
+
+    def _delete_run(self, run_id: str) -> None:
+        """Delete a duplicate or abandoned run; one another process deleted first stays deleted."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_run(run_id)
+        except MlflowException:
+            if self.client.get_run(run_id).info.lifecycle_stage != "deleted":
+                raise
+
+    def _create_run(
+        self,
+        exp_id: str,
+        ident: Mapping[str, str],
+        run_name: str,
+        tags: dict[str, str],
+        start_time_ms: int | None,
+    ) -> tuple[str, bool]:
+        """Create the run of `ident` and stamp it; the canonical run of `ident` afterwards (our
+        run deleted if it is not that one), and whether it is ours."""
+        from mlflow.exceptions import MlflowException
+
+        mine = self.client.create_run(
+            exp_id, start_time=start_time_ms, run_name=run_name, tags={**tags, TAG_CREATED: STAMP_PENDING}
+        ).info.run_id
+        try:
+            # read after the run became visible: any run that a search does not show yet gets a later stamp
+            self.client.set_tag(mine, TAG_CREATED, str(time.time_ns()))
+        except MlflowException:  # deleted meanwhile as left half-created: another run is canonical
+            canonical = self._find_run(exp_id, ident)
+            return (canonical, False) if canonical else (mine, True)
+        canonical = self._find_run(exp_id, ident) or mine
+        if canonical != mine:
+            self._delete_run(mine)
+            logger.info(
+                "another process created run %s for the same %s at the same time; deleted the duplicate %s",
+                canonical,
+                ", ".join(f"{k}={v}" for k, v in ident.items() if k != TAG_KIND),
+                mine,
+            )
+        return canonical, canonical == mine
 
     def _find_or_create_run(
         self,
@@ -244,14 +415,15 @@ class LiveStore:
     ) -> str:
         """The run tagged `ident` (created with `inherited`, `tags` and `ident`, starting at
         `start_time_ms` or now, if missing); `tags` are set and new `params` logged either way.
-        MLflow cannot move the start of an existing run, so `start_time_ms` applies at creation."""
-        run_id = self._find_run(exp_id, ident)
-        if run_id is None:
-            tags_at_creation = {**(inherited or {}), **tags, **ident}
-            run_id = self.client.create_run(
-                exp_id, start_time=start_time_ms, run_name=run_name, tags=tags_at_creation
-            ).info.run_id
-        elif tags:
+        MLflow cannot move the start of an existing run, so `start_time_ms` applies at creation.
+        Atomic on local stores, convergent on servers (module docstring)."""
+        with self.creating():
+            run_id = self._find_run(exp_id, ident)
+            ours = False
+            if run_id is None:
+                tags_at_creation = {**(inherited or {}), **tags, **ident}
+                run_id, ours = self._create_run(exp_id, ident, run_name, tags_at_creation, start_time_ms)
+        if not ours and tags:
             self.set_tags(run_id, tags)
         self.run_experiments[run_id] = exp_id
         if params:
@@ -312,7 +484,22 @@ class LiveStore:
             )
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=new[i : i + MAX_PARAMS_PER_BATCH])
+            self._log_new_params(run_id, new[i : i + MAX_PARAMS_PER_BATCH])
+
+    def _log_new_params(self, run_id: str, batch: list[Any]) -> None:
+        """Log `batch`; when another process logs the same run's params at the same moment, the
+        store refuses the batch (a unique-key error): the params still missing are logged again."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.log_batch(run_id, params=batch)
+        except MlflowException:
+            existing = self.client.get_run(run_id).data.params
+            missing = [p for p in batch if p.key not in existing]
+            if len(missing) == len(batch):
+                raise
+            if missing:
+                self.client.log_batch(run_id, params=missing)
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -393,12 +580,19 @@ class LiveStore:
         champion: bool,
         run_id: str | None = None,
     ) -> int:
+        """A prompt version, registered once: a version with the same ``promptopt.prompt_id`` tag
+        (without one: the same template) is reused. Atomic on local stores, convergent on
+        servers (module docstring)."""
         name = prompt_name(study)
         template = [{"role": "system", "content": system_prompt}, {"role": "user", "content": output_prompt}]
-        pv = self.client.register_prompt(
-            name, template, commit_message=commit_message, tags={**tags, TAG_STUDY: study}
-        )
-        version = int(pv.version)
+        ident = tags.get(TAG_PROMPT_ID)
+        with self.creating():
+            found = self._find_versions(name, ident, template)
+            if not found:
+                found = self._register_and_converge(
+                    name, ident, template, commit_message, {**tags, TAG_STUDY: study}
+                )
+            version = found[0]
         if champion:
             self.set_champion(study, version)
         if run_id:
@@ -407,5 +601,75 @@ class LiveStore:
                 self.client.link_prompt_version_to_run(run_id, f"prompts:/{name}/{version}")
         return version
 
+    def _find_versions(self, name: str, prompt_id: str | None, template: list[dict[str, str]]) -> list[int]:
+        """The versions of `name` with PromptState id `prompt_id` (without an id: with
+        `template`), smallest (canonical) first."""
+        return sorted(
+            int(v.version)
+            for v in self.prompt_versions(name)
+            if ((v.tags or {}).get(TAG_PROMPT_ID) == prompt_id if prompt_id else v.template == template)
+        )
+
+    def _register_and_converge(
+        self,
+        name: str,
+        prompt_id: str | None,
+        template: list[dict[str, str]],
+        commit_message: str | None,
+        tags: dict[str, str],
+    ) -> list[int]:
+        """Register a version, then delete every version of the same prompt but the canonical
+        one (ours or another process's); returns [the canonical version].
+
+        Deleting another process's duplicate is safe: a version is used only by a process that
+        found it canonical, and every smaller version was visible then. MLflow can also fail
+        after the version is stored (while other processes register versions of the same prompt,
+        its answer sometimes lacks the version's tags), so the search afterwards, not the answer,
+        tells which versions exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._new_version(name, template, commit_message, tags)
+        except MlflowException as exc:
+            if not self._find_versions(name, prompt_id, template):
+                raise
+            logger.info("registering a version of %s failed after storing it (%s)", name, exc.error_code)
+        canonical, *duplicates = self._find_versions(name, prompt_id, template)
+        for version in duplicates:
+            try:
+                self.client.delete_prompt_version(name, str(version))
+            except MlflowException:  # deleted meanwhile by the process that registered it
+                continue
+            logger.info(
+                "deleted %s version %d: processes registered the same prompt at the same time, "
+                "version %d is kept",
+                name,
+                version,
+                canonical,
+            )
+        return [canonical]
+
+    def _new_version(
+        self, name: str, template: list[dict[str, str]], commit_message: str | None, tags: dict[str, str]
+    ) -> None:
+        """Register a version; the first version also creates the prompt, and when another
+        process creates it at the same moment, MLflow refuses one creation: retried once."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.register_prompt(name, template, commit_message=commit_message, tags=tags)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            self.client.register_prompt(name, template, commit_message=commit_message, tags=tags)
+
     def set_champion(self, study: str, version: int) -> None:
-        self.client.set_prompt_alias(prompt_name(study), CHAMPION_ALIAS, int(version))
+        """Point the alias at `version`. The store inserts a new alias row, and when another
+        process inserts it at the same moment it refuses one (a unique-key error); the retry
+        then updates the existing row."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.set_prompt_alias(prompt_name(study), CHAMPION_ALIAS, int(version))
+        except MlflowException:
+            self.client.set_prompt_alias(prompt_name(study), CHAMPION_ALIAS, int(version))

@@ -98,14 +98,35 @@ def iteration_trace(v: IterationValues, start_ms: int | None) -> dict[str, Any]:
 def write_trace(store: LiveStore, exp_id: str, run_id: str, key: str, trace: dict[str, Any]) -> str | None:
     """`trace` as one MLflow trace in experiment `exp_id`, linked to `run_id` and tagged `key`;
     a trace already tagged `key` is kept (returns None). MLflow's tracing API writes through the
-    global tracking URI, so it is set for this block."""
+    global tracking URI, so it is set for this block.
+
+    Written once also when processes write it at the same moment: under the store's creation
+    lock on a local store, and on a server each writer then keeps the trace of `key` with the
+    smallest id and deletes the others. A trace is not written to once ended, so deleting one
+    loses nothing, and the writer whose trace becomes visible last sees all of them."""
+    client = store.client
+    with store.creating():
+        if _traces_of(store, exp_id, key):
+            return None
+        trace_id = _write(store, exp_id, run_id, key, trace)
+    kept, *others = sorted(_traces_of(store, exp_id, key)) or [trace_id]
+    if others:
+        client.delete_traces(exp_id, trace_ids=others)
+    return trace_id if kept == trace_id else None
+
+
+def _traces_of(store: LiveStore, exp_id: str, key: str) -> list[str]:
+    """The ids of the traces tagged `key` in experiment `exp_id`."""
+    found = store.client.search_traces(
+        locations=[exp_id], filter_string=f"tags.`{TAG_TRACE_KEY}` = '{key}'", include_spans=False
+    )
+    return [t.info.trace_id for t in found]
+
+
+def _write(store: LiveStore, exp_id: str, run_id: str, key: str, trace: dict[str, Any]) -> str:
     import mlflow
 
     client = store.client
-    if client.search_traces(
-        locations=[exp_id], filter_string=f"tags.`{TAG_TRACE_KEY}` = '{key}'", max_results=1
-    ):
-        return None
     t = int(trace["start_ns"])
     with mlflow_global_uris(store.tracking_uri, store.registry_uri):
         root = client.start_trace(
