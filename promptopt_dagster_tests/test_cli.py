@@ -213,13 +213,9 @@ def test_fresh_forget_list_and_show_on_a_study_with_iterations(
     assert "iteration 0: incumbent val" in capsys.readouterr().out
 
 
-@pytest.mark.e2e
-def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
-    scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    study = write_study(tmp_path, max_iterations=1)
-    marker = tmp_path / "blocked"
-    env = {**os.environ, BLOCKED_ENV: str(marker), "PROMPTOPT_HOME": str(home)}
+def kill_when_blocked(study: Path, env: dict[str, str], marker: Path) -> None:
+    """Run `promptopt run study` (scripted) in a child until it blocks in the LLM call that
+    writes `marker`, then SIGKILL it."""
     child = subprocess.Popen(
         [sys.executable, "-m", "promptopt_dagster_tests.support.scripted_cli", "run", str(study)],
         env=env,
@@ -228,13 +224,23 @@ def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
     )
     try:
         deadline = time.monotonic() + 120
-        while not marker.exists():  # the child is inside iteration 0's first LLM call
+        while not marker.exists():
             assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
-            assert time.monotonic() < deadline, "the child never reached its first LLM call"
+            assert time.monotonic() < deadline, "the child never reached the blocking LLM call"
             time.sleep(0.1)
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.e2e
+def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
+    scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study = write_study(tmp_path, max_iterations=1)
+    marker = tmp_path / "blocked"
+    env = {**os.environ, BLOCKED_ENV: str(marker), "PROMPTOPT_HOME": str(home)}
+    kill_when_blocked(study, env, marker)  # inside iteration 0's first LLM call
 
     os.environ["DAGSTER_HOME"] = str(home / "dagster")
     with dg.DagsterInstance.get() as instance:
@@ -267,21 +273,7 @@ def test_a_run_killed_in_the_middle_of_a_batch_resumes_without_repeating_a_call(
     marker, answered = tmp_path / "blocked", tmp_path / "answered.txt"
     env = {**os.environ, BLOCKED_ENV: str(marker), BLOCK_AT_ENV: str(block_at), ANSWERED_ENV: str(answered),
            "PROMPTOPT_HOME": str(home)}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "promptopt_dagster_tests.support.scripted_cli", "run", str(study)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():  # the child is inside its block_at-th primary call
-            assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
-            assert time.monotonic() < deadline, "the child never reached the blocking LLM call"
-            time.sleep(0.1)
-    finally:
-        child.kill()
-        child.wait()
+    kill_when_blocked(study, env, marker)  # inside its block_at-th primary call
     paid_for = answered_keys(answered)
     assert len(paid_for) == block_at - 1 and len(set(paid_for)) == len(paid_for)
 

@@ -119,25 +119,6 @@ def test_disabled_cache_passes_everything_through(tmp_path: Path) -> None:
     assert not (tmp_path / "c.sqlite").exists()
 
 
-def test_errors_are_not_cached(tmp_path: Path) -> None:
-    state = {"fail": True}
-
-    def flaky(request: ChatRequest) -> str:
-        if state["fail"]:
-            raise TimeoutError("backend busy")
-        return "fine"
-
-    inner = ScriptedLLM(flaky)
-    llm = CachedLLM(inner, tmp_path / "c.sqlite")
-    [failed] = llm.generate([ask("q")])
-    assert failed.error == "TimeoutError: backend busy" and not failed.cached
-    state["fail"] = False
-    [ok] = llm.generate([ask("q")])
-    assert ok.ok and ok.text == "fine" and not ok.cached and inner.calls == 2
-    [hit] = llm.generate([ask("q")])
-    assert hit.cached and inner.calls == 2
-
-
 def test_remote_path_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="local file"):
         CachedLLM(ScriptedLLM(shout), "gs://bucket/cache.sqlite")
