@@ -1,9 +1,9 @@
-"""Scale-out of N studies at once over Celery workers (issue 12's figure).
+"""Scale-out of N studies at once over Celery workers: wall time against the latency bound.
 
 N scripted studies start at once, each a `promptopt run` process, against the fake Vertex server
-(support/vertex_server.py, answering every generateContent call after a fixed latency L with the
-scripted replies of test_llm_pool.py), a shared PostgreSQL Dagster instance, the GCS emulator as
-the bucket, and, for DAGSTER_EXECUTOR=celery, a real Redis broker and W `dagster-celery`
+(support/vertex_server.py, answering every generateContent call after a fixed latency L with
+support/scripted.py's `gemini_responder`), a shared PostgreSQL Dagster instance, the GCS emulator
+as the bucket, and, for DAGSTER_EXECUTOR=celery, a real Redis broker and W `dagster-celery`
 workers of concurrency 1 each (the pieces of test_celery_executor.py). The baseline is the same
 N studies with the in-process executor (every step in its driver's process).
 
@@ -66,9 +66,8 @@ from promptopt_dagster_tests.support.celery_workers import CeleryWorkers  # noqa
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment  # noqa: E402
 from promptopt_dagster_tests.support.postgres import PostgresServer  # noqa: E402
 from promptopt_dagster_tests.support.redis_server import RedisServer  # noqa: E402
-from promptopt_dagster_tests.support.scripted import write_study  # noqa: E402
+from promptopt_dagster_tests.support.scripted import gemini_responder, write_study  # noqa: E402
 from promptopt_dagster_tests.support.vertex_server import VertexServer  # noqa: E402
-from promptopt_dagster_tests.test_llm_pool import gemini  # noqa: E402
 
 BUCKET = "promptopt-scale"
 TOKEN = "scale-out-token"
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             RedisServer() as redis,
             GcsEmulator(bucket=BUCKET) as bucket,
             emulator_environment(bucket),  # this process and its children reach the emulator
-            VertexServer(responder=gemini, latency=args.latency_ms / 1000.0) as server,
+            VertexServer(responder=gemini_responder, latency=args.latency_ms / 1000.0) as server,
         ):
             for workers in ([] if args.no_baseline else [0]) + counts:
                 what = f"{workers} celery worker(s)" if workers else "in_process"
