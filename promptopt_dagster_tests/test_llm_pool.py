@@ -7,7 +7,6 @@ fake Vertex server, which holds its first requests until the overlap under test 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -30,8 +29,8 @@ from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
     postgres_server,  # noqa: F401
 )
-from promptopt_dagster_tests.support.scripted import GOOD, write_study
-from promptopt_dagster_tests.support.vertex_server import VertexServer, system_text, user_text, wants_json
+from promptopt_dagster_tests.support.scripted import gemini_responder, write_study
+from promptopt_dagster_tests.support.vertex_server import VertexServer
 
 TOKEN = "test-token-pool-5ecret"
 CLIENT_CONCURRENCY = 2  # VERTEX_CONCURRENCY of each process: the quota with a pool limit of 1
@@ -41,18 +40,9 @@ POLL_S = 0.05
 pytestmark = pytest.mark.e2e  # every test here starts the fake Vertex server
 
 
-def gemini(body: dict[str, Any]) -> str:
-    """The bare label when the system prompt names the label set, prose otherwise; proposals as
-    JSON when JSON is asked (the optimizer)."""
-    if wants_json(body):
-        return json.dumps({"candidates": [{"system_prompt": "Classify the sentiment.", "rationale": "task"}]})
-    label = "positive" if any(w in user_text(body) for w in GOOD) else "negative"
-    return label if "one of:" in system_text(body) else f"Well, I would say it is {label}."
-
-
 @pytest.fixture
 def server() -> Iterator[VertexServer]:
-    with VertexServer(responder=gemini, latency=0.02) as srv:
+    with VertexServer(responder=gemini_responder, latency=0.02) as srv:
         yield srv
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 
@@ -116,3 +116,15 @@ def scripted_llm_resource(settings: Settings) -> ScriptedLLMResource:
 
 def scripted_study(folder: Path, **overrides: object) -> StudyConfig:
     return load_study(write_study(folder, **overrides))
+
+
+def gemini_responder(body: dict[str, Any]) -> str:
+    """For the fake Vertex server (support/vertex_server.py): the bare label when the system
+    prompt names the label set, prose otherwise; proposals as JSON when JSON is asked (the
+    optimizer)."""
+    from promptopt_dagster_tests.support.vertex_server import system_text, user_text, wants_json
+
+    if wants_json(body):
+        return json.dumps({"candidates": [{"system_prompt": "Classify the sentiment.", "rationale": "task"}]})
+    label = "positive" if any(w in user_text(body) for w in GOOD) else "negative"
+    return label if "one of:" in system_text(body) else f"Well, I would say it is {label}."

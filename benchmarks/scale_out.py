@@ -1,0 +1,235 @@
+"""Scale-out of N studies at once over Celery workers: wall time against the latency bound.
+
+N scripted studies start at once, each a `promptopt run` process, against the fake Vertex server
+(support/vertex_server.py, answering every generateContent call after a fixed latency L with
+support/scripted.py's `gemini_responder`), a shared PostgreSQL Dagster instance, the GCS emulator
+as the bucket, and, for DAGSTER_EXECUTOR=celery, a real Redis broker and W `dagster-celery`
+workers of concurrency 1 each (the pieces of test_celery_executor.py). The baseline is the same
+N studies with the in-process executor (every step in its driver's process).
+
+The LLM-calling assets share the Dagster pool "llm" (LLM_POOL_LIMIT) and each process's client
+keeps at most VERTEX_CONCURRENCY requests in flight, so the quota is
+Q = LLM_POOL_LIMIT x VERTEX_CONCURRENCY requests in flight at once.
+
+Latency bound: R generateContent requests (counted at the server in that round), each held L by
+the server, with at most Q in flight, cannot finish before R x L / Q. It is a lower bound on the
+wall time that counts only the quota; Dagster's per-run and per-step overhead (process starts,
+Celery hops, storage reads and writes) comes on top, so wall / bound >= 1 and the gap is the
+orchestration's cost. "linear" is speed-up / (W / smallest W measured): 1.0 is perfect scaling.
+"max in flight" is the fake server's `max_in_flight`; it must never exceed Q.
+
+    python benchmarks/scale_out.py                      # 8 studies, 1, 2 and 4 workers, L=100 ms
+    python benchmarks/scale_out.py --studies 2 --workers 1,2 --latency-ms 100   # smoke run
+
+Run with this checkout first on PYTHONPATH (the workers and drivers import it):
+``PYTHONPATH=$PWD .venv/bin/python benchmarks/scale_out.py ...``. Needs redis-server and
+PostgreSQL binaries (``make redis``; ``make test`` installs postgresql).
+
+Wall time runs from launching the N drivers until the last exits: it includes each driver's
+start (imports, study validation, MLflow's SQLite set-up), not the workers' start. The Celery
+executor's loop honours the "llm" pool (dagster_celery's InstanceConcurrencyContext), so with
+more workers than LLM_POOL_LIMIT the extra workers can only run the steps that call no LLM.
+
+Measured on a loaded 2-core machine (a CPU-heavy model benchmark running alongside), 2026-11-29,
+``--studies 2 --workers 1,2 --latency-ms 100`` (pool limit 2, VERTEX_CONCURRENCY 4), about 5 min::
+
+    2 studies at once, latency 100 ms, quota 2 x 4 = 8 in flight
+    executor            wall s  requests  bound s  wall/bound  speed-up  linear  max in flight   ok
+    -----------------------------------------------------------------------------------------------
+    in_process            48.3       216     2.70        17.9         -       -          8 / 8  yes
+    celery x1             85.7       216     2.70        31.7      1.00    1.00          4 / 8  yes
+    celery x2             67.5       216     2.70        25.0      1.27    0.64          8 / 8  yes
+
+At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost on two
+busy cores (each Celery step is a fresh process that loads the code location), so these figures
+measure orchestration overhead more than the latency bound; the 8-study, 1/2/4-worker figure
+needs an idle machine with at least 4 cores to say anything about scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from promptopt_dagster import storage  # noqa: E402
+from promptopt_dagster.instance_config import plan_instance_file  # noqa: E402
+from promptopt_dagster.settings import Settings  # noqa: E402
+from promptopt_dagster_tests.support.celery_workers import CeleryWorkers  # noqa: E402
+from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment  # noqa: E402
+from promptopt_dagster_tests.support.postgres import PostgresServer  # noqa: E402
+from promptopt_dagster_tests.support.redis_server import RedisServer  # noqa: E402
+from promptopt_dagster_tests.support.scripted import gemini_responder, write_study  # noqa: E402
+from promptopt_dagster_tests.support.vertex_server import VertexServer  # noqa: E402
+
+BUCKET = "promptopt-scale"
+TOKEN = "scale-out-token"
+RUN_TIMEOUT_S = 1800.0
+# Prefixes of the variables this script sets for its children: the caller's are dropped.
+OURS = ("DAGSTER_", "VERTEX_", "LLM_", "MLFLOW_", "PROMPTOPT_", "GCS_", "CELERY_")
+
+
+@dataclass
+class Round:
+    """One configuration's measurement: `workers` 0 is the in-process baseline."""
+
+    workers: int
+    wall_s: float
+    requests: int
+    max_in_flight: int
+    failed: list[str]
+
+
+def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
+    """The caller's environment without our variables, plus `values`."""
+    env = {k: v for k, v in base.items() if not k.startswith(OURS)}
+    env.update(values)
+    return env
+
+
+def run_round(
+    workers: int, args: argparse.Namespace, tmp: Path, pg: PostgresServer, redis: RedisServer,
+    server: VertexServer,
+) -> Round:
+    """N `promptopt run` processes at once on a fresh database and DAGSTER_HOME; with `workers`
+    > 0 their steps run on that many Celery workers started for this round."""
+    label = f"w{workers}"
+    root = tmp / label
+    home = root / "dagster"
+    home.mkdir(parents=True)
+    # A fresh database with Dagster's tables, so no run of an earlier round is seen.
+    pg_url = pg.create_database(template=pg.dagster_template())
+    env = child_env(
+        dict(os.environ),
+        PROMPTOPT_HOME=str(root / "project"),
+        DAGSTER_HOME=str(home),
+        DAGSTER_PG_URL=pg_url,
+        LLM_POOL_LIMIT=str(args.pool_limit),
+        DAGSTER_EXECUTOR="celery" if workers else "in_process",
+        GCS_BUCKET_NAME=BUCKET,
+        GCS_PREFIX=label,
+        VERTEX_PROJECT_ID="scale-project",
+        VERTEX_API_ENDPOINT=server.base_url,
+        VERTEX_ACCESS_TOKEN=TOKEN,
+        VERTEX_CONCURRENCY=str(args.vertex_concurrency),
+        VERTEX_TIMEOUT_S="600",
+        LLM_CACHE_ENABLED="false",  # every call reaches the server
+        NO_GCE_CHECK="true",
+        PYTHONUNBUFFERED="1",
+    )
+    if workers:
+        env.update(CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1))
+    # The instance file the CLI would write (Postgres storage, the "llm" pool's limit), written
+    # before the workers start since they load the instance from DAGSTER_HOME too.
+    settings = Settings(DAGSTER_PG_URL=pg_url, LLM_POOL_LIMIT=args.pool_limit)
+    text = plan_instance_file(None, settings).text
+    assert text is not None
+    (home / "dagster.yaml").write_text(text)
+
+    studies = []
+    for i in range(args.studies):
+        name = f"scale_{label}_{i}"
+        folder = root / name
+        folder.mkdir()
+        dataset = f"gs://{BUCKET}/{label}/data/{name}.csv"
+        path = write_study(folder, name, dataset=dataset, max_iterations=args.iterations, minibatch_size=6)
+        storage.write_bytes(dataset, (folder / f"{name}.csv").read_bytes())
+        studies.append((name, path))
+
+    pool = CeleryWorkers(workers, env, prefix=f"scale-{label}", cwd=root) if workers else None
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        if pool:
+            pool.start()
+            env = pool.env  # the same PATH and PYTHONPATH as the workers
+        server.clear()
+        started = time.monotonic()
+        for name, path in studies:
+            with (root / f"{name}.log").open("wb") as log:
+                procs.append((name, subprocess.Popen(
+                    [sys.executable, "-m", "promptopt_dagster.cli", "run", str(path)],
+                    cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )))
+        failed = []
+        for name, proc in procs:
+            if proc.wait(timeout=RUN_TIMEOUT_S) != 0:
+                failed.append(name)
+        wall = time.monotonic() - started
+    finally:
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        if pool:
+            pool.close()
+    for name in failed:
+        print(f"--- {label} {name} failed; its log ends:\n{(root / f'{name}.log').read_text()[-3000:]}")
+    return Round(workers, wall, len(server.generate_requests()), server.max_in_flight, failed)
+
+
+def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
+    quota = args.pool_limit * args.vertex_concurrency
+    latency = args.latency_ms / 1000.0
+    celery = [r for r in rounds if r.workers]
+    first = min(celery, key=lambda r: r.workers) if celery else None
+    print(f"\n{args.studies} studies at once, latency {args.latency_ms:.0f} ms, "
+          f"quota {args.pool_limit} x {args.vertex_concurrency} = {quota} in flight")
+    head = (f"{'executor':<18}{'wall s':>8}{'requests':>10}{'bound s':>9}{'wall/bound':>12}"
+            f"{'speed-up':>10}{'linear':>8}{'max in flight':>15}{'ok':>5}")
+    print(head)
+    print("-" * len(head))
+    for r in rounds:
+        bound = r.requests * latency / quota
+        name = f"celery x{r.workers}" if r.workers else "in_process"
+        speed = linear = "-"
+        if r.workers and first:
+            s = first.wall_s / r.wall_s
+            speed, linear = f"{s:.2f}", f"{s / (r.workers / first.workers):.2f}"
+        ok = "yes" if not r.failed and r.max_in_flight <= quota else "NO"
+        ratio = f"{r.wall_s / bound:.1f}" if bound else "-"
+        print(f"{name:<18}{r.wall_s:>8.1f}{r.requests:>10}{bound:>9.2f}{ratio:>12}"
+              f"{speed:>10}{linear:>8}{f'{r.max_in_flight} / {quota}':>15}{ok:>5}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=8, help="studies started at once")
+    parser.add_argument("--workers", default="1,2,4", help="Celery worker counts, comma-separated")
+    parser.add_argument("--latency-ms", type=float, default=100.0, help="fake server's latency per call")
+    parser.add_argument("--pool-limit", type=int, default=2, help="LLM_POOL_LIMIT")
+    parser.add_argument("--vertex-concurrency", type=int, default=4, help="VERTEX_CONCURRENCY")
+    parser.add_argument("--iterations", type=int, default=1, help="max_iterations of each study")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the in-process round")
+    args = parser.parse_args(argv)
+    counts = [int(w) for w in args.workers.split(",") if w.strip()]
+
+    rounds: list[Round] = []
+    with tempfile.TemporaryDirectory(prefix="promptopt-scale-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        # Started once for every round, stopped by pid (each helper's close) however we leave.
+        with (
+            PostgresServer() as pg,
+            RedisServer() as redis,
+            GcsEmulator(bucket=BUCKET) as bucket,
+            emulator_environment(bucket),  # this process and its children reach the emulator
+            VertexServer(responder=gemini_responder, latency=args.latency_ms / 1000.0) as server,
+        ):
+            for workers in ([] if args.no_baseline else [0]) + counts:
+                what = f"{workers} celery worker(s)" if workers else "in_process"
+                print(f"round: {what} ...", flush=True)
+                rounds.append(run_round(workers, args, tmp, pg, redis, server))
+                print(f"  {rounds[-1].wall_s:.1f} s", flush=True)
+    print_table(rounds, args)
+    quota = args.pool_limit * args.vertex_concurrency
+    return 0 if all(not r.failed and r.max_in_flight <= quota for r in rounds) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
