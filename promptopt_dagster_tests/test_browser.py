@@ -4,73 +4,22 @@ Screenshots go to test-artifacts/ (gitignored) for a human to look at."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster_tests.support.dagster_dev import (
-    ARTIFACTS,
     LOCATION,
     REPOSITORY,
     Backfilled,
     DagsterDev,
     StudyRun,
 )
+from promptopt_dagster_tests.support.ui_fixtures import open_page, shot
 
 pytestmark = pytest.mark.e2e
 
 pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-TIMEOUT_MS = 60_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1600, "height": 1000})
-    page = context.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    try:
-        yield page
-    finally:
-        context.close()
-
-
-def shot(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def open_page(page: Page, url: str) -> None:
-    """Go to `url` and wave off the first-visit "Join the Dagster community" dialog if it shows."""
-    page.goto(url)
-    page.wait_for_load_state("networkidle")
-    skip = page.get_by_role("button", name="Skip")
-    if skip.count():
-        skip.click()
-        expect(skip).to_have_count(0)
-
 
 def group_url(server: DagsterDev, group: str) -> str:
     return f"{server.url}/locations/{REPOSITORY}@{LOCATION}/asset-groups/{group}"

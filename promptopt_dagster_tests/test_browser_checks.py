@@ -12,13 +12,12 @@ from playwright.sync_api import Page, expect
 
 from promptopt_dagster.assets.checks import DECISION_CHECKS
 from promptopt_dagster_tests.support.dagster_dev import ARTIFACTS, Backfilled, DagsterDev, StudyRun
-from promptopt_dagster_tests.test_browser import browser, open_page, page, shot
+from promptopt_dagster_tests.support.ui_fixtures import open_page, shot
 
 pytestmark = pytest.mark.e2e
 
 pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]
 
-__all__ = ["browser", "page"]  # the fixtures of test_browser.py, used here by name
 
 
 def test_checks_tab_lists_the_iteration_checks(

@@ -1,5 +1,7 @@
 """Pytest plugin: one `dagster dev` and one finished study for the whole session, shared by
-test_webserver.py and test_browser.py (`dagster dev` takes tens of seconds to start on 2 cores).
+test_webserver.py and the browser tests (`dagster dev` takes tens of seconds to start on 2 cores);
+and the browser: Debian's chromium driven by Playwright (`browser`, `page`), with `open_page` and
+`shot` (a screenshot in test-artifacts/).
 Use it with ``pytest_plugins = ["promptopt_dagster_tests.support.ui_fixtures"]``."""
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from promptopt_dagster.partitions import evaluation_key
 from promptopt_dagster_tests.support.dagster_dev import (
@@ -104,3 +107,54 @@ def backfilled(dagster_dev: DagsterDev, finished_study: StudyRun) -> Backfilled:
 
     table = wait_for(compared, 120, "the comparison sensor to refresh the comparison", every=2)
     return Backfilled(NEW_DATASET, versions, backfill_id, status, table, bad_id, bad_status, report)
+
+
+# --- the browser ---------------------------------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def shot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def open_page(page: Page, url: str) -> None:
+    """Go to `url` and wave off the first-visit "Join the Dagster community" dialog if it shows."""
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+    skip = page.get_by_role("button", name="Skip")
+    if skip.count():
+        skip.click()
+        expect(skip).to_have_count(0)
