@@ -53,6 +53,14 @@ def test_cleaning_drops_the_output_template_filled_in_but_not_an_instruction_lik
     assert clean_instruction(text, ROWS, input_templates=["{text}"]).dropped == []
 
 
+def test_cleaning_drops_a_short_line_made_only_of_one_row_s_values() -> None:
+    """Seen as the first line of an accepted unit-conversion prompt."""
+    rows = [("11 kg", "g", "11000"), ("10 hours", "minutes", "600")]
+    cleaned = clean_instruction("11 kg; g\nConvert the quantity into the target unit.", rows)
+    assert cleaned.dropped == ["11 kg; g"]
+    assert clean_instruction("Convert hours to minutes.", rows).dropped == []  # words of its own
+
+
 def test_cleaning_keeps_a_clean_instruction_whole() -> None:
     text = "You label customer reviews. Reply with one word: positive or negative."
     assert clean_instruction(text, ROWS).text == text.replace(". ", ".\n")

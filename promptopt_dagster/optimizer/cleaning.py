@@ -53,10 +53,13 @@ def _rendering_patterns(templates: Iterable[str]) -> list[re.Pattern[str]]:
 
 
 def _fragment_of(line: str, rows: Sequence[set[str]], threshold: float) -> bool:
-    tokens = _tokens(line)
-    if len(tokens) < 4:
+    """Most words of the line come from one row; a short line (2-3 words) only when all of them
+    do ("11 kg; g" from the row 11 kg, g, 11000)."""
+    distinct = set(_tokens(line))
+    if len(distinct) < 2:
         return False
-    distinct = set(tokens)
+    if len(_tokens(line)) < 4:
+        return any(distinct <= row for row in rows)
     return any(len(distinct & row) / len(distinct) >= threshold for row in rows)
 
 
