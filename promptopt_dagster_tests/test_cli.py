@@ -233,6 +233,19 @@ def kill_when_blocked(study: Path, env: dict[str, str], marker: Path) -> None:
         child.wait()
 
 
+def rerun_after_kill(study: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> dg.DagsterRun:
+    """`promptopt run study` again after a child was killed: it reports the killed run as left
+    unfinished and finishes the study. Returns that orphaned run."""
+    os.environ["DAGSTER_HOME"] = str(home / "dagster")
+    with dg.DagsterInstance.get() as instance:
+        [orphan] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+    assert cli.main(["run", str(study)]) == 0
+    captured = capsys.readouterr()
+    assert f"run {orphan.run_id} was left unfinished" in captured.err
+    assert "iteration 0: incumbent val" in captured.out and "test exact_match" in captured.out
+    return orphan
+
+
 @pytest.mark.e2e
 def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
     scripted: None, home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -242,13 +255,7 @@ def test_a_run_killed_with_sigkill_is_marked_failed_and_resumed(
     env = {**os.environ, BLOCKED_ENV: str(marker), "PROMPTOPT_HOME": str(home)}
     kill_when_blocked(study, env, marker)  # inside iteration 0's first LLM call
 
-    os.environ["DAGSTER_HOME"] = str(home / "dagster")
-    with dg.DagsterInstance.get() as instance:
-        [orphan] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
-    assert cli.main(["run", str(study)]) == 0
-    captured = capsys.readouterr()
-    assert f"run {orphan.run_id} was left unfinished" in captured.err
-    assert "iteration 0: incumbent val" in captured.out and "test exact_match" in captured.out
+    orphan = rerun_after_kill(study, home, capsys)
     with dg.DagsterInstance.get() as instance:
         assert instance.get_run_by_id(orphan.run_id).status == dg.DagsterRunStatus.FAILURE
         assert not instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
@@ -277,13 +284,7 @@ def test_a_run_killed_in_the_middle_of_a_batch_resumes_without_repeating_a_call(
     paid_for = answered_keys(answered)
     assert len(paid_for) == block_at - 1 and len(set(paid_for)) == len(paid_for)
 
-    os.environ["DAGSTER_HOME"] = str(home / "dagster")
-    with dg.DagsterInstance.get() as instance:
-        [orphan] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
-    assert cli.main(["run", str(study)]) == 0
-    captured = capsys.readouterr()
-    assert f"run {orphan.run_id} was left unfinished" in captured.err
-    assert "iteration 0: incumbent val" in captured.out and "test exact_match" in captured.out
+    orphan = rerun_after_kill(study, home, capsys)
 
     # the rerun's model calls (this process's scripted clients), by request key
     asked_again = [request.cache_key(client.backend, client.model)
