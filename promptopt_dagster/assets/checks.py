@@ -95,10 +95,9 @@ def _expected_rows(rows: pd.DataFrame) -> dict[str, list[str]]:
     return {str(split): g["row_id"].astype(str).tolist() for split, g in rows.groupby("split")}
 
 
-def baseline_predictions_checks(
-    data: StudyData, iteration: int, predictions: pd.DataFrame
-) -> list[dg.AssetCheckResult]:
-    outcome = checks.prediction_coverage(predictions, _expected_rows(data.iteration_rows(iteration)))
+def baseline_predictions_checks(rows: pd.DataFrame, predictions: pd.DataFrame) -> list[dg.AssetCheckResult]:
+    """`rows`: the iteration's rows (`StudyData.iteration_rows`) the incumbent was run on."""
+    outcome = checks.prediction_coverage(predictions, _expected_rows(rows))
     return [_result("baseline_predictions_cover_every_row", outcome)]
 
 

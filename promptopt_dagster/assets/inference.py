@@ -55,7 +55,7 @@ def baseline_predictions(
         "preview": dg.MetadataValue.md(markdown_table(preds.head(8))),
     } | usage_metadata(usage_of(preds).as_dict())
     return dg.MaterializeResult(
-        value=preds, metadata=metadata, check_results=baseline_predictions_checks(data, iteration, preds)
+        value=preds, metadata=metadata, check_results=baseline_predictions_checks(rows, preds)
     )
 
 
