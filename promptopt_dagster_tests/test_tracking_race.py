@@ -238,3 +238,29 @@ def test_a_run_left_half_created_is_replaced_and_an_unstamped_older_run_is_reuse
     old = tracker.client.create_run(exp, tags={**ident, "promptopt.iteration": "0002"}).info.run_id
     assert tracker.iteration_run("leftovers", 2) == old
     assert census(tracker, "leftovers")["runs"] == Counter({"iteration:0001": 1, "iteration:0002": 1})
+
+
+def test_a_link_that_collides_with_another_process_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracking server answers a link that raced another process's link to the same run with
+    BAD_REQUEST (UNIQUE constraint on the run's `mlflow.linkedPrompts` tag); the version still ends
+    up linked."""
+    from mlflow.exceptions import MlflowException
+
+    tracker = MlflowTracker(f"sqlite:///{tmp_path}/mlflow.db", outbox_path=tmp_path / "outbox.jsonl")
+    run = tracker.iteration_run("linked", 0)
+    client = tracker.store.client
+    real_link = client.link_prompt_version_to_run
+    collisions = iter([MlflowException("UNIQUE constraint failed: tags.key, tags.run_uuid")])
+
+    def colliding_link(run_id: str, uri: str) -> None:
+        collision = next(collisions, None)
+        if collision is not None:
+            raise collision
+        real_link(run_id, uri)
+
+    monkeypatch.setattr(client, "link_prompt_version_to_run", colliding_link)
+    version = tracker.register_prompt("linked", "Be brief.", "Q: {q}\nA:", None, {}, False, run_id=run)
+    linked = client.get_run(run).data.tags["mlflow.linkedPrompts"]
+    assert f'"version": "{version}"' in linked and next(collisions, None) is None

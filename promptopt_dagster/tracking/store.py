@@ -596,10 +596,36 @@ class LiveStore:
         if champion:
             self.set_champion(study, version)
         if run_id:
-            # The registry store resolves the run through the *global* tracking URI.
-            with mlflow_global_uris(self.tracking_uri, self.registry_uri):
-                self.client.link_prompt_version_to_run(run_id, f"prompts:/{name}/{version}")
+            self._link_version(run_id, name, version)
         return version
+
+    def _link_version(self, run_id: str, name: str, version: int, attempts: int = 5) -> None:
+        """Link a prompt version to a run. MLflow links by rewriting the run's
+        ``mlflow.linkedPrompts`` tag (read, then insert), so processes linking to one run at once
+        can collide on the tag's primary key; the link is idempotent, so it is retried until the
+        tag lists the version."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(attempts):
+            try:
+                # The registry store resolves the run through the *global* tracking URI.
+                with mlflow_global_uris(self.tracking_uri, self.registry_uri):
+                    self.client.link_prompt_version_to_run(run_id, f"prompts:/{name}/{version}")
+                return
+            except MlflowException:
+                if self._is_linked(run_id, name, version):
+                    return
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    def _is_linked(self, run_id: str, name: str, version: int) -> bool:
+        linked = self.client.get_run(run_id).data.tags.get("mlflow.linkedPrompts", "[]")
+        try:
+            entries = json.loads(linked)
+        except ValueError:
+            return False
+        return any(e.get("name") == name and str(e.get("version")) == str(version) for e in entries)
 
     def _find_versions(self, name: str, prompt_id: str | None, template: list[dict[str, str]]) -> list[int]:
         """The versions of `name` with PromptState id `prompt_id` (without an id: with
