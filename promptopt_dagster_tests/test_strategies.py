@@ -4,6 +4,7 @@ parsing, each strategy, and the order strategies are tried in (scripted optimize
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -20,6 +21,7 @@ from promptopt_dagster.optimizer.optimizer import Optimizer
 from promptopt_dagster.optimizer.parts import PromptParts, choose_demonstrations, compose
 from promptopt_dagster.optimizer.selection import pick_winner
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
+from promptopt_dagster.optimizer.strategies.restate import as_template
 
 ROWS = [
     ("What would you say about the phone case: it fits exactly as described.", "positive"),
@@ -59,6 +61,15 @@ def test_cleaning_drops_a_short_line_made_only_of_one_row_s_values() -> None:
     cleaned = clean_instruction("11 kg; g\nConvert the quantity into the target unit.", rows)
     assert cleaned.dropped == ["11 kg; g"]
     assert clean_instruction("Convert hours to minutes.", rows).dropped == []  # words of its own
+
+
+def test_cleaning_drops_a_line_without_a_word_of_three_letters() -> None:
+    """'3kg' was the first line of an accepted unit-conversion prompt; a line in another script
+    is an instruction like any other."""
+    text = "3kg\nOK\nConvert the quantity.\n只回答城市名称"
+    cleaned = clean_instruction(text, [])
+    assert cleaned.dropped == ["3kg", "OK"]
+    assert cleaned.text.splitlines() == ["Convert the quantity.", "只回答城市名称"]
 
 
 def test_cleaning_keeps_a_clean_instruction_whole() -> None:
@@ -149,7 +160,7 @@ def test_untried_strategies_go_first_and_all_are_tried_within_two_rounds() -> No
     optimizer = Optimizer(_optimizer_llm([reply]))
     bandit = StrategyBandit(STRATEGY_NAMES, seed=0)
     first = optimizer.propose(_context(SEED), 4, bandit)
-    assert first.attempted[:3] == ["add_format_rule", "reflect", "add_examples"]
+    assert first.attempted[:4] == ["add_format_rule", "reflect", "restate_task", "add_examples"]
     assert len(first.candidates) == 4
     second = optimizer.propose(_context(SEED), 4, bandit, tried_on_incumbent=first.attempted)
     assert set(first.attempted) | set(second.attempted) == set(STRATEGY_NAMES)
@@ -168,13 +179,14 @@ def test_reflection_with_pasted_rows_is_cleaned_before_screening() -> None:
     assert any("stray line" in w for w in result.warnings)
 
 
-def test_combine_joins_the_best_instruction_with_the_best_demonstrations() -> None:
+def test_combine_joins_the_best_instruction_template_and_demonstrations() -> None:
     good_instruction = PromptParts("Label the item with its category.", "{text}")
     good_demos = PromptParts("", "{text}", demo_ids=("r3", "r20"))
     tried = [
         Tried(good_instruction, "reflect", train_score=0.5, val_score=0.6),
         Tried(PromptParts("Say something.", "{text}"), "reflect", train_score=0.1, val_score=None),
         Tried(good_demos, "add_examples", train_score=0.7, val_score=0.7),
+        Tried(PromptParts("", "Which category is {text}?"), "restate_task", train_score=0.6, val_score=0.65),
     ]
     result = Optimizer(_optimizer_llm([]), strategies=["combine"]).propose(
         _context(SEED, tried), 1, StrategyBandit(STRATEGY_NAMES)
@@ -182,6 +194,7 @@ def test_combine_joins_the_best_instruction_with_the_best_demonstrations() -> No
     [cand] = result.candidates
     parts = PromptParts.of(cand.prompt)
     assert parts.instruction == good_instruction.instruction and parts.demo_ids == ("r3", "r20")
+    assert parts.output_prompt == "Which category is {text}?"
     assert cand.prompt.system_prompt.startswith("Label the item with its category.")
 
 
@@ -220,3 +233,72 @@ def test_an_exhausted_search_gives_no_candidate_instead_of_failing_the_run() -> 
     )
     assert result.candidates == [] and result.attempted == ["reflect", "add_format_rule"]
     assert any("no new candidate" in w for w in result.warnings), result.warnings
+
+
+CAPITALS = pd.DataFrame(
+    {
+        "row_id": [f"c{i}" for i in range(8)],
+        "country": ["Japan", "Peru", "Norway", "Egypt", "Chile", "Kenya", "Nepal", "Spain"],
+        "capital": ["Tokyo", "Lima", "Oslo", "Cairo", "Santiago", "Nairobi", "Kathmandu", "Madrid"],
+    }
+)
+
+
+def _capital_context() -> ProposalContext:
+    seed = PromptState(id="seed", system_prompt="", output_prompt="Tell me about {country}.")
+    return ProposalContext(
+        incumbent=seed,
+        metric="exact_match",
+        incumbent_score=0.0,
+        failures=[Failure(inputs={"country": "Chile"}, expected="Santiago", got="Chile is long.")],
+        history=[],
+        train=CAPITALS,
+        minibatch_ids={"c4", "c5"},
+        input_columns=["country"],
+        reference_column="capital",
+        iteration=0,
+        seed=0,
+        format_rule="Reply with only the answer, a single word, no explanation.",
+    )
+
+
+def test_restate_task_turns_a_question_about_one_example_into_the_output_template() -> None:
+    """A misleading seed template is replaced: the optimizer LLM sees examples, not the seed's
+    wording, and its question about one example becomes a template of the input column."""
+    shown: list[str] = []
+
+    def respond(request: ChatRequest) -> str:
+        shown.append(request.messages[-1].content)
+        (country, capital), *_ = re.findall(r"Input: (\w+)\nWanted reply: (\w+)", shown[-1])
+        questions = [
+            f"What is the capital city of {country}? Reply with only the answer.",
+            "What is the capital of {country}?",
+            f"What is the capital of {country}? It is {capital}.",  # gives an example's answer away
+            "Name a capital city.",  # places no input column
+        ]
+        return json.dumps({"candidates": [{"system_prompt": q, "rationale": "r"} for q in questions]})
+
+    result = Optimizer(ScriptedLLM(respond, model="scripted-optimizer"), strategies=["restate_task"]).propose(
+        _capital_context(), 4, StrategyBandit(STRATEGY_NAMES)
+    )
+    templates = [c.prompt.output_prompt for c in result.candidates]
+    assert templates == ["What is the capital city of {country}? Reply with only the answer.",
+                         "What is the capital of {country}?"]
+    assert all(c.prompt.system_prompt.startswith("Reply with only the answer") for c in result.candidates)
+    assert sum("dropped a question" in w for w in result.warnings) == 2
+    [message] = shown
+    assert "Tell me about" not in message and "{country}" in message
+    # examples come from outside the screening minibatch
+    assert message.count("Wanted reply:") == 4 and "Santiago" not in message and "Nairobi" not in message
+
+
+def test_a_template_places_every_input_column_longest_value_first() -> None:
+    row = {"quantity": "12 hours", "target_unit": "minutes", "value": "720"}
+    assert as_template("In how many minutes are 12 hours?", row, ["quantity", "target_unit"]) == (
+        "In how many {target_unit} are {quantity}?"
+    )
+    assert as_template("How many seconds are in 12 hours?", row, ["quantity", "target_unit"]) is None
+    assert as_template("Convert {quantity} into {target_unit}.", row, ["quantity", "target_unit"]) == (
+        "Convert {quantity} into {target_unit}."
+    )
+    assert as_template("Use {braces} for 12 hours in minutes", row, ["quantity", "target_unit"]) is None

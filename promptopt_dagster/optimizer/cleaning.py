@@ -5,8 +5,9 @@ question, a paraphrase of it, an expected answer alone on a line ("123", "15 - 1
 `{column}` placeholder that nothing fills in a system prompt. Such lines overfit one row and leak
 training data into the prompt that gets shipped. Lines are dropped when most of their words come
 from a single training row (by token overlap, so paraphrases are caught, not only verbatim
-copies), when they hold no words at all (numbers, arithmetic), or when they carry a placeholder;
-a line that merely names one value of a row (a country in a look-up task) stays.
+copies), when they hold no word of three letters or more (numbers, arithmetic, "3kg"), or when
+they carry a placeholder; a line that merely names one value of a row (a country in a look-up
+task) stays.
 Demonstrations are composed separately (optimizer.parts) and never pass through here.
 """
 
@@ -19,6 +20,9 @@ from dataclasses import dataclass, field
 _TOKEN = re.compile(r"[a-z0-9]+")
 _PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _WORD = re.compile(r"[A-Za-z]{2,}")
+# A word of three or more letters standing alone (any script): "3kg", "11 kg; g" and "15 - 14"
+# have none.
+_REAL_WORD = re.compile(r"(?<![^\W_])[^\W\d_]{3,}(?![^\W_])")
 _STOP = frozenset(
     {"a", "an", "the", "of", "to", "in", "on", "for", "and", "or", "is", "are", "be", "it"}
     | {"this", "that", "with", "as", "by", "at", "from", "your", "you"}
@@ -86,7 +90,7 @@ def clean_instruction(
         verbatim = " ".join(_TOKEN.findall(line.lower())) in values
         if (
             verbatim
-            or not _WORD.search(line)
+            or not _REAL_WORD.search(line)
             or _PLACEHOLDER.search(line)
             or _fragment_of(line, token_rows, threshold)
             or any(p.fullmatch(line) for p in renderings)
