@@ -83,6 +83,18 @@ def test_parse_proposals_accepts_fenced_and_bare_shapes_and_rejects_garbage() ->
         parse_proposals('{"candidates": []}')
 
 
+def test_a_reply_cut_off_by_max_tokens_keeps_its_whole_candidates() -> None:
+    """The 0.5B model writes long rationales and runs out of tokens inside the second candidate."""
+    cut = (
+        '{\n  "candidates": [\n    {"system_prompt": "What is the capital of {country}?", "rationale": '
+        '"short"},\n    {"system_prompt": "What is the capital city of Jap'
+    )
+    [whole] = parse_proposals(cut)
+    assert whole.system_prompt == "What is the capital of {country}?" and whole.rationale == "short"
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_proposals('{"candidates": [{"system_prompt": "What is the cap')
+
+
 def test_reflection_meta_prompt_shows_failures_history_and_asks_for_json() -> None:
     c = ctx()
     [system, user] = reflection_messages(c.incumbent, c.metric, 0.2, c.failures, c.history, 2)
@@ -103,7 +115,7 @@ def test_propose_combines_reflection_with_data_driven_strategies() -> None:
     assert "Output: SPORT" in examples and "Output: TECH" in examples
     assert "text 0" not in examples and "text 1" not in examples  # never the screening minibatch
     assert all(c.prompt.parent_id == ctx().incumbent.id or c.prompt.parent_id for c in result.candidates)
-    assert result.usage.calls == 1
+    assert result.usage.calls == 2  # reflect and restate_task, one call each
 
 
 def test_optimizer_retries_with_a_new_seed_then_gives_a_clear_error() -> None:

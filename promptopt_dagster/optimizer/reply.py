@@ -91,15 +91,23 @@ def reflection_messages(
     ]
 
 
-def restate_messages(prompt: PromptState, format_rule: str | None) -> list[Message]:
+def restate_messages(
+    examples: Sequence[tuple[str, str]], placeholders: Sequence[str], k: int
+) -> list[Message]:
+    """Ask for the question that turns each example input into its wanted reply. Shown only the
+    examples (not the incumbent's wording, which may mislead: "Tell me about {country}."), a
+    small model writes questions about one example ("What is the capital city of Japan?"); the
+    strategy turns the example's values back into placeholders."""
+    shown = "\n\n".join(f"Input: {_clip(i, 300)}\nWanted reply: {_clip(o, 100)}" for i, o in examples)
+    slots = ", ".join(f"{{{p}}}" for p in placeholders)
     user = (
-        f"Rewrite this instruction for a language model so it is clear, precise and short:\n"
-        f'"{prompt.system_prompt.strip() or prompt.output_prompt}"\n'
-        + (f"The reply format must be: {format_rule}\n" if format_rule else "")
-        + 'Reply with JSON: {"candidates": [{"system_prompt": "...", "rationale": "..."}]}'
+        f"Inputs and the exact reply wanted for each:\n{shown}\n\n"
+        f"Write {k} different question(s) that make a language model give the wanted reply. "
+        f"Put {slots} where the input goes, and end each question with: Reply with only the answer.\n"
+        'Reply with JSON: {"candidates": [{"system_prompt": "...", "rationale": "..."}]}'
     )
     return [
-        Message(role="system", content="You rewrite instructions. Reply with JSON only."),
+        Message(role="system", content="You write prompts for a language model. Reply with JSON only."),
         Message(role="user", content=user),
     ]
 
@@ -115,12 +123,34 @@ def _extract_json(text: str) -> Any:
     return json.loads(text)
 
 
+_CANDIDATE_START = re.compile(r'\{\s*"system_prompt"')
+
+
+def _complete_candidates(text: str) -> list[dict[str, Any]]:
+    """The whole candidate objects in a reply cut off by max_tokens (small models write long
+    rationales): each `{"system_prompt": ...}` object that decodes on its own."""
+    decoder = json.JSONDecoder()
+    found = []
+    for match in _CANDIDATE_START.finditer(text):
+        try:
+            obj, _ = decoder.raw_decode(text, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            found.append(obj)
+    return found
+
+
 def parse_proposals(text: str) -> list[ProposedPrompt]:
-    """Validate an optimizer reply; raises ValueError saying what was wrong."""
+    """Validate an optimizer reply; raises ValueError saying what was wrong. A reply cut off
+    after some whole candidates keeps those."""
     try:
         data = _extract_json(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not JSON ({exc.msg})") from exc
+        whole = _complete_candidates(text)
+        if not whole:
+            raise ValueError(f"not JSON ({exc.msg})") from exc
+        data = {"candidates": whole}
     if isinstance(data, list):
         data = {"candidates": data}
     elif isinstance(data, dict) and "candidates" not in data and "system_prompt" in data:

@@ -13,11 +13,11 @@ from promptopt_dagster.optimizer.strategies.restate import RestateTask
 STRATEGIES: tuple[Strategy, ...] = (
     AddFormatRule(),
     Reflect(),
+    RestateTask(),
     AddExamples(),
     FirstLine(),
     Combine(),
     FrameAnswer(),
-    RestateTask(),
     Shorten(),
 )
 STRATEGY_NAMES: tuple[str, ...] = tuple(s.name for s in STRATEGIES)

@@ -1,6 +1,6 @@
-"""combine: the best instruction measured so far with the best demonstration set and the best
-answer parser measured so far (a joint search over instruction x demonstrations, as MIPROv2's,
-over what this study has already measured)."""
+"""combine: the best instruction, output template, demonstration set and answer parser measured
+so far (a joint search over instruction x demonstrations, as MIPROv2's, over what this study
+has already measured)."""
 
 from __future__ import annotations
 
@@ -25,13 +25,15 @@ class Combine:
 
     def propose(self, ctx: ProposalContext, room: int, llm: OptimizerLLM) -> list[Proposal]:
         parts = ctx.parts
-        instruction = _best(ctx.tried, lambda t: t.strategy in ("reflect", "restate_task", "seed"))
+        instruction = _best(ctx.tried, lambda t: t.strategy in ("reflect", "seed"))
+        template = _best(ctx.tried, lambda t: t.strategy in ("restate_task", "seed"))
         demos = _best(ctx.tried, lambda t: bool(t.parts.demo_ids))
         parser = _best(ctx.tried, lambda t: t.parts.answer_parser != "raw")
         new = parts
         if instruction is not None:
-            best = instruction.parts
-            new = new.with_(instruction=best.instruction, output_prompt=best.output_prompt)
+            new = new.with_(instruction=instruction.parts.instruction)
+        if template is not None:
+            new = new.with_(output_prompt=template.parts.output_prompt)
         if demos is not None:
             new = new.with_(demo_ids=demos.parts.demo_ids)
         if parser is not None and _value(parser) >= _value(instruction or parser):

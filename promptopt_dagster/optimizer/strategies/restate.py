@@ -1,18 +1,97 @@
-"""restate_task: the optimizer LLM rewrites the instruction to be clear, precise and short."""
+"""restate_task: the optimizer LLM sees a few train inputs with their wanted replies, not the
+incumbent's wording, and writes the question that asks for them; that question becomes the
+output template. This is how a misleading seed template ("Tell me about {country}." for a
+capital look-up) gets replaced, which no edit of the system prompt can do.
+
+Small models write the question about one example ("What is the capital city of Japan?"), so
+the example's input values are put back as placeholders; a question that does not place every
+input column, or that gives away an example's reply, is dropped."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.optimizer.context import ProposalContext
+from promptopt_dagster.optimizer.parts import choose_demonstrations
 from promptopt_dagster.optimizer.reply import restate_messages
 from promptopt_dagster.optimizer.strategies.base import OptimizerLLM, Proposal
-from promptopt_dagster.optimizer.strategies.reflect import cleaned_proposals
+
+EXAMPLES = 4
+
+
+def _word(value: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<!\w){re.escape(value)}(?!\w)", re.IGNORECASE)
+
+
+def as_template(text: str, row: Mapping[str, object], input_columns: Sequence[str]) -> str | None:
+    """`text` with `row`'s input values replaced by their `{column}` placeholders (longest value
+    first); None unless the result is a valid template that places every input column."""
+    out = " ".join(text.split())
+    marks: dict[str, str] = {}
+    for i, column in enumerate(sorted(input_columns, key=lambda c: -len(str(row[c])))):
+        value = " ".join(str(row[column]).split())
+        if value:
+            mark = f"\x00{i}\x00"
+            out, n = _word(value).subn(mark, out)
+            if n:
+                marks[mark] = f"{{{column}}}"
+    for mark, placeholder in marks.items():
+        out = out.replace(mark, placeholder)
+    state = PromptState(system_prompt="", output_prompt=out)
+    if state.template_error() is not None or state.placeholders() != set(input_columns):
+        return None
+    return out
+
+
+def gives_away(template: str, references: Sequence[str]) -> bool:
+    """Whether the template, its placeholders aside, names one of the example replies."""
+    text = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", " ", template)
+    return any(len(ref) >= 2 and _word(ref).search(text) for ref in references)
+
+
+def example_rows(ctx: ProposalContext) -> pd.DataFrame:
+    """A few train rows outside the screening minibatch (covering the labels), else any."""
+    ids = choose_demonstrations(
+        ctx.train, ctx.minibatch_ids, ctx.reference_column, EXAMPLES, ctx.seed + ctx.iteration
+    )
+    by_id = ctx.train.set_index("row_id")
+    rows = by_id.loc[list(ids)].reset_index() if ids else ctx.train.head(EXAMPLES)
+    return rows
 
 
 class RestateTask:
     name = "restate_task"
 
     def propose(self, ctx: ProposalContext, room: int, llm: OptimizerLLM) -> list[Proposal]:
-        shown = PromptState(system_prompt=ctx.parts.instruction, output_prompt=ctx.parts.output_prompt)
-        replies = llm.ask(self.name, restate_messages(shown, ctx.format_rule), ctx.seed + ctx.iteration)
-        return cleaned_proposals(self.name, ctx, replies[:room], llm)
+        rows = example_rows(ctx)
+        if rows.empty:
+            return []
+        columns, reference = ctx.input_columns, ctx.reference_column
+        examples = [("; ".join(str(r[c]) for c in columns), str(r[reference])) for _, r in rows.iterrows()]
+        replies = llm.ask(self.name, restate_messages(examples, columns, 2), ctx.seed + ctx.iteration)
+        # a reply that recurs among the train references is a label, which a question may name
+        counts = ctx.train[reference].astype(str).value_counts()
+        unique_refs = [ref for _, ref in examples if counts.get(ref, 0) <= 1]
+        parts = ctx.parts
+        out: list[Proposal] = []
+        seen = {parts.output_prompt}
+        for reply in replies:
+            template = next(
+                (t for _, r in rows.iterrows() if (t := as_template(reply.system_prompt, r, columns))), None
+            )
+            if template in seen:
+                continue
+            if template is None or gives_away(template, unique_refs):
+                llm.result.warnings.append(
+                    f"{self.name}: dropped a question that is not a template of every input column "
+                    f"or gives an answer away: {reply.system_prompt[:120]!r}"
+                )
+                continue
+            seen.add(template)
+            new = parts.with_(output_prompt=template, format_rule=parts.format_rule or ctx.format_rule)
+            out.append(Proposal(new, reply.rationale or "the task restated from examples"))
+        return out[: max(1, room)]
