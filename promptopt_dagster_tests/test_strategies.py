@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -246,18 +247,13 @@ CAPITALS = pd.DataFrame(
 
 def _capital_context() -> ProposalContext:
     seed = PromptState(id="seed", system_prompt="", output_prompt="Tell me about {country}.")
-    return ProposalContext(
-        incumbent=seed,
-        metric="exact_match",
-        incumbent_score=0.0,
+    return replace(
+        _context(seed),
         failures=[Failure(inputs={"country": "Chile"}, expected="Santiago", got="Chile is long.")],
-        history=[],
         train=CAPITALS,
         minibatch_ids={"c4", "c5"},
         input_columns=["country"],
         reference_column="capital",
-        iteration=0,
-        seed=0,
         format_rule="Reply with only the answer, a single word, no explanation.",
     )
 
