@@ -59,8 +59,7 @@ def example_rows(ctx: ProposalContext) -> pd.DataFrame:
         ctx.train, ctx.minibatch_ids, ctx.reference_column, EXAMPLES, ctx.seed + ctx.iteration
     )
     by_id = ctx.train.set_index("row_id")
-    rows = by_id.loc[list(ids)].reset_index() if ids else ctx.train.head(EXAMPLES)
-    return rows
+    return by_id.loc[list(ids)].reset_index() if ids else ctx.train.head(EXAMPLES)
 
 
 class RestateTask:
@@ -93,5 +92,6 @@ class RestateTask:
                 continue
             seen.add(template)
             new = parts.with_(output_prompt=template, format_rule=parts.format_rule or ctx.format_rule)
-            out.append(Proposal(new, reply.rationale or "the task restated from examples"))
+            # the model's rationale mostly answers its own example question: not kept
+            out.append(Proposal(new, "the task asked as a question written from train examples"))
         return out[: max(1, room)]
