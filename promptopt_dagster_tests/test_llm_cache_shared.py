@@ -185,6 +185,7 @@ def _store_at_once(location: str, barrier: threading.Barrier, count: int) -> tup
     return inner.calls, llm.stats.unavailable
 
 
+@pytest.mark.e2e
 def test_processes_storing_the_same_keys_at_once_all_succeed(location: str) -> None:
     CachedLLM(ScriptedLLM(shout), location)  # the table, created once
     workers = 4

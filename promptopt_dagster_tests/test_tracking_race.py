@@ -192,6 +192,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         yield server
 
 
+@pytest.mark.e2e
 def test_racing_processes_on_a_sqlite_store_leave_one_run_and_one_version_each(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = MlflowTracker(uri, outbox_path=tmp_path / "outbox.jsonl")
