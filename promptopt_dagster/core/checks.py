@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.prompt_state import PLACEHOLDER, PromptState
 from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
 from promptopt_dagster.optimizer.cleaning import clean_instruction
 from promptopt_dagster.optimizer.parts import PromptParts
@@ -25,7 +25,6 @@ MAX_ERROR_RATE = 0.1  # the share of prediction rows with an LLM error a check t
 # A score lower than another by less than this is equal to it (float sums in other orders).
 SCORE_TOLERANCE = 1e-9
 
-_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -68,13 +67,13 @@ def prompt_hygiene(prompt: PromptState, training_rows: Sequence[Sequence[str]]) 
     written, nothing fills it) or a line that is a fragment of a training row: a training value
     alone on a line, or a line most of whose words come from one row (optimizer/cleaning.py)."""
     text = instruction_text(prompt)
-    placeholders = sorted(set(_PLACEHOLDER.findall(prompt.system_prompt)))
+    placeholders = sorted(set(PLACEHOLDER.findall(prompt.system_prompt)))
     values = {_normalized(str(v)) for row in training_rows for v in row}
     dropped = clean_instruction(text, training_rows, input_templates=[prompt.output_prompt]).dropped
     fragments = [
         line
         for line in dropped
-        if not _PLACEHOLDER.search(line) and (_WORD.search(line) or _normalized(line) in values)
+        if not PLACEHOLDER.search(line) and (_WORD.search(line) or _normalized(line) in values)
     ]
     problems = []
     if placeholders:

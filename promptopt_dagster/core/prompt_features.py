@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from promptopt_dagster.core.prompt_state import PLACEHOLDER
+
 # Cue name -> pattern (case-insensitive). Counted, not just flagged: "only ... only" is a stronger rule.
 CUES: dict[str, str] = {
     "only": r"\bonly\b",
@@ -27,7 +29,6 @@ CUES: dict[str, str] = {
 }
 _COMPILED = {name: re.compile(p, re.IGNORECASE | re.MULTILINE) for name, p in CUES.items()}
 _LABEL_TOKEN = re.compile(r"\b[A-Z][A-Z0-9_]{1,}\b|\"[^\"\n]{1,30}\"|'[^'\n]{1,30}'")
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def prompt_features(
@@ -44,7 +45,7 @@ def prompt_features(
         "words": float(len(words)),
         "lines": float(len([ln for ln in text.splitlines() if ln.strip()])),
         "has_system": float(bool(system_prompt.strip())),
-        "placeholders": float(len(set(_PLACEHOLDER.findall(output_prompt)))),
+        "placeholders": float(len(set(PLACEHOLDER.findall(output_prompt)))),
         "label_tokens": float(len(set(_LABEL_TOKEN.findall(text)))),
         "examples": float(bool(_COMPILED["example"].search(text) or _COMPILED["input_output"].search(text))),
     }

@@ -22,6 +22,8 @@ from promptopt_dagster.storage import read_text, write_text
 # (here, from the MLflow Prompt Registry, in a production caller).
 _FORMATTER = string.Formatter()
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A `{column}` placeholder as it appears in text (a system prompt, a line an LLM wrote).
+PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 BRACE_RULE = (
     "in an output prompt, {column} is filled from the row and literal braces are written "
     "doubled: {{ and }} (as in Python's str.format)"

@@ -17,8 +17,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from promptopt_dagster.core.prompt_state import PLACEHOLDER
+
 _TOKEN = re.compile(r"[a-z0-9]+")
-_PLACEHOLDER = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 # A word of three or more letters standing alone (any script): "3kg", "11 kg; g" and "15 - 14"
 # have none.
@@ -48,7 +49,7 @@ def _rendering_patterns(templates: Iterable[str]) -> list[re.Pattern[str]]:
     text in place of its placeholders. A bare `{text}` template has none: it would match anything."""
     patterns = []
     for template in templates:
-        literals = _PLACEHOLDER.split(template)
+        literals = PLACEHOLDER.split(template)
         if len(literals) < 2 or len(_WORD.findall(" ".join(literals))) < 2:
             continue
         body = ".+?".join(r"\s+".join(re.escape(w) for w in part.split()) for part in literals)
@@ -59,10 +60,11 @@ def _rendering_patterns(templates: Iterable[str]) -> list[re.Pattern[str]]:
 def _fragment_of(line: str, rows: Sequence[set[str]], threshold: float) -> bool:
     """Most words of the line come from one row; a short line (2-3 words) only when all of them
     do ("11 kg; g" from the row 11 kg, g, 11000)."""
-    distinct = set(_tokens(line))
+    tokens = _tokens(line)
+    distinct = set(tokens)
     if len(distinct) < 2:
         return False
-    if len(_tokens(line)) < 4:
+    if len(tokens) < 4:
         return any(distinct <= row for row in rows)
     return any(len(distinct & row) / len(distinct) >= threshold for row in rows)
 
@@ -91,7 +93,7 @@ def clean_instruction(
         if (
             verbatim
             or not _REAL_WORD.search(line)
-            or _PLACEHOLDER.search(line)
+            or PLACEHOLDER.search(line)
             or _fragment_of(line, token_rows, threshold)
             or any(p.fullmatch(line) for p in renderings)
         ):
