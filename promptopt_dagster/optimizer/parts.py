@@ -71,6 +71,12 @@ def format_demonstrations(
     return f"{DEMO_HEADER}\n" + "\n\n".join(blocks) if blocks else ""
 
 
+def rows_by_id(train: pd.DataFrame, ids: Sequence[str]) -> pd.DataFrame:
+    """The rows of `train` with these `row_id`s, in the order of `ids` (ids not in it skipped)."""
+    by_id = train.set_index("row_id")
+    return by_id.loc[[i for i in ids if i in by_id.index]].reset_index()
+
+
 def compose(
     parts: PromptParts, train: pd.DataFrame, input_columns: Sequence[str], reference: str
 ) -> tuple[str, str]:
@@ -82,8 +88,7 @@ def compose(
         blocks.append(FRAMING_LINE)
     system = "\n".join(b for b in blocks if b)
     if parts.demo_ids:
-        by_id = train.set_index("row_id")
-        demos = by_id.loc[[i for i in parts.demo_ids if i in by_id.index]].reset_index()
+        demos = rows_by_id(train, parts.demo_ids)
         system = f"{system}\n\n{format_demonstrations(demos, input_columns, reference, parts.answer_parser)}"
     return system.strip(), parts.output_prompt
 

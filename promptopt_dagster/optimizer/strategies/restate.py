@@ -14,9 +14,9 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
-from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.prompt_state import PLACEHOLDER, template_error, template_fields
 from promptopt_dagster.optimizer.context import ProposalContext
-from promptopt_dagster.optimizer.parts import choose_demonstrations
+from promptopt_dagster.optimizer.parts import choose_demonstrations, rows_by_id
 from promptopt_dagster.optimizer.reply import restate_messages
 from promptopt_dagster.optimizer.strategies.base import OptimizerLLM, Proposal
 
@@ -41,15 +41,14 @@ def as_template(text: str, row: Mapping[str, object], input_columns: Sequence[st
                 marks[mark] = f"{{{column}}}"
     for mark, placeholder in marks.items():
         out = out.replace(mark, placeholder)
-    state = PromptState(system_prompt="", output_prompt=out)
-    if state.template_error() is not None or state.placeholders() != set(input_columns):
+    if template_error(out) is not None or set(template_fields(out)) != set(input_columns):
         return None
     return out
 
 
 def gives_away(template: str, references: Sequence[str]) -> bool:
     """Whether the template, its placeholders aside, names one of the example replies."""
-    text = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", " ", template)
+    text = PLACEHOLDER.sub(" ", template)
     return any(len(ref) >= 2 and _word(ref).search(text) for ref in references)
 
 
@@ -58,19 +57,18 @@ def example_rows(ctx: ProposalContext) -> pd.DataFrame:
     ids = choose_demonstrations(
         ctx.train, ctx.minibatch_ids, ctx.reference_column, EXAMPLES, ctx.seed + ctx.iteration
     )
-    by_id = ctx.train.set_index("row_id")
-    return by_id.loc[list(ids)].reset_index() if ids else ctx.train.head(EXAMPLES)
+    return rows_by_id(ctx.train, ids) if ids else ctx.train.head(EXAMPLES)
 
 
 class RestateTask:
     name = "restate_task"
 
     def propose(self, ctx: ProposalContext, room: int, llm: OptimizerLLM) -> list[Proposal]:
-        rows = example_rows(ctx)
-        if rows.empty:
+        rows = example_rows(ctx).to_dict("records")
+        if not rows:
             return []
         columns, reference = ctx.input_columns, ctx.reference_column
-        examples = [("; ".join(str(r[c]) for c in columns), str(r[reference])) for _, r in rows.iterrows()]
+        examples = [("; ".join(str(r[c]) for c in columns), str(r[reference])) for r in rows]
         replies = llm.ask(self.name, restate_messages(examples, columns, 2), ctx.seed + ctx.iteration)
         # a reply that recurs among the train references is a label, which a question may name
         counts = ctx.train[reference].astype(str).value_counts()
@@ -80,7 +78,7 @@ class RestateTask:
         seen = {parts.output_prompt}
         for reply in replies:
             template = next(
-                (t for _, r in rows.iterrows() if (t := as_template(reply.system_prompt, r, columns))), None
+                (t for r in rows if (t := as_template(reply.system_prompt, r, columns))), None
             )
             if template in seen:
                 continue
