@@ -68,6 +68,17 @@ def test_a_placeholder_or_a_pasted_training_row_fails_the_prompt_check() -> None
     assert "2 line(s) copied from training rows" in outcome.description
 
 
+def test_a_line_without_a_word_is_not_reported_as_copied_from_training_rows() -> None:
+    """The clean-up drops "OK" and "3kg" (no word of three letters), but they copy no row: a seed
+    with such a line is not a training-row fragment. A short row fragment still is."""
+    rows = [("11 kg", "g", "11000")]
+    seed = PromptState(system_prompt="OK\n3kg\nConvert the quantity.", output_prompt="{quantity}")
+    outcome = checks.prompt_hygiene(seed, rows)
+    assert outcome.passed and outcome.metadata["training_fragments"] == [], outcome.description
+    pasted = PromptState(system_prompt="11 kg; g\nConvert the quantity.", output_prompt="{quantity}")
+    assert checks.prompt_hygiene(pasted, rows).metadata["training_fragments"] == ["11 kg; g"]
+
+
 def test_predictions_must_cover_every_row_once_with_few_errors() -> None:
     expected = {"train": ["1", "2"], "val": ["3", "4", "5"]}
     rows = [("train", "1"), ("train", "2"), ("val", "3"), ("val", "4"), ("val", "5")]

@@ -10,7 +10,6 @@ functions from values to a passed / failed outcome with a sentence and numbers t
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Mapping, Sequence
 
 import pandas as pd
@@ -24,9 +23,6 @@ from promptopt_dagster.optimizer.parts import PromptParts
 MAX_ERROR_RATE = 0.1  # the share of prediction rows with an LLM error a check tolerates
 # A score lower than another by less than this is equal to it (float sums in other orders).
 SCORE_TOLERANCE = 1e-9
-
-_WORD = re.compile(r"[A-Za-z]{2,}")
-_TOKEN = re.compile(r"[a-z0-9]+")
 
 MetadataScalar = str | int | float | bool | None
 
@@ -58,23 +54,13 @@ def instruction_text(prompt: PromptState) -> str:
     return "\n".join(t for t in (parts.instruction, parts.format_rule or "") if t.strip())
 
 
-def _normalized(text: str) -> str:
-    return " ".join(_TOKEN.findall(text.lower()))
-
-
 def prompt_hygiene(prompt: PromptState, training_rows: Sequence[Sequence[str]]) -> CheckOutcome:
     """Fails when the instruction has an unfilled `{placeholder}` (the system prompt is sent as
     written, nothing fills it) or a line that is a fragment of a training row: a training value
     alone on a line, or a line most of whose words come from one row (optimizer/cleaning.py)."""
     text = instruction_text(prompt)
     placeholders = sorted(set(PLACEHOLDER.findall(prompt.system_prompt)))
-    values = {_normalized(str(v)) for row in training_rows for v in row}
-    dropped = clean_instruction(text, training_rows, input_templates=[prompt.output_prompt]).dropped
-    fragments = [
-        line
-        for line in dropped
-        if not PLACEHOLDER.search(line) and (_WORD.search(line) or _normalized(line) in values)
-    ]
+    fragments = clean_instruction(text, training_rows, input_templates=[prompt.output_prompt]).fragments
     problems = []
     if placeholders:
         problems.append(f"unfilled placeholder(s) {placeholders} in the system prompt")

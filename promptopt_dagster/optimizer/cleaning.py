@@ -38,6 +38,9 @@ def _tokens(text: str) -> list[str]:
 class Cleaned:
     text: str
     dropped: list[str] = field(default_factory=list)
+    # the dropped lines that copy training data (a value, a row fragment, a rendered template),
+    # as opposed to lines dropped for a placeholder or for having no word
+    fragments: list[str] = field(default_factory=list)
 
 
 def _lines(text: str) -> list[str]:
@@ -87,17 +90,18 @@ def clean_instruction(
         tokens = set(_tokens(" ".join(row)))
         if len(tokens) >= 2:
             token_rows.append(tokens)
-    kept, dropped = [], []
+    kept, dropped, fragments = [], [], []
     for line in _lines(text):
-        verbatim = " ".join(_TOKEN.findall(line.lower())) in values
-        if (
-            verbatim
-            or not _REAL_WORD.search(line)
-            or PLACEHOLDER.search(line)
+        placeholder = PLACEHOLDER.search(line)
+        copied = (
+            " ".join(_TOKEN.findall(line.lower())) in values
             or _fragment_of(line, token_rows, threshold)
             or any(p.fullmatch(line) for p in renderings)
-        ):
+        )
+        if copied or placeholder or not _REAL_WORD.search(line):
             dropped.append(line)
+            if copied and not placeholder:
+                fragments.append(line)
         else:
             kept.append(line)
-    return Cleaned(text="\n".join(kept), dropped=dropped)
+    return Cleaned(text="\n".join(kept), dropped=dropped, fragments=fragments)
