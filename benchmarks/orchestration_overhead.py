@@ -11,6 +11,11 @@ the cost of orchestration: Dagster's event log, the IO manager's Parquet/JSON fi
 per-asset study loading, against a loop that keeps everything in memory. On a loaded machine
 both sides slow down; compare the two in one run.
 
+A third row is Dagster's own floor: a bare job of as many pass-through assets as the iteration
+job has, chained, on the same dynamic partitions and the same kind of instance, with Dagster's
+filesystem IO manager. What the iteration costs above that row is the product's own overhead;
+the floor is what any Dagster job of that shape costs on this machine.
+
     python benchmarks/orchestration_overhead.py [--repeats 3] [--latency-ms 0] [--profile OUT]
 """
 
@@ -31,12 +36,14 @@ from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.proposal import propose_candidates
 from promptopt_dagster.core.scoring import candidate_scores, evaluator_for, score_predictions
 from promptopt_dagster.core.study_data import load_study_data
-from promptopt_dagster.driver import execute
+from promptopt_dagster.driver import QUIET_LOGS, execute
+from promptopt_dagster.jobs import ITERATION_JOB
 from promptopt_dagster.sensors import new_study_sensor
 from promptopt_dagster_tests.support import scripted
 from promptopt_dagster_tests.support.pipeline import make_pipeline
 
 DAGSTER = "dagster iteration job"
+FLOOR = "bare dagster job"
 
 
 def with_latency(responder, seconds: float):  # type: ignore[no-untyped-def]
@@ -104,6 +111,44 @@ def dagster_iteration(
         return wall, record.llm_seconds
 
 
+def iteration_asset_count() -> int:
+    """How many assets one iteration materializes (the iteration job's selection)."""
+    with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test() as instance:
+        job = make_pipeline(Path(tmp), instance, cache_enabled=False).defs.resolve_job_def(ITERATION_JOB)
+        return len(job.asset_layer.executable_asset_keys)
+
+
+def bare_job(n_assets: int, io_dir: Path) -> tuple[dg.Definitions, dg.DynamicPartitionsDefinition]:
+    """`n_assets` chained assets that pass an integer on, on one dynamic partitions definition."""
+    partitions = dg.DynamicPartitionsDefinition(name="bare")
+    assets = []
+    for i in range(n_assets):
+        ins = {"previous": dg.AssetIn(f"bare_{i - 1}")} if i else {}
+
+        @dg.asset(name=f"bare_{i}", ins=ins, partitions_def=partitions)
+        def step(**inputs: int) -> int:
+            return inputs.get("previous", 0) + 1
+
+        assets.append(step)
+    job = dg.define_asset_job("bare_job", selection=dg.AssetSelection.all(), partitions_def=partitions)
+    io_manager = dg.FilesystemIOManager(base_dir=str(io_dir))
+    return dg.Definitions(assets=assets, jobs=[job], resources={"io_manager": io_manager}), partitions
+
+
+def bare_dagster_job(folder: Path, n_assets: int) -> tuple[float, float]:
+    """Dagster's floor for a job of the iteration's shape; returns (wall seconds, 0.0)."""
+    defs, partitions = bare_job(n_assets, folder / "io")
+    with dg.instance_for_test() as instance:
+        start = time.perf_counter()
+        instance.add_dynamic_partitions(str(partitions.name), ["bare:0000"])
+        result = defs.resolve_job_def("bare_job").execute_in_process(
+            instance=instance, partition_key="bare:0000", run_config=QUIET_LOGS
+        )
+        wall = time.perf_counter() - start
+        assert result.success
+        return wall, 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -113,16 +158,21 @@ def main() -> None:
     parser.add_argument("--profile", help="write a cProfile of the Dagster iterations (not the first) here")
     args = parser.parse_args()
     latency = args.latency_ms / 1000
-    rows: dict[str, list[tuple[float, float]]] = {"plain python loop": [], DAGSTER: []}
+    n_assets = iteration_asset_count()
+    rows: dict[str, list[tuple[float, float]]] = {"plain python loop": [], DAGSTER: [], FLOOR: []}
     for run in (plain_loop, dagster_iteration):  # warm-up: lazy imports and first-use caches
         with tempfile.TemporaryDirectory() as tmp:
             run(Path(tmp), latency)
+    with tempfile.TemporaryDirectory() as tmp:
+        bare_dagster_job(Path(tmp), n_assets)
     profiler = cProfile.Profile() if args.profile else None
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             rows["plain python loop"].append(plain_loop(Path(tmp), latency))
         with tempfile.TemporaryDirectory() as tmp:
             rows[DAGSTER].append(dagster_iteration(Path(tmp), latency, profiler))
+        with tempfile.TemporaryDirectory() as tmp:
+            rows[FLOOR].append(bare_dagster_job(Path(tmp), n_assets))
     if profiler is not None:
         profiler.dump_stats(args.profile)
     print(
@@ -138,6 +188,8 @@ def main() -> None:
         print(f"{name:22s} {wall:16.3f} {llm:10.3f} {wall - llm:11.3f}")
     extra = overheads[DAGSTER] - overheads["plain python loop"]
     print(f"Dagster adds {extra:.3f} s per iteration over the plain loop")
+    print(f"the bare job ({n_assets} pass-through assets) costs {overheads[FLOOR]:.3f} s: the iteration "
+          f"costs {overheads[DAGSTER] - overheads[FLOOR]:.3f} s above Dagster's floor")
 
 
 if __name__ == "__main__":
