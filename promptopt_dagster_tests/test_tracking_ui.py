@@ -80,6 +80,12 @@ def test_an_iteration_run_lasts_the_iterations_wall_time(tracked: Tracked) -> No
         assert run.info.start_time == pytest.approx(started * 1000, abs=2)
         duration_s = (run.info.end_time - run.info.start_time) / 1000
         assert duration_s == pytest.approx(record.wall_seconds, abs=0.01)
+        candidates = tracked.client.search_runs(
+            [tracked.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+        )
+        assert len(candidates) == len(record.candidates) > 0
+        for cand in candidates:  # a candidate's run spans its iteration, not its logging
+            assert (cand.info.start_time, cand.info.end_time) == (run.info.start_time, run.info.end_time)
 
 
 def _json(path: Path) -> Any:

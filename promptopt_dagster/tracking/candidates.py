@@ -89,13 +89,22 @@ def candidate_run_logs(v: IterationValues) -> list[CandidateLog]:
 
 
 def log_candidates(
-    tracker: MlflowTracker, parent_run_id: str, logs: list[CandidateLog], step: int
+    tracker: MlflowTracker,
+    parent_run_id: str,
+    logs: list[CandidateLog],
+    step: int,
+    start_time_ms: int | None = None,
+    end_time_ms: int | None = None,
 ) -> dict[str, str]:
-    """Each candidate's nested run, logged and ended; returns candidate id -> run id."""
+    """Each candidate's nested run, logged and ended; returns candidate id -> run id. A candidate
+    is written, screened and validated inside its iteration, so its run spans the iteration's
+    time (`start_time_ms` to `end_time_ms`; None: when logged)."""
     runs: dict[str, str] = {}
     for cand in logs:
-        run_id = tracker.candidate_run(parent_run_id, cand.candidate_id, params=cand.params, tags=cand.tags)
+        run_id = tracker.candidate_run(
+            parent_run_id, cand.candidate_id, params=cand.params, tags=cand.tags, start_time_ms=start_time_ms
+        )
         log_run(tracker, run_id, cand, step)
-        tracker.end_run(run_id)
+        tracker.end_run(run_id, end_time_ms=end_time_ms)
         runs[cand.candidate_id] = run_id
     return runs

@@ -208,10 +208,14 @@ class MlflowTracker:
         candidate_id: str,
         params: Mapping[str, Any] | None = None,
         tags: Mapping[str, Any] | None = None,
+        start_time_ms: int | None = None,
     ) -> str:
-        """A nested run for one candidate prompt under an iteration run (idempotent by candidate id)."""
+        """A nested run for one candidate prompt under an iteration run (idempotent by candidate
+        id); `start_time_ms` as for `iteration_run`."""
         check_id("candidate_id", candidate_id)
         args = {"parent_run_id": parent_run_id, "candidate_id": candidate_id, **self._run_args(params, tags)}
+        if start_time_ms is not None:
+            args["start_time_ms"] = int(start_time_ms)
         return self._call("candidate_run", args, create_key=[self.resolve(parent_run_id), candidate_id])
 
     def keyed_run(

@@ -95,7 +95,9 @@ def log_iteration(tracker: MlflowTracker, log: IterationLog) -> LoggedIteration:
         log.study, log.iteration, params=parent.params, tags=parent.tags, start_time_ms=log.start_time_ms
     )
     log_run(tracker, run_id, log.parent, log.iteration)
-    candidate_runs = log_candidates(tracker, run_id, log.candidates, log.iteration)
+    candidate_runs = log_candidates(
+        tracker, run_id, log.candidates, log.iteration, log.start_time_ms, log.end_time_ms
+    )
     versions = register_versions(tracker, log.study, log.prompts, candidate_runs, run_id)
     if log.trace is not None:
         tracker.log_trace(run_id, f"{log.study}.{log.iteration:04d}", log.trace)

@@ -449,13 +449,24 @@ class LiveStore:
         return self._find_or_create_run(self.experiment_id(study), ident, key, params, tags)
 
     def candidate_run(
-        self, parent_run_id: str, candidate_id: str, params: dict[str, str], tags: dict[str, str]
+        self,
+        parent_run_id: str,
+        candidate_id: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        start_time_ms: int | None = None,
     ) -> str:
         parent = self.client.get_run(parent_run_id)
         ident = {TAG_KIND: "candidate", "mlflow.parentRunId": parent_run_id, TAG_CANDIDATE: candidate_id}
         inherited = {k: v for k, v in parent.data.tags.items() if k in (TAG_STUDY, TAG_ITERATION)}
         return self._find_or_create_run(
-            parent.info.experiment_id, ident, f"candidate-{candidate_id}", params, tags, inherited
+            parent.info.experiment_id,
+            ident,
+            f"candidate-{candidate_id}",
+            params,
+            tags,
+            inherited,
+            start_time_ms=start_time_ms,
         )
 
     def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
