@@ -121,21 +121,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from promptopt_dagster.definitions import build_definitions
-    from promptopt_dagster.driver import fail_orphaned_runs, forget_study
+    from promptopt_dagster.driver import fail_orphaned_runs, forget_study, instance_failures_reported
 
     defs = build_definitions(settings)
     _check_models(defs, study)
     _prepare_home(settings)
     store = defs.resources["prompt_store"].store  # type: ignore[attr-defined]
-    instance = dg.DagsterInstance.get()
-    for run_id in fail_orphaned_runs(instance):
-        warn(f"run {run_id} was left unfinished by a process that is gone; marked failed")
-    if args.fresh and store.is_registered(study.name):
-        forget_study(defs, instance, study.name)
-        console.print(f"forgot the earlier runs of {study.name}; starting over", markup=False)
-    if not store.register_study(study):
-        console.print(f"{study.name} is already registered: resuming where it stopped (or reporting).")
-    return _drive_and_report(defs, instance, store, study.name, args.verbose)
+    with instance_failures_reported():
+        instance = dg.DagsterInstance.get()
+        for run_id in fail_orphaned_runs(instance):
+            warn(f"run {run_id} was left unfinished by a process that is gone; marked failed")
+        if args.fresh and store.is_registered(study.name):
+            forget_study(defs, instance, study.name)
+            console.print(f"forgot the earlier runs of {study.name}; starting over", markup=False)
+        if not store.register_study(study):
+            console.print(f"{study.name} is already registered: resuming where it stopped (or reporting).")
+        return _drive_and_report(defs, instance, store, study.name, args.verbose)
 
 
 def _drive_and_report(defs, instance, store, name: str, verbose: bool) -> int:  # type: ignore[no-untyped-def]

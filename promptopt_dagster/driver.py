@@ -11,7 +11,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -23,17 +23,38 @@ from dagster._core.execution.job_execution_result import JobExecutionResult
 from dagster._core.storage.tags import RUN_KEY_TAG, SENSOR_NAME_TAG
 from dagster._core.utils import make_new_run_id
 from dagster._utils.error import SerializableErrorInfo
+from dagster_postgres.utils import DagsterPostgresException
+from sqlalchemy.exc import OperationalError
 
 from promptopt_dagster.core.prompt_store import PromptStore
-from promptopt_dagster.errors import ExecutorSettingsError, PromptoptError
+from promptopt_dagster.errors import ExecutorSettingsError, InstanceUnavailableError, PromptoptError
 from promptopt_dagster.jobs import ITERATION_JOB, REPORT_JOB
 from promptopt_dagster.partitions import STUDY_ITERATION, study_iteration_key, study_iteration_keys
+from promptopt_dagster.redaction import redact
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster.study_runs import Decision, is_reported, latest_decision
 
 
 class RunFailedError(PromptoptError):
     """A run failed; the study resumes at the same iteration when run again."""
+
+
+@contextlib.contextmanager
+def instance_failures_reported() -> Iterator[None]:
+    """Dagster's storages raise their database driver's errors when the instance's database is
+    down or refuses a write (dagster-postgres after about a second of retries). Nothing of the
+    study is lost then: finished steps are stored, and the run left unfinished is marked failed
+    by the next `promptopt run`, which resumes. Say so, once, instead of a driver traceback."""
+    try:
+        yield
+    except (DagsterPostgresException, OperationalError) as exc:
+        cause = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        raise InstanceUnavailableError(
+            f"the Dagster instance's database failed ({type(exc).__name__}: {cause}). Nothing of the "
+            "study is lost. Fix: check that the database is up (DAGSTER_PG_URL, or the SQLite files in "
+            "DAGSTER_HOME), then run `promptopt run` again: it marks the unfinished run failed and "
+            "resumes the study"
+        ) from exc
 
 
 # Dagster's console log stays out of the CLI's output (its own lines say what happens); a failure

@@ -29,6 +29,10 @@ class StorageError(PromptoptError):
     """A storage location is missing, unreachable or not permitted."""
 
 
+class InstanceUnavailableError(StorageError):
+    """The Dagster instance's database (SQLite files or PostgreSQL) failed or cannot be reached."""
+
+
 class SettingsError(PromptoptError):
     """A setting (environment variable or `.env`) has a value that cannot work."""
 

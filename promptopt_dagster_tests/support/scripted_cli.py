@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from promptopt_dagster import definitions
@@ -17,6 +18,8 @@ from promptopt_dagster_tests.support.scripted import scripted_llm_resource
 # mid-iteration, or mid-batch, at a known point.
 BLOCKED_ENV = "PROMPTOPT_TEST_BLOCKED_FILE"
 BLOCK_AT_ENV = "PROMPTOPT_TEST_BLOCK_AT_CALL"
+# If set, the blocked call goes on (and answers) once this file exists, instead of never.
+RELEASE_ENV = "PROMPTOPT_TEST_RELEASE_FILE"
 # If set, the cache key of every request the scripted models answer is appended to this file,
 # one line each, as it is answered: what a test counts across processes.
 ANSWERED_ENV = "PROMPTOPT_TEST_ANSWERED_FILE"
@@ -40,7 +43,8 @@ def answered_keys(path: Path) -> list[str]:
 
 def _blocked_child() -> int:
     """`python -m promptopt_dagster_tests.support.scripted_cli run STUDY`: the CLI on the
-    scripted LLM, stuck in its BLOCK_AT_ENV-th primary call (default the first)."""
+    scripted LLM, stuck in its BLOCK_AT_ENV-th primary call (default the first) until the
+    RELEASE_ENV file appears (if that is set) or the process is killed."""
     from promptopt_dagster import cli
     from promptopt_dagster.llm.base import ChatRequest
     from promptopt_dagster_tests.support import scripted
@@ -49,6 +53,7 @@ def _blocked_child() -> int:
     marker = Path(os.environ[BLOCKED_ENV])
     block_at = int(os.environ.get(BLOCK_AT_ENV, "1"))
     answered = os.environ.get(ANSWERED_ENV)
+    release = os.environ.get(RELEASE_ENV)
     lock = threading.Lock()
     primary_calls = 0
 
@@ -64,7 +69,8 @@ def _blocked_child() -> int:
             blocked = primary_calls == block_at
         if blocked:
             marker.write_text(str(os.getpid()))
-            threading.Event().wait()  # until the test kills this process
+            while not (release and Path(release).exists()):  # until released, or killed
+                time.sleep(0.05)
         reply = real_primary(request)
         record(request, "primary")
         return reply
