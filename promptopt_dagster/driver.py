@@ -247,6 +247,12 @@ def failure_summary(result: dg.ExecuteInProcessResult | JobExecutionResult) -> s
             ours = [e for e in chain if e.cls_name in _our_error_names()]
             error = ours[-1] if ours else chain[-1]
             return f"step {event.step_key}: {error.cls_name}: {_message_of(error)}"
+    for event in result.all_events:  # no step failed: the run itself did (its executor, say)
+        error = getattr(event.event_specific_data, "error", None)
+        if event.event_type_value == "PIPELINE_FAILURE" and error is not None:
+            stepped = any(e.step_key for e in result.all_events)
+            where = "outside its steps" if stepped else "before any step ran"
+            return f"the run failed {where}: {error.cls_name}: {redact(_message_of(error).splitlines()[0])}"
     return "the run failed before any step ran (see the run in the Dagster UI)"
 
 

@@ -50,6 +50,23 @@ comparison_job = dg.define_asset_job(
 WORKERS_EXTRA = "pip install 'promptopt_dagster[workers]'"
 
 
+# Celery settings that let a run ride through a broker / result-backend restart (Redis restarted
+# while steps run): the executor's polls for results and the workers' result writes retry a
+# connection error with backoff (10 ms doubling, at most 10 s apart; 20 tries, about 2 minutes)
+# instead of failing the run, and task submission retries for as long. The workers take the
+# same settings (deploy/celery/worker.yaml).
+CELERY_OUTAGE_SETTINGS: dict[str, object] = {
+    "result_backend_always_retry": True,
+    "result_backend_max_retries": 20,
+    "task_publish_retry_policy": {
+        "max_retries": 20,
+        "interval_start": 0,
+        "interval_step": 1,
+        "interval_max": 10,
+    },
+}
+
+
 def executor_for(settings: Settings) -> dg.ExecutorDefinition:
     """The executor DAGSTER_EXECUTOR names. in_process: every step in the run's process (the
     embedded model loads once per run). celery: each step is a Celery task that a
@@ -75,6 +92,7 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition:
         config = {
             "broker": settings.CELERY_BROKER_URL,
             "backend": settings.CELERY_BACKEND_URL or settings.CELERY_BROKER_URL,
+            "config_source": CELERY_OUTAGE_SETTINGS,
         }
         return celery_executor.configured(config, name="celery")
     try:

@@ -8,7 +8,9 @@ fails on a worker fails the run with the step and the error named."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from promptopt_dagster_tests.support.postgres_fixtures import (
 )
 from promptopt_dagster_tests.support.redis_server import RedisServer
 from promptopt_dagster_tests.support.scripted import write_study
+from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, RELEASE_ENV
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +41,7 @@ BUCKET = "promptopt-celery"
 # definitions from its environment at that moment.
 LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
 BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
+REDIS_DOWN_S = 4  # longer than the executor's poll interval (1 s) and the worker's step
 # Timings and the champion's creation time differ from run to run; nothing else may.
 TIMINGS: dict[str, Any] = {"wall_seconds": True, "llm_seconds": True, "champion": {"created_at"}}
 
@@ -168,3 +172,52 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         [failed] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
         [failure] = instance.all_logs(failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
         assert os.getpgid(failure.dagster_event.pid) in worker_pids  # type: ignore[union-attr, arg-type]
+
+
+def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+) -> None:
+    """Redis (broker and result backend, nothing persisted) goes down for REDIS_DOWN_S while the
+    worker is inside the first primary LLM call, and comes back empty: the worker's result
+    write and the executor's polls wait for it (CELERY_OUTAGE_SETTINGS), the next steps go
+    through the new broker, and the study ends as in one process."""
+    common = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
+    reference = use_settings(monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "ref"),
+                             GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
+    ref_defs = build_fake_definitions(reference)
+    register(ref_defs, tmp_path)
+    with dg.instance_for_test() as ref_instance:
+        drive(ref_defs, ref_instance, STUDY)
+
+    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
+    settings = use_settings(
+        monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "celery"), GCS_PREFIX="celery",
+        DAGSTER_EXECUTOR="celery", DAGSTER_HOME=str(home),
+        CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1),
+        **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)},
+    )
+    with (
+        postgres_instance(postgres_db_url, home) as instance,
+        CeleryWorkers(1, dict(os.environ), cwd=tmp_path),
+        ThreadPoolExecutor(1) as pool,
+    ):
+        defs = build_fake_definitions(settings)
+        register(defs, tmp_path)
+        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
+        deadline = time.monotonic() + 180
+        while not marker.exists():  # the worker is inside baseline_predictions' first LLM call
+            assert not running.done(), running.exception()
+            assert time.monotonic() < deadline, "no worker reached the first primary LLM call"
+            time.sleep(0.05)
+        old_pid = redis.pid
+        redis.stop()
+        release.touch()  # the step finishes while Redis is down: its result write must wait
+        time.sleep(REDIS_DOWN_S)  # the outage itself; the executor polls for results meanwhile
+        redis.start()
+        result = running.result(timeout=300)
+        assert redis.pid != old_pid
+        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
+        assert decisions(defs) == decisions(ref_defs)
+        assert asset_files("celery") == asset_files("ref")

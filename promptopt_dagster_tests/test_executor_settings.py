@@ -8,13 +8,22 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.execution.retries import RetryMode
+from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._core.snap import JobSnap
 
 from promptopt_dagster.definitions import build_definitions
-from promptopt_dagster.driver import execute
+from promptopt_dagster.driver import execute, failure_summary
 from promptopt_dagster.errors import ExecutorSettingsError
-from promptopt_dagster.jobs import COMPARISON_JOB, EVALUATION_JOB, ITERATION_JOB, REPORT_JOB, executor_for
+from promptopt_dagster.jobs import (
+    CELERY_OUTAGE_SETTINGS,
+    COMPARISON_JOB,
+    EVALUATION_JOB,
+    ITERATION_JOB,
+    REPORT_JOB,
+    executor_for,
+)
 from promptopt_dagster_tests.support.pipeline import IsolatedSettings
 
 JOBS = [ITERATION_JOB, REPORT_JOB, EVALUATION_JOB, COMPARISON_JOB]
@@ -93,3 +102,37 @@ def test_the_worker_config_reads_the_settings_the_executor_uses(monkeypatch: pyt
     config = get_validated_config(str(WORKER_CONFIG))
     assert config["broker"] == BROKER and config["backend"] == "redis://127.0.0.1:6379/1"
     assert {"CELERY_BROKER_URL", "CELERY_BACKEND_URL"} <= set(IsolatedSettings.model_fields)
+    # workers and executor ride through the same broker outages
+    assert config["config_source"] == CELERY_OUTAGE_SETTINGS
+
+
+class _BrokerGoneExecutor(InProcessExecutor):
+    """Runs nothing: fails the way a Celery executor does when its broker vanishes mid-run."""
+
+    def execute(self, plan_context, execution_plan):  # type: ignore[no-untyped-def]
+        yield from ()
+        raise ConnectionError(f"Error 111 connecting to {BROKER}. Connection refused.")
+
+
+@dg.executor(name="broker_gone")
+def _broker_gone(_context: dg.InitExecutorContext) -> InProcessExecutor:
+    return _BrokerGoneExecutor(retries=RetryMode.DISABLED)
+
+
+@dg.op
+def _one() -> int:
+    return 1
+
+
+@dg.job(executor_def=_broker_gone)
+def broker_gone_job() -> None:
+    _one()
+
+
+def test_a_run_failed_by_its_executor_names_the_error_without_the_password() -> None:
+    with dg.instance_for_test() as instance:
+        result = dg.execute_job(dg.reconstructable(broker_gone_job), instance=instance, raise_on_error=False)
+    assert not result.success
+    summary = failure_summary(result)
+    assert summary.startswith("the run failed before any step ran: ConnectionError: Error 111"), summary
+    assert "br0ker-pa55word" not in summary

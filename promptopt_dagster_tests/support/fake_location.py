@@ -9,6 +9,7 @@ import dagster as dg
 from promptopt_dagster.definitions import build_definitions
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.scripted import scripted_llm_resource
+from promptopt_dagster_tests.support.scripted_cli import block_primary_calls_from_environment
 
 
 def build_fake_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -32,5 +33,7 @@ defs = build_fake_definitions()
 def defs_from_environment() -> dg.Definitions:
     """The definitions from the settings in the environment now: a pointer Dagster calls in each
     process that loads the location (a Celery worker, the process orchestrating a run), where
-    `defs` holds what the environment was when the module was first imported."""
+    `defs` holds what the environment was when the module was first imported. A test can stop
+    the scripted primary model mid-call there (support/scripted_cli.py's BLOCKED_ENV)."""
+    block_primary_calls_from_environment()
     return build_fake_definitions()

@@ -41,15 +41,19 @@ def answered_keys(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
 
 
-def _blocked_child() -> int:
-    """`python -m promptopt_dagster_tests.support.scripted_cli run STUDY`: the CLI on the
-    scripted LLM, stuck in its BLOCK_AT_ENV-th primary call (default the first) until the
-    RELEASE_ENV file appears (if that is set) or the process is killed."""
-    from promptopt_dagster import cli
+_blocking = False  # whether this process's responders are wrapped already
+
+
+def block_primary_calls_from_environment() -> None:
+    """Wrap this process's scripted responders as the BLOCKED_ENV, BLOCK_AT_ENV, RELEASE_ENV
+    and ANSWERED_ENV variables say (nothing to do without BLOCKED_ENV)."""
     from promptopt_dagster.llm.base import ChatRequest
     from promptopt_dagster_tests.support import scripted
 
-    definitions.build_resources = scripted_resources  # type: ignore[assignment]
+    global _blocking
+    if not os.environ.get(BLOCKED_ENV) or _blocking:
+        return
+    _blocking = True
     marker = Path(os.environ[BLOCKED_ENV])
     block_at = int(os.environ.get(BLOCK_AT_ENV, "1"))
     answered = os.environ.get(ANSWERED_ENV)
@@ -83,6 +87,16 @@ def _blocked_child() -> int:
     real_primary, real_optimizer = scripted.primary_responder, scripted.optimizer_responder
     scripted.primary_responder = primary  # type: ignore[assignment]
     scripted.optimizer_responder = optimizer  # type: ignore[assignment]
+
+
+def _blocked_child() -> int:
+    """`python -m promptopt_dagster_tests.support.scripted_cli run STUDY`: the CLI on the
+    scripted LLM, stuck in its BLOCK_AT_ENV-th primary call (default the first) until the
+    RELEASE_ENV file appears (if that is set) or the process is killed."""
+    from promptopt_dagster import cli
+
+    definitions.build_resources = scripted_resources  # type: ignore[assignment]
+    block_primary_calls_from_environment()
     return cli.main(sys.argv[1:])
 
 
