@@ -78,6 +78,32 @@ def register(defs: dg.Definitions, tmp_path: Path, name: str = STUDY) -> str:
     return dataset
 
 
+COMMON = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
+
+
+def run_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
+    """The reference: the study with every step in this process (assets under GCS_PREFIX ref)."""
+    reference = use_settings(monkeypatch, **COMMON, PROMPTOPT_HOME=str(tmp_path / "ref"),
+                             GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
+    ref_defs = build_fake_definitions(reference)
+    register(ref_defs, tmp_path)
+    with dg.instance_for_test() as ref_instance:
+        ref_runs = drive(ref_defs, ref_instance, STUDY)
+    assert [r.job for r in ref_runs.runs] == [ITERATION_JOB, REPORT_JOB]
+    return ref_defs
+
+
+def celery_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis: RedisServer, home: Path, **extra: str
+) -> Settings:
+    """Steps on Celery through `redis`, the instance in `home`, assets under GCS_PREFIX celery."""
+    return use_settings(
+        monkeypatch, **COMMON, PROMPTOPT_HOME=str(tmp_path / "celery"), GCS_PREFIX="celery",
+        DAGSTER_EXECUTOR="celery", DAGSTER_HOME=str(home),
+        CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1), **extra,
+    )
+
+
 def decisions(defs: dg.Definitions) -> list[dict[str, Any]]:
     records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
     return [record.model_dump(exclude=TIMINGS) for record in records]
@@ -92,22 +118,9 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
 ) -> None:
-    common = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
-    # The reference: the same study with every step in this process.
-    reference = use_settings(monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "ref"),
-                             GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
-    ref_defs = build_fake_definitions(reference)
-    register(ref_defs, tmp_path)
-    with dg.instance_for_test() as ref_instance:
-        ref_runs = drive(ref_defs, ref_instance, STUDY)
-    assert [r.job for r in ref_runs.runs] == [ITERATION_JOB, REPORT_JOB]
-
+    ref_defs = run_in_process(tmp_path, monkeypatch)
     home = tmp_path / "dagster"
-    settings = use_settings(
-        monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "celery"), GCS_PREFIX="celery",
-        DAGSTER_EXECUTOR="celery", DAGSTER_HOME=str(home),
-        CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1),
-    )
+    settings = celery_settings(tmp_path, monkeypatch, redis, home)
     with (
         postgres_instance(postgres_db_url, home) as instance,
         CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
@@ -182,20 +195,10 @@ def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
     worker is inside the first primary LLM call, and comes back empty: the worker's result
     write and the executor's polls wait for it (CELERY_OUTAGE_SETTINGS), the next steps go
     through the new broker, and the study ends as in one process."""
-    common = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
-    reference = use_settings(monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "ref"),
-                             GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
-    ref_defs = build_fake_definitions(reference)
-    register(ref_defs, tmp_path)
-    with dg.instance_for_test() as ref_instance:
-        drive(ref_defs, ref_instance, STUDY)
-
+    ref_defs = run_in_process(tmp_path, monkeypatch)
     home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
-    settings = use_settings(
-        monkeypatch, **common, PROMPTOPT_HOME=str(tmp_path / "celery"), GCS_PREFIX="celery",
-        DAGSTER_EXECUTOR="celery", DAGSTER_HOME=str(home),
-        CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1),
-        **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)},
+    settings = celery_settings(
+        tmp_path, monkeypatch, redis, home, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}
     )
     with (
         postgres_instance(postgres_db_url, home) as instance,
