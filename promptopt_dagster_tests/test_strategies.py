@@ -265,7 +265,8 @@ def test_restate_task_turns_a_question_about_one_example_into_the_output_templat
 
     def respond(request: ChatRequest) -> str:
         shown.append(request.messages[-1].content)
-        (country, capital), *_ = re.findall(r"Input: (\w+)\nWanted reply: (\w+)", shown[-1])
+        example = r"Input: country: (\w+)\nWanted reply \(capital\): (\w+)"
+        (country, capital), *_ = re.findall(example, shown[-1])
         questions = [
             f"What is the capital city of {country}? Reply with only the answer.",
             "What is the capital of {country}?",
@@ -284,8 +285,11 @@ def test_restate_task_turns_a_question_about_one_example_into_the_output_templat
     assert sum("dropped a question" in w for w in result.warnings) == 2
     [message] = shown
     assert "Tell me about" not in message and "{country}" in message
+    # the fields and the reply's column are named: what lets a small model say what is asked
+    assert "Each input has the fields country; the wanted reply is its capital." in message
     # examples come from outside the screening minibatch
-    assert message.count("Wanted reply:") == 4 and "Santiago" not in message and "Nairobi" not in message
+    assert message.count("Wanted reply (capital):") == 4
+    assert "Santiago" not in message and "Nairobi" not in message
 
 
 def test_a_template_places_every_input_column_longest_value_first() -> None:

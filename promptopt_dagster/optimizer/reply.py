@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,15 +92,23 @@ def reflection_messages(
 
 
 def restate_messages(
-    examples: Sequence[tuple[str, str]], placeholders: Sequence[str], k: int
+    examples: Sequence[tuple[Mapping[str, str], str]], placeholders: Sequence[str], answer: str, k: int
 ) -> list[Message]:
     """Ask for the question that turns each example input into its wanted reply. Shown only the
     examples (not the incumbent's wording, which may mislead: "Tell me about {country}."), a
     small model writes questions about one example ("What is the capital city of Japan?"); the
-    strategy turns the example's values back into placeholders."""
-    shown = "\n\n".join(f"Input: {_clip(i, 300)}\nWanted reply: {_clip(o, 100)}" for i, o in examples)
+    strategy turns the example's values back into placeholders. The inputs are shown field by
+    field and the reply is named by its column (`answer`): from "a: 857; b: 854 -> 857" alone a
+    0.5B model asked "What is the closest integer to 857?", from "the wanted reply is its
+    larger" it asks "What is the larger of 857 and 854?"."""
+    shown = "\n\n".join(
+        f"Input: {_clip('; '.join(f'{name}: {value}' for name, value in fields.items()), 300)}\n"
+        f"Wanted reply ({answer}): {_clip(reply, 100)}"
+        for fields, reply in examples
+    )
     slots = ", ".join(f"{{{p}}}" for p in placeholders)
     user = (
+        f"Each input has the fields {', '.join(placeholders)}; the wanted reply is its {answer}.\n"
         f"Inputs and the exact reply wanted for each:\n{shown}\n\n"
         f"Write {k} different question(s) that make a language model give the wanted reply. "
         f"Put {slots} where the input goes, and end each question with: Reply with only the answer.\n"

@@ -3,9 +3,11 @@ incumbent's wording, and writes the question that asks for them; that question b
 output template. This is how a misleading seed template ("Tell me about {country}." for a
 capital look-up) gets replaced, which no edit of the system prompt can do.
 
-Small models write the question about one example ("What is the capital city of Japan?"), so
-the example's input values are put back as placeholders; a question that does not place every
-input column, or that gives away an example's reply, is dropped."""
+The examples name their fields and the reply's column, which is what lets a small model say
+what is asked ("the larger" of two numbers). Small models write the question about one example
+("What is the capital city of Japan?"), so the example's input values are put back as
+placeholders; a question that does not place every input column, or that gives away an
+example's reply, is dropped."""
 
 from __future__ import annotations
 
@@ -68,8 +70,9 @@ class RestateTask:
         if not rows:
             return []
         columns, reference = ctx.input_columns, ctx.reference_column
-        examples = [("; ".join(str(r[c]) for c in columns), str(r[reference])) for r in rows]
-        replies = llm.ask(self.name, restate_messages(examples, columns, 2), ctx.seed + ctx.iteration)
+        examples = [({c: str(r[c]) for c in columns}, str(r[reference])) for r in rows]
+        messages = restate_messages(examples, columns, reference, 2)
+        replies = llm.ask(self.name, messages, ctx.seed + ctx.iteration)
         # a reply that recurs among the train references is a label, which a question may name
         counts = ctx.train[reference].astype(str).value_counts()
         unique_refs = [ref for _, ref in examples if counts.get(ref, 0) <= 1]
