@@ -31,7 +31,7 @@ from promptopt_dagster_tests.support.postgres_fixtures import (
 )
 from promptopt_dagster_tests.support.redis_server import RedisServer
 from promptopt_dagster_tests.support.scripted import write_study
-from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, RELEASE_ENV
+from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, RELEASE_ENV, wait_for_marker
 
 pytestmark = pytest.mark.e2e
 
@@ -208,11 +208,11 @@ def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
         defs = build_fake_definitions(settings)
         register(defs, tmp_path)
         running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
-        deadline = time.monotonic() + 180
-        while not marker.exists():  # the worker is inside baseline_predictions' first LLM call
-            assert not running.done(), running.exception()
-            assert time.monotonic() < deadline, "no worker reached the first primary LLM call"
-            time.sleep(0.05)
+        # until the worker is inside baseline_predictions' first LLM call
+        def ended() -> str | None:
+            return f"the run ended: {running.exception()}" if running.done() else None
+
+        wait_for_marker(marker, ended, timeout=180)
         old_pid = redis.pid
         redis.stop()
         release.touch()  # the step finishes while Redis is down: its result write must wait

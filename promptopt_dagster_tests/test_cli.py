@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -26,7 +23,10 @@ from promptopt_dagster_tests.support.scripted_cli import (
     BLOCK_AT_ENV,
     BLOCKED_ENV,
     answered_keys,
+    child_failure,
+    start_blocked_child,
     use_scripted_llm,
+    wait_for_marker,
 )
 
 
@@ -216,18 +216,9 @@ def test_fresh_forget_list_and_show_on_a_study_with_iterations(
 def kill_when_blocked(study: Path, env: dict[str, str], marker: Path) -> None:
     """Run `promptopt run study` (scripted) in a child until it blocks in the LLM call that
     writes `marker`, then SIGKILL it."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "promptopt_dagster_tests.support.scripted_cli", "run", str(study)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    child = start_blocked_child(study, env)
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert child.poll() is None, child.stderr.read().decode() if child.stderr else ""
-            assert time.monotonic() < deadline, "the child never reached the blocking LLM call"
-            time.sleep(0.1)
+        wait_for_marker(marker, child_failure(child))
     finally:
         child.kill()
         child.wait()

@@ -6,10 +6,7 @@ undisturbed run and without asking the model again for what it already answered.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,7 +28,10 @@ from promptopt_dagster_tests.support.scripted_cli import (
     BLOCK_AT_ENV,
     BLOCKED_ENV,
     RELEASE_ENV,
+    child_failure,
+    start_blocked_child,
     use_scripted_llm,
+    wait_for_marker,
 )
 from promptopt_dagster_tests.support.scripted_cli import answered_keys as answered_keys_in
 
@@ -159,16 +159,9 @@ def test_postgres_down_while_a_run_writes_fails_it_cleanly_and_the_next_run_fini
     marker, release, answered = tmp_path / "blocked", tmp_path / "release", tmp_path / "answered.txt"
     env = {**os.environ, BLOCKED_ENV: str(marker), BLOCK_AT_ENV: str(FAULT_AT_CALL),
            RELEASE_ENV: str(release), ANSWERED_ENV: str(answered)}
-    child = subprocess.Popen(
-        [sys.executable, "-m", "promptopt_dagster_tests.support.scripted_cli", "run", str(study)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    child = start_blocked_child(study, env)
     try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert child.poll() is None, child.stderr.read() if child.stderr else ""
-            assert time.monotonic() < deadline, "the child never reached the blocking LLM call"
-            time.sleep(0.05)
+        wait_for_marker(marker, child_failure(child))
         postgres_server.stop()
         release.touch()
         _, err = child.communicate(timeout=120)

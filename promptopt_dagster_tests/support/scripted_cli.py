@@ -4,9 +4,11 @@ with the scripted LLM in place of the embedded model, in this process or in a ch
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from promptopt_dagster import definitions
@@ -39,6 +41,40 @@ def use_scripted_llm(monkeypatch) -> None:  # type: ignore[no-untyped-def]
 def answered_keys(path: Path) -> list[str]:
     """The keys a child appended to its ANSWERED_ENV file (none if it wrote nothing)."""
     return path.read_text().split() if path.exists() else []
+
+
+def start_blocked_child(study: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`promptopt run study` on the scripted LLM in a child, blocking as `env`'s BLOCKED_ENV,
+    BLOCK_AT_ENV and RELEASE_ENV say; its stderr is piped (text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "promptopt_dagster_tests.support.scripted_cli", "run", str(study)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_marker(marker: Path, failure: Callable[[], str | None], timeout: float = 120) -> None:
+    """Until `marker` exists (a blocked scripted call wrote it). `failure()` says why waiting is
+    pointless (the process that should get there ended), or None; either fails the test."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        reason = failure()
+        assert reason is None, reason
+        assert time.monotonic() < deadline, f"nothing reached the blocking LLM call in {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def child_failure(child: subprocess.Popen[str]) -> Callable[[], str | None]:
+    """For `wait_for_marker`: the child's stderr once it has ended."""
+
+    def failure() -> str | None:
+        if child.poll() is None:
+            return None
+        return f"the child ended: {child.stderr.read() if child.stderr else ''}"
+
+    return failure
 
 
 _blocking = False  # whether this process's responders are wrapped already
