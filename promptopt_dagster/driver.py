@@ -48,12 +48,11 @@ def instance_failures_reported() -> Iterator[None]:
     try:
         yield
     except (DagsterPostgresException, OperationalError) as exc:
-        cause = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         raise InstanceUnavailableError(
-            f"the Dagster instance's database failed ({type(exc).__name__}: {cause}). Nothing of the "
-            "study is lost. Fix: check that the database is up (DAGSTER_PG_URL, or the SQLite files in "
-            "DAGSTER_HOME), then run `promptopt run` again: it marks the unfinished run failed and "
-            "resumes the study"
+            f"the Dagster instance's database failed ({type(exc).__name__}: {_first_line(str(exc))}). "
+            "Nothing of the study is lost. Fix: check that the database is up (DAGSTER_PG_URL, or the "
+            "SQLite files in DAGSTER_HOME), then run `promptopt run` again: it marks the unfinished "
+            "run failed and resumes the study"
         ) from exc
 
 
@@ -252,8 +251,14 @@ def failure_summary(result: dg.ExecuteInProcessResult | JobExecutionResult) -> s
         if event.event_type_value == "PIPELINE_FAILURE" and error is not None:
             stepped = any(e.step_key for e in result.all_events)
             where = "outside its steps" if stepped else "before any step ran"
-            return f"the run failed {where}: {error.cls_name}: {redact(_message_of(error).splitlines()[0])}"
+            return f"the run failed {where}: {error.cls_name}: {_first_line(_message_of(error))}"
     return "the run failed before any step ran (see the run in the Dagster UI)"
+
+
+def _first_line(message: str) -> str:
+    """An error message's first line, without credentials: driver messages may quote a URL."""
+    lines = message.strip().splitlines()
+    return redact(lines[0]) if lines else ""
 
 
 def _message_of(error: SerializableErrorInfo) -> str:

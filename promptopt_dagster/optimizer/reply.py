@@ -98,9 +98,9 @@ def restate_messages(
     examples (not the incumbent's wording, which may mislead: "Tell me about {country}."), a
     small model writes questions about one example ("What is the capital city of Japan?"); the
     strategy turns the example's values back into placeholders. The inputs are shown field by
-    field and the reply is named by its column (`answer`): from "a: 857; b: 854 -> 857" alone a
-    0.5B model asked "What is the closest integer to 857?", from "the wanted reply is its
-    larger" it asks "What is the larger of 857 and 854?"."""
+    field and the reply is named by its column (`answer`): shown "857; 854" -> "857" a 0.5B model
+    asked "What is the closest integer to 857?"; shown "a: 857; b: 854" and "the wanted reply is
+    its larger" it asks "What is the larger of 857 and 854?"."""
     shown = "\n\n".join(
         f"Input: {_clip('; '.join(f'{name}: {value}' for name, value in fields.items()), 300)}\n"
         f"Wanted reply ({answer}): {_clip(reply, 100)}"
