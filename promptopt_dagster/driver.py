@@ -256,9 +256,14 @@ def failure_summary(result: dg.ExecuteInProcessResult | JobExecutionResult) -> s
 
 
 def _first_line(message: str) -> str:
-    """An error message's first line, without credentials: driver messages may quote a URL."""
-    lines = message.strip().splitlines()
-    return redact(lines[0]) if lines else ""
+    """An error message's first line, without credentials: driver messages may quote a URL.
+    A first line that ends in a colon only announces what follows (Celery's "errors occurred
+    in workers:"), so the next line comes with it."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    head = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else f"{lines[0]} {lines[1]}"
+    return redact(head)
 
 
 def _message_of(error: SerializableErrorInfo) -> str:

@@ -50,12 +50,17 @@ comparison_job = dg.define_asset_job(
 WORKERS_EXTRA = "pip install 'promptopt_dagster[workers]'"
 
 
-# Celery settings that let a run ride through a broker / result-backend restart (Redis restarted
-# while steps run): the executor's polls for results and the workers' result writes retry a
-# connection error with backoff (10 ms doubling, at most 10 s apart; 20 tries, about 2 minutes)
-# instead of failing the run, and task submission retries for as long. The workers take the
-# same settings (deploy/celery/worker.yaml).
-CELERY_OUTAGE_SETTINGS: dict[str, object] = {
+# Celery settings that let a run ride through the faults of its broker and workers:
+# - a broker / result-backend restart (Redis restarted while steps run): the executor's polls for
+#   results and the workers' result writes retry a connection error with backoff (10 ms
+#   doubling, at most 10 s apart; 20 tries, about 2 minutes) instead of failing the run, and
+#   task submission retries for as long;
+# - a worker's pool process killed inside a step (SIGKILL, the OOM killer): the task is
+#   acknowledged only once the step ends, and a task whose process was lost goes back to the
+#   queue, so a worker runs the step again (its answered LLM calls come from the response
+#   cache). Each worker reserves one task at a time, so a lost worker holds no queued ones.
+# The workers take the same settings (deploy/celery/worker.yaml).
+CELERY_FAULT_SETTINGS: dict[str, object] = {
     "result_backend_always_retry": True,
     "result_backend_max_retries": 20,
     "task_publish_retry_policy": {
@@ -64,6 +69,9 @@ CELERY_OUTAGE_SETTINGS: dict[str, object] = {
         "interval_step": 1,
         "interval_max": 10,
     },
+    "task_acks_late": True,
+    "task_reject_on_worker_lost": True,
+    "worker_prefetch_multiplier": 1,
 }
 
 
@@ -92,7 +100,7 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition:
         config = {
             "broker": settings.CELERY_BROKER_URL,
             "backend": settings.CELERY_BACKEND_URL or settings.CELERY_BROKER_URL,
-            "config_source": CELERY_OUTAGE_SETTINGS,
+            "config_source": CELERY_FAULT_SETTINGS,
         }
         return celery_executor.configured(config, name="celery")
     try:

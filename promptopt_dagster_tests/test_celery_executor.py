@@ -3,11 +3,13 @@ workers through a real Redis broker, with the Dagster instance on a real Postgre
 every asset value and prompt version in a bucket (the GCS emulator), since each step may run on
 another machine. The workers load the test code location (support/fake_location.py: the
 product's definitions with the scripted LLM), configured from the same environment. A step that
-fails on a worker fails the run with the step and the error named."""
+fails on a worker fails the run with the step and the error named; a step whose process is
+killed on a worker runs again."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,14 @@ from promptopt_dagster_tests.support.postgres_fixtures import (
 )
 from promptopt_dagster_tests.support.redis_server import RedisServer
 from promptopt_dagster_tests.support.scripted import write_study
-from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, RELEASE_ENV, wait_for_marker
+from promptopt_dagster_tests.support.scripted_cli import (
+    ANSWERED_ENV,
+    BLOCK_AT_ENV,
+    BLOCKED_ENV,
+    RELEASE_ENV,
+    answered_keys,
+    wait_for_marker,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +50,7 @@ BUCKET = "promptopt-celery"
 # definitions from its environment at that moment.
 LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
 BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
+BLOCK_AT = 3  # the primary call inside which a worker's step process is killed
 REDIS_DOWN_S = 4  # longer than the executor's poll interval (1 s) and the worker's step
 # Timings and the champion's creation time differ from run to run; nothing else may.
 TIMINGS: dict[str, Any] = {"wall_seconds": True, "llm_seconds": True, "champion": {"created_at"}}
@@ -193,7 +203,7 @@ def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
 ) -> None:
     """Redis (broker and result backend, nothing persisted) goes down for REDIS_DOWN_S while the
     worker is inside the first primary LLM call, and comes back empty: the worker's result
-    write and the executor's polls wait for it (CELERY_OUTAGE_SETTINGS), the next steps go
+    write and the executor's polls wait for it (CELERY_FAULT_SETTINGS), the next steps go
     through the new broker, and the study ends as in one process."""
     ref_defs = run_in_process(tmp_path, monkeypatch)
     home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
@@ -224,3 +234,64 @@ def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
         assert decisions(defs) == decisions(ref_defs)
         assert asset_files("celery") == asset_files("ref")
+
+
+def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repeating_answered_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+) -> None:
+    """The pool process running baseline_predictions is SIGKILLed inside its BLOCK_AT-th LLM
+    call: Celery puts the task back on the queue (CELERY_FAULT_SETTINGS), a worker runs the step
+    again, the replies answered before the kill come from the shared response cache (PostgreSQL,
+    LLM_CACHE_URL), and the study ends as in one process."""
+    ref_defs = run_in_process(tmp_path, monkeypatch)
+    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
+    answered = tmp_path / "answered.txt"
+    settings = celery_settings(
+        tmp_path, monkeypatch, redis, home, LLM_CACHE_URL=postgres_db_url,
+        **{BLOCKED_ENV: str(marker), BLOCK_AT_ENV: str(BLOCK_AT), RELEASE_ENV: str(release),
+           ANSWERED_ENV: str(answered)},
+    )
+    with (
+        postgres_instance(postgres_db_url, home) as instance,
+        CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        defs = build_fake_definitions(settings)
+        register(defs, tmp_path)
+        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
+
+        def ended() -> str | None:
+            return f"the run ended: {running.exception()}" if running.done() else None
+
+        wait_for_marker(marker, ended, timeout=180)
+        victim = int(marker.read_text())
+        assert os.getpgid(victim) in workers.pids and victim not in workers.pids  # a pool process
+        deadline = time.monotonic() + 30  # the calls before the blocked one have their replies
+        while len(answered_keys(answered)) < BLOCK_AT - 1:
+            assert time.monotonic() < deadline, answered_keys(answered)
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+        before_kill = answered_keys(answered)  # what the killed process had answered
+        release.touch()  # the step's next run goes through its calls
+        result = running.result(timeout=300)
+
+        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
+        [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
+        starts = [e for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
+                  if e.step_key == "baseline_predictions"]
+        pids = [e.dagster_event.pid for e in starts]  # type: ignore[union-attr]
+        assert len(pids) == 2 and pids[0] == victim and pids[1] != victim, pids
+        # The same decisions; the iteration's call count leaves out the calls its killed step
+        # process made (their replies came from the cache in the step's second run).
+        [mine], [ref] = decisions(defs), decisions(ref_defs)
+        usage = {"calls", "total_calls", "tokens", "total_tokens"}
+        assert {k: v for k, v in mine.items() if k not in usage and ref.get(k) != v} == {}
+        assert mine["calls"] == ref["calls"] - len(before_kill) == mine["total_calls"]
+        assert asset_files("celery") == asset_files("ref")
+        # No request reached the model twice: what was answered before the kill was not asked
+        # again, and the killed call was answered once, in the step's second run.
+        keys = answered_keys(answered)
+        assert len(before_kill) >= BLOCK_AT - 1 and keys[: len(before_kill)] == before_kill
+        assert len(keys) == len(set(keys)), "a request reached the model twice"

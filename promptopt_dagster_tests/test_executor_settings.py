@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.errors import DagsterSubprocessError
 from dagster._core.execution.retries import RetryMode
 from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.remote_representation.external_data import RepositorySnap
@@ -17,7 +18,7 @@ from promptopt_dagster.definitions import build_definitions
 from promptopt_dagster.driver import execute, failure_summary
 from promptopt_dagster.errors import ExecutorSettingsError
 from promptopt_dagster.jobs import (
-    CELERY_OUTAGE_SETTINGS,
+    CELERY_FAULT_SETTINGS,
     COMPARISON_JOB,
     EVALUATION_JOB,
     ITERATION_JOB,
@@ -103,7 +104,7 @@ def test_the_worker_config_reads_the_settings_the_executor_uses(monkeypatch: pyt
     assert config["broker"] == BROKER and config["backend"] == "redis://127.0.0.1:6379/1"
     assert {"CELERY_BROKER_URL", "CELERY_BACKEND_URL"} <= set(IsolatedSettings.model_fields)
     # workers and executor ride through the same broker outages
-    assert config["config_source"] == CELERY_OUTAGE_SETTINGS
+    assert config["config_source"] == CELERY_FAULT_SETTINGS
 
 
 class _BrokerGoneExecutor(InProcessExecutor):
@@ -114,9 +115,27 @@ class _BrokerGoneExecutor(InProcessExecutor):
         raise ConnectionError(f"Error 111 connecting to {BROKER}. Connection refused.")
 
 
+class _WorkerLostExecutor(InProcessExecutor):
+    """Runs nothing: fails the way a Celery executor does when a worker's step process dies
+    and the task is not put back on the queue."""
+
+    def execute(self, plan_context, execution_plan):  # type: ignore[no-untyped-def]
+        yield from ()
+        raise DagsterSubprocessError(
+            "During celery execution errors occurred in workers:\n[_one]: "
+            "billiard.exceptions.WorkerLostError: Worker exited prematurely: signal 9 (SIGKILL) Job: 0.\n",
+            subprocess_error_infos=[],
+        )
+
+
 @dg.executor(name="broker_gone")
 def _broker_gone(_context: dg.InitExecutorContext) -> InProcessExecutor:
     return _BrokerGoneExecutor(retries=RetryMode.DISABLED)
+
+
+@dg.executor(name="worker_lost")
+def _worker_lost(_context: dg.InitExecutorContext) -> InProcessExecutor:
+    return _WorkerLostExecutor(retries=RetryMode.DISABLED)
 
 
 @dg.op
@@ -129,6 +148,11 @@ def broker_gone_job() -> None:
     _one()
 
 
+@dg.job(executor_def=_worker_lost)
+def worker_lost_job() -> None:
+    _one()
+
+
 def test_a_run_failed_by_its_executor_names_the_error_without_the_password() -> None:
     with dg.instance_for_test() as instance:
         result = dg.execute_job(dg.reconstructable(broker_gone_job), instance=instance, raise_on_error=False)
@@ -136,3 +160,15 @@ def test_a_run_failed_by_its_executor_names_the_error_without_the_password() -> 
     summary = failure_summary(result)
     assert summary.startswith("the run failed before any step ran: ConnectionError: Error 111"), summary
     assert "br0ker-pa55word" not in summary
+
+
+def test_a_run_failed_by_a_lost_worker_names_the_step_and_the_signal() -> None:
+    """Celery's error announces the list of worker errors on its first line: the summary
+    carries the first of them."""
+    with dg.instance_for_test() as instance:
+        result = dg.execute_job(dg.reconstructable(worker_lost_job), instance=instance, raise_on_error=False)
+    assert failure_summary(result) == (
+        "the run failed before any step ran: DagsterSubprocessError: During celery execution errors "
+        "occurred in workers: [_one]: billiard.exceptions.WorkerLostError: Worker exited prematurely: "
+        "signal 9 (SIGKILL) Job: 0."
+    )
