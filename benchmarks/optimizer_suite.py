@@ -4,7 +4,7 @@ benchmark suite (benchmarks/suite/), at the same LLM-call budget, on the embedde
     .venv/bin/pip install -e '.[dev,bench]'          # gepa and dspy[optuna], pinned
     .venv/bin/python benchmarks/suite/make_suite.py   # (re)writes the suite's data and studies
     .venv/bin/python benchmarks/optimizer_suite.py [--tasks a,b] [--budget 350]
-        [--systems seed,precise,ours,gepa,miprov2] [--out benchmarks/results/suite-<date>.json]
+        [--systems seed,precise,fewshot4,ours,gepa,miprov2] [--out benchmarks/results/suite-<date>.json]
         [--reuse-peers FILE]
 
 For each task every system sees the same rows, split by the product's own split function
@@ -14,6 +14,9 @@ chosen on test.
 
 - seed     the study's vague seed prompt, no optimization;
 - precise  the hand-written prompt of benchmarks/suite/precise_prompts.yaml, no optimization;
+- fewshot4 no search: the seed's instructions and 4 training rows as demonstrations, as a DSPy
+           program (`LabeledFewShot(k=4)`, the same ChatAdapter and model as miprov2); 0 calls
+           before test, the floor an optimizer's budget has to beat;
 - ours     the product through its real Dagster definitions and headless driver, in a temporary
            PROMPTOPT_HOME, with `budget_calls` = the budget (it enforces that itself);
 - gepa     gepa 0.1.4, the embedded model as task and reflection LM, train = our train split,
@@ -48,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from suite_peers import run_gepa, run_miprov2  # noqa: E402
+from suite_peers import run_fewshot, run_gepa, run_miprov2  # noqa: E402
 from suite_systems import (  # noqa: E402
     NETWORK_ATTEMPTS,
     SUITE_DIR,
@@ -64,7 +67,7 @@ from suite_systems import (  # noqa: E402
     versions,
 )
 
-SYSTEMS = ("seed", "precise", "gepa", "miprov2", "ours")
+SYSTEMS = ("seed", "precise", "fewshot4", "gepa", "miprov2", "ours")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -130,6 +133,8 @@ def run_system(system: str, llm: Any, task: Task, budget: int, cache_root: Path)
             return run_fixed(llm, task, system)
         if system == "ours":
             return run_ours(llm, task, budget)
+        if system == "fewshot4":
+            return run_fewshot(llm, task, cache_root)
         if system == "gepa":
             return run_gepa(llm, task, budget)
         return run_miprov2(llm, task, budget, cache_root)

@@ -145,55 +145,101 @@ def _dspy_lm_class(dspy: Any) -> type:
     return LocalDSPyLM
 
 
-def run_miprov2(llm: LocalLLM, task: Task, budget: int, cache_root: Path) -> SystemResult:
-    offline_environment(cache_root)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import dspy
-    from dspy.teleprompt import MIPROv2
+class _DspyTask:
+    """One task as a DSPy program: a `request -> answer` signature whose instructions are the
+    seed's system prompt, examples whose request is the seed's rendered user turn, and the
+    task's own metric on the parsed answer. MIPROv2 and the few-shot baseline share it."""
 
-    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
-    for name in ("dspy", "optuna", "LiteLLM", "litellm", "httpx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    def __init__(self, llm: LocalLLM, task: Task, cache_root: Path) -> None:
+        offline_environment(cache_root)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import dspy
 
-    study, seed = task.study, task.study.seed_prompt_state()
-    meter = Budget(llm, budget)
-    lm_class = _dspy_lm_class(dspy)
-    # ChatAdapter frames the answer in `[[ ## answer ## ]]` ... `[[ ## completed ## ]]`: allow for
-    # those marker tokens on top of the study's answer length.
-    answer_tokens = study.primary_model.max_tokens + 24
-    task_lm = lm_class(meter, "task", study.primary_model.temperature, answer_tokens, study.seed)
-    prompt_lm = lm_class(meter, "proposal", study.optimizer_model.temperature,
-                         study.optimizer_model.max_tokens, study.seed)
-    instructions = seed.system_prompt.strip() or "Answer the request."
-    signature = dspy.Signature({"request": dspy.InputField(), "answer": dspy.OutputField()}, instructions)
+        dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+        for name in ("dspy", "optuna", "LiteLLM", "litellm", "httpx"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self.dspy, self.llm, self.task = dspy, llm, task
+        self.study, self.seed = task.study, task.study.seed_prompt_state()
+        self.lm_class = _dspy_lm_class(dspy)
+        # ChatAdapter frames the answer in `[[ ## answer ## ]]` ... `[[ ## completed ## ]]`:
+        # allow for those marker tokens on top of the study's answer length.
+        self.answer_tokens = self.study.primary_model.max_tokens + 24
+        instructions = self.seed.system_prompt.strip() or "Answer the request."
+        signature = dspy.Signature({"request": dspy.InputField(), "answer": dspy.OutputField()}, instructions)
 
-    class Program(dspy.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.predict = dspy.Predict(signature)
+        class Program(dspy.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.predict = dspy.Predict(signature)
 
-        def forward(self, request: str) -> Any:
-            return self.predict(request=request)
+            def forward(self, request: str) -> Any:
+                return self.predict(request=request)
 
-    def examples(split: str) -> list[Any]:
+        self.program_class = Program
+
+    def task_lm(self, meter: Budget, role: str = "task") -> Any:
+        return self.lm_class(meter, role, self.study.primary_model.temperature, self.answer_tokens,
+                             self.study.seed)
+
+    def examples(self, split: str) -> list[Any]:
         out = []
-        for row in task.data.splits[split].to_dict(orient="records"):
-            request = seed.render(row)[-1].content
-            example = dspy.Example(request=request, answer=str(row[study.reference_column]))
+        for row in self.task.data.splits[split].to_dict(orient="records"):
+            request = self.seed.render(row)[-1].content
+            example = self.dspy.Example(request=request, answer=str(row[self.study.reference_column]))
             out.append(example.with_inputs("request"))
         return out
 
+    @staticmethod
     def answer_of(pred: Any) -> str:
         value = getattr(pred, "answer", "") if pred is not None else ""
         return "" if value is None else str(value)
 
-    def metric(example: Any, pred: Any, trace: Any = None) -> float:
-        return task.evaluator.evaluate([answer_of(pred)], [example.answer]).aggregates[study.target_metric]
+    def metric(self, example: Any, pred: Any, trace: Any = None) -> float:
+        scores = self.task.evaluator.evaluate([self.answer_of(pred)], [example.answer]).aggregates
+        return scores[self.study.target_metric]
 
+    def score_on_test(self, compiled: Any, result: SystemResult) -> SystemResult:
+        """The compiled program on every test row, the task's metric on its parsed answers. These
+        calls are not part of the budget (no refusals) and are counted apart."""
+        predictor = compiled.predictors()[0]
+        result.prompt = {
+            "instructions": predictor.signature.instructions,
+            "demos": [{k: d.get(k) for k in ("request", "answer")} for d in predictor.demos],
+            "adapter": "ChatAdapter",
+        }
+        test_meter = Budget(self.llm, None)
+        preds, refs, failures = [], [], 0
+        start = time.perf_counter()
+        with self.dspy.context(lm=self.task_lm(test_meter, "test"), adapter=self.dspy.ChatAdapter()), quiet():
+            for example in self.examples("test"):
+                try:
+                    preds.append(self.answer_of(compiled(request=example.request)))
+                except Exception:  # the answer could not be parsed: an empty answer
+                    failures += 1
+                    preds.append("")
+                refs.append(example.answer)
+        result.test_seconds = time.perf_counter() - start
+        result.test_calls = test_meter.calls
+        aggregates = self.task.evaluator.evaluate(preds, refs).aggregates
+        result.test_score = float(aggregates[self.study.target_metric])
+        result.extra["test_parse_failures"] = failures
+        result.extra["test_predictions"] = preds[:5]
+        return result
+
+
+def run_miprov2(llm: LocalLLM, task: Task, budget: int, cache_root: Path) -> SystemResult:
+    from dspy.teleprompt import MIPROv2
+
+    program = _DspyTask(llm, task, cache_root)
+    dspy, study = program.dspy, task.study
+    meter = Budget(llm, budget)
+    task_lm = program.task_lm(meter)
+    prompt_lm = program.lm_class(meter, "proposal", study.optimizer_model.temperature,
+                                 study.optimizer_model.max_tokens, study.seed)
     plan = mipro_plan(budget, len(task.data.splits["train"]), len(task.data.splits["val"]))
     result = SystemResult("miprov2", extra={"plan": plan, "light_estimate": mipro_light_estimate(
         len(task.data.splits["train"]), len(task.data.splits["val"]))})
-    trainset, valset = examples("train"), examples("val")
+    trainset, valset = program.examples("train"), program.examples("val")
     if plan.get("val_rows"):
         valset = valset[: plan["val_rows"]]
     start = time.perf_counter()
@@ -201,15 +247,16 @@ def run_miprov2(llm: LocalLLM, task: Task, budget: int, cache_root: Path) -> Sys
     with dspy.context(lm=task_lm, adapter=dspy.ChatAdapter()), quiet() as log:
         try:
             if plan["auto"]:
-                optimizer = MIPROv2(metric=metric, prompt_model=prompt_lm, task_model=task_lm, auto="light",
-                                    num_threads=1, max_errors=10**6, seed=study.seed, verbose=False)
-                compiled = optimizer.compile(Program(), trainset=trainset, valset=valset)
+                optimizer = MIPROv2(metric=program.metric, prompt_model=prompt_lm, task_model=task_lm,
+                                    auto="light", num_threads=1, max_errors=10**6, seed=study.seed,
+                                    verbose=False)
+                compiled = optimizer.compile(program.program_class(), trainset=trainset, valset=valset)
             else:
-                optimizer = MIPROv2(metric=metric, prompt_model=prompt_lm, task_model=task_lm, auto=None,
-                                    num_candidates=plan["num_candidates"], num_threads=1, max_errors=10**6,
-                                    seed=study.seed, verbose=False)
+                optimizer = MIPROv2(metric=program.metric, prompt_model=prompt_lm, task_model=task_lm,
+                                    auto=None, num_candidates=plan["num_candidates"], num_threads=1,
+                                    max_errors=10**6, seed=study.seed, verbose=False)
                 compiled = optimizer.compile(
-                    Program(), trainset=trainset, valset=valset, num_trials=plan["num_trials"],
+                    program.program_class(), trainset=trainset, valset=valset, num_trials=plan["num_trials"],
                     max_bootstrapped_demos=plan["max_bootstrapped_demos"],
                     max_labeled_demos=plan["max_labeled_demos"], minibatch=False,
                 )
@@ -219,30 +266,20 @@ def run_miprov2(llm: LocalLLM, task: Task, budget: int, cache_root: Path) -> Sys
     meter.record(result, "proposal", start)
     if compiled is None:
         return result
+    return program.score_on_test(compiled, result)
 
-    predictor = compiled.predictors()[0]
-    result.prompt = {
-        "instructions": predictor.signature.instructions,
-        "demos": [{k: d.get(k) for k in ("request", "answer")} for d in predictor.demos],
-        "adapter": "ChatAdapter",
-    }
-    # Test: the compiled program on every test row, our metric on its parsed answer. These calls
-    # are not part of the budget (no refusals) and are counted apart.
-    test_meter = Budget(llm, None)
-    test_lm = lm_class(test_meter, "test", study.primary_model.temperature, answer_tokens, study.seed)
-    preds, refs, failures = [], [], 0
-    start = time.perf_counter()
-    with dspy.context(lm=test_lm, adapter=dspy.ChatAdapter()), quiet():
-        for example in examples("test"):
-            try:
-                preds.append(answer_of(compiled(request=example.request)))
-            except Exception:  # the answer could not be parsed: an empty answer
-                failures += 1
-                preds.append("")
-            refs.append(example.answer)
-    result.test_seconds = time.perf_counter() - start
-    result.test_calls = test_meter.calls
-    result.test_score = float(task.evaluator.evaluate(preds, refs).aggregates[study.target_metric])
-    result.extra["test_parse_failures"] = failures
-    result.extra["test_predictions"] = preds[:5]
-    return result
+
+FEWSHOT_K = 4
+
+
+def run_fewshot(llm: LocalLLM, task: Task, cache_root: Path) -> SystemResult:
+    """No search: the seed's instructions with FEWSHOT_K training rows as demonstrations (DSPy's
+    `LabeledFewShot`, which samples them with a fixed seed). It spends no calls before test: the
+    floor any optimizer's budget has to beat."""
+    from dspy.teleprompt import LabeledFewShot
+
+    program = _DspyTask(llm, task, cache_root)
+    result = SystemResult("fewshot4", extra={"k": FEWSHOT_K})
+    trainset = program.examples("train")
+    compiled = LabeledFewShot(k=FEWSHOT_K).compile(program.program_class(), trainset=trainset)
+    return program.score_on_test(compiled, result)
