@@ -4,7 +4,8 @@ every asset value and prompt version in a bucket (the GCS emulator), since each 
 another machine. The workers load the test code location (support/fake_location.py: the
 product's definitions with the scripted LLM), configured from the same environment. A step that
 fails on a worker fails the run with the step and the error named; a step whose process is
-killed on a worker runs again."""
+killed on a worker runs again; Redis or PostgreSQL restarted under a running step is ridden
+through."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment
-from promptopt_dagster_tests.support.postgres import postgres_instance
+from promptopt_dagster_tests.support.postgres import PostgresServer, postgres_instance
 from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
     postgres_server,  # noqa: F401
@@ -295,3 +296,43 @@ def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repea
         keys = answered_keys(answered)
         assert len(before_kill) >= BLOCK_AT - 1 and keys[: len(before_kill)] == before_kill
         assert len(keys) == len(set(keys)), "a request reached the model twice"
+
+
+def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_server: PostgresServer, postgres_db_url: str,  # noqa: F811
+) -> None:
+    """The instance's PostgreSQL server restarts while a worker is inside the first primary LLM
+    call: the worker's and the executor's next writes (fresh connections) reach the restarted
+    server, and the study ends as in one process, each step run once."""
+    ref_defs = run_in_process(tmp_path, monkeypatch)
+    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
+    settings = celery_settings(
+        tmp_path, monkeypatch, redis, home, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}
+    )
+    with (
+        postgres_instance(postgres_db_url, home) as instance,
+        CeleryWorkers(1, dict(os.environ), cwd=tmp_path),
+        ThreadPoolExecutor(1) as pool,
+    ):
+        defs = build_fake_definitions(settings)
+        register(defs, tmp_path)
+        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
+
+        def ended() -> str | None:
+            return f"the run ended: {running.exception()}" if running.done() else None
+
+        wait_for_marker(marker, ended, timeout=180)
+        old_pid = postgres_server.pid
+        postgres_server.restart()
+        release.touch()
+        result = running.result(timeout=300)
+        assert postgres_server.pid != old_pid
+        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
+        [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
+        started = instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
+        steps = [entry.step_key for entry in started]
+        assert len(steps) == len(set(steps)), steps
+        assert decisions(defs) == decisions(ref_defs)
+        assert asset_files("celery") == asset_files("ref")
