@@ -63,6 +63,7 @@ from suite_systems import (  # noqa: E402
     offline_environment,
     run_fixed,
     run_ours,
+    score_at,
     task_names,
     versions,
 )
@@ -154,10 +155,22 @@ def fmt_score(entry: dict[str, Any] | None) -> str:
     return text + ("*" if entry.get("reused") else "")
 
 
+def ours_at_peer_calls(res: dict[str, Any]) -> str:
+    """The product's test score had its budget ended at the fewest calls a peer spent: the
+    champion it held then (its `trajectory`), scored on test after the study."""
+    peer_calls = [res[s]["calls"] for s in ("gepa", "miprov2") if (res.get(s) or {}).get("calls")]
+    trajectory = ((res.get("ours") or {}).get("extra") or {}).get("trajectory")
+    if not peer_calls or not trajectory:
+        return "-"
+    score = score_at(trajectory, min(peer_calls))
+    return "-" if score is None else f"{score:.2f} @{min(peer_calls)}"
+
+
 def table_rows(tasks: dict[str, Any], systems: list[str]) -> tuple[list[str], list[list[str]]]:
     optimizers = [s for s in ("gepa", "miprov2", "ours") if s in systems]
     header = ["task", "metric", "test n", *[s for s in SYSTEMS if s in systems],
-              *[f"calls {s}" for s in optimizers], "wall s"]
+              *[f"calls {s}" for s in optimizers],
+              *(["ours at peer calls"] if "ours" in systems and len(optimizers) > 1 else []), "wall s"]
     rows = []
     means: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     for name, info in tasks.items():
@@ -173,6 +186,8 @@ def table_rows(tasks: dict[str, Any], systems: list[str]) -> tuple[list[str], li
             calls = entry.get("calls")
             refused = entry.get("refused") or 0
             row.append("-" if calls is None else f"{calls}" + (f" (+{refused} refused)" if refused else ""))
+        if "ours" in systems and len(optimizers) > 1:
+            row.append(ours_at_peer_calls(res))
         wall = sum((e.get("seconds") or 0) + (e.get("test_seconds") or 0) for e in res.values()
                    if not e.get("reused"))
         row.append(f"{wall:.0f}")

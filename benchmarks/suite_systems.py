@@ -284,7 +284,30 @@ def run_ours(llm: LocalLLM, task: Task, budget: int) -> SystemResult:
     champion = last.champion
     result.prompt = prompt_dict(champion)
     result.test_score, result.test_calls, result.test_seconds = score_prompt(llm, task, champion)
+    result.extra["trajectory"] = champion_trajectory(llm, task, records)
     return result
+
+
+def champion_trajectory(llm: LocalLLM, task: Task, records: list[Any]) -> list[dict[str, Any]]:
+    """The test score of each champion the study held, with the calls spent when it was chosen
+    (the seed's at 0): what the study would have returned had its budget ended there. Scored
+    after the study, so no decision saw them; the calls are test calls, outside the budget."""
+    seed = task.study.seed_prompt_state()
+    points = [{"iteration": None, "calls": 0, "test_score": score_prompt(llm, task, seed)[0]}]
+    held = seed.content_hash()
+    for record in records:
+        if record.champion.content_hash() != held:
+            held = record.champion.content_hash()
+            score = score_prompt(llm, task, record.champion)[0]
+            calls = int(record.total_calls)
+            points.append({"iteration": record.iteration, "calls": calls, "test_score": score})
+    return points
+
+
+def score_at(trajectory: list[dict[str, Any]], calls: int) -> float | None:
+    """The test score of the champion held once `calls` calls were spent."""
+    reached = [point for point in trajectory if point["calls"] <= calls]
+    return reached[-1]["test_score"] if reached else None
 
 
 def versions() -> dict[str, str]:
