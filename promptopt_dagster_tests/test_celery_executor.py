@@ -9,11 +9,13 @@ through."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 
 from promptopt_dagster import storage
 from promptopt_dagster.core.study import load_study
-from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, RunFailedError, drive
+from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, DriveResult, RunFailedError, drive
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
@@ -198,6 +200,46 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         assert os.getpgid(failure.dagster_event.pid) in worker_pids  # type: ignore[union-attr, arg-type]
 
 
+@dataclass
+class BlockedStudy:
+    """A study driven on Celery workers in a background thread, its worker held inside a
+    scripted primary LLM call (the one BLOCK_AT_ENV names) until `release` exists."""
+
+    instance: dg.DagsterInstance
+    defs: dg.Definitions
+    workers: CeleryWorkers
+    running: Future[DriveResult]
+    marker: Path  # holds the pid of the process inside the blocked call
+    release: Path
+
+
+@contextlib.contextmanager
+def study_blocked_in_a_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis: RedisServer, db_url: str,
+    workers: int = 1, **extra: str,
+) -> Iterator[BlockedStudy]:
+    """The study on `workers` Celery workers (instance on `db_url`), returned once a worker is
+    inside the blocked LLM call; `extra` settings (e.g. BLOCK_AT_ENV) go to every process."""
+    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
+    settings = celery_settings(
+        tmp_path, monkeypatch, redis, home, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}, **extra
+    )
+    with (
+        postgres_instance(db_url, home) as instance,
+        CeleryWorkers(workers, dict(os.environ), cwd=tmp_path) as started,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        defs = build_fake_definitions(settings)
+        register(defs, tmp_path)
+        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
+
+        def ended() -> str | None:
+            return f"the run ended: {running.exception()}" if running.done() else None
+
+        wait_for_marker(marker, ended, timeout=180)
+        yield BlockedStudy(instance, defs, started, running, marker, release)
+
+
 def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
@@ -207,33 +249,18 @@ def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
     write and the executor's polls wait for it (CELERY_FAULT_SETTINGS), the next steps go
     through the new broker, and the study ends as in one process."""
     ref_defs = run_in_process(tmp_path, monkeypatch)
-    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
-    settings = celery_settings(
-        tmp_path, monkeypatch, redis, home, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}
-    )
-    with (
-        postgres_instance(postgres_db_url, home) as instance,
-        CeleryWorkers(1, dict(os.environ), cwd=tmp_path),
-        ThreadPoolExecutor(1) as pool,
-    ):
-        defs = build_fake_definitions(settings)
-        register(defs, tmp_path)
-        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
-        # until the worker is inside baseline_predictions' first LLM call
-        def ended() -> str | None:
-            return f"the run ended: {running.exception()}" if running.done() else None
-
-        wait_for_marker(marker, ended, timeout=180)
+    # until the worker is inside baseline_predictions' first LLM call
+    with study_blocked_in_a_step(tmp_path, monkeypatch, redis, postgres_db_url) as study:
         old_pid = redis.pid
         redis.stop()
-        release.touch()  # the step finishes while Redis is down: its result write must wait
+        study.release.touch()  # the step finishes while Redis is down: its result write must wait
         time.sleep(REDIS_DOWN_S)  # the outage itself; the executor polls for results meanwhile
         redis.start()
-        result = running.result(timeout=300)
+        result = study.running.result(timeout=300)
         assert redis.pid != old_pid
         assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
-        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
-        assert decisions(defs) == decisions(ref_defs)
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in study.instance.get_runs())
+        assert decisions(study.defs) == decisions(ref_defs)
         assert asset_files("celery") == asset_files("ref")
 
 
@@ -246,37 +273,23 @@ def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repea
     again, the replies answered before the kill come from the shared response cache (PostgreSQL,
     LLM_CACHE_URL), and the study ends as in one process."""
     ref_defs = run_in_process(tmp_path, monkeypatch)
-    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
     answered = tmp_path / "answered.txt"
-    settings = celery_settings(
-        tmp_path, monkeypatch, redis, home, LLM_CACHE_URL=postgres_db_url,
-        **{BLOCKED_ENV: str(marker), BLOCK_AT_ENV: str(BLOCK_AT), RELEASE_ENV: str(release),
-           ANSWERED_ENV: str(answered)},
-    )
-    with (
-        postgres_instance(postgres_db_url, home) as instance,
-        CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        defs = build_fake_definitions(settings)
-        register(defs, tmp_path)
-        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
-
-        def ended() -> str | None:
-            return f"the run ended: {running.exception()}" if running.done() else None
-
-        wait_for_marker(marker, ended, timeout=180)
-        victim = int(marker.read_text())
-        assert os.getpgid(victim) in workers.pids and victim not in workers.pids  # a pool process
+    with study_blocked_in_a_step(
+        tmp_path, monkeypatch, redis, postgres_db_url, workers=2, LLM_CACHE_URL=postgres_db_url,
+        **{BLOCK_AT_ENV: str(BLOCK_AT), ANSWERED_ENV: str(answered)},
+    ) as study:
+        victim = int(study.marker.read_text())
+        assert os.getpgid(victim) in study.workers.pids and victim not in study.workers.pids  # a pool process
         deadline = time.monotonic() + 30  # the calls before the blocked one have their replies
         while len(answered_keys(answered)) < BLOCK_AT - 1:
             assert time.monotonic() < deadline, answered_keys(answered)
             time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
         before_kill = answered_keys(answered)  # what the killed process had answered
-        release.touch()  # the step's next run goes through its calls
-        result = running.result(timeout=300)
+        study.release.touch()  # the step's next run goes through its calls
+        result = study.running.result(timeout=300)
 
+        instance = study.instance
         assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
         [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
@@ -286,7 +299,7 @@ def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repea
         assert len(pids) == 2 and pids[0] == victim and pids[1] != victim, pids
         # The same decisions; the iteration's call count leaves out the calls its killed step
         # process made (their replies came from the cache in the step's second run).
-        [mine], [ref] = decisions(defs), decisions(ref_defs)
+        [mine], [ref] = decisions(study.defs), decisions(ref_defs)
         usage = {"calls", "total_calls", "tokens", "total_tokens"}
         assert {k: v for k, v in mine.items() if k not in usage and ref.get(k) != v} == {}
         assert mine["calls"] == ref["calls"] - len(before_kill) == mine["total_calls"]
@@ -306,27 +319,12 @@ def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
     call: the worker's and the executor's next writes (fresh connections) reach the restarted
     server, and the study ends as in one process, each step run once."""
     ref_defs = run_in_process(tmp_path, monkeypatch)
-    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
-    settings = celery_settings(
-        tmp_path, monkeypatch, redis, home, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}
-    )
-    with (
-        postgres_instance(postgres_db_url, home) as instance,
-        CeleryWorkers(1, dict(os.environ), cwd=tmp_path),
-        ThreadPoolExecutor(1) as pool,
-    ):
-        defs = build_fake_definitions(settings)
-        register(defs, tmp_path)
-        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
-
-        def ended() -> str | None:
-            return f"the run ended: {running.exception()}" if running.done() else None
-
-        wait_for_marker(marker, ended, timeout=180)
+    with study_blocked_in_a_step(tmp_path, monkeypatch, redis, postgres_db_url) as study:
         old_pid = postgres_server.pid
         postgres_server.restart()
-        release.touch()
-        result = running.result(timeout=300)
+        study.release.touch()
+        result = study.running.result(timeout=300)
+        instance = study.instance
         assert postgres_server.pid != old_pid
         assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
@@ -334,5 +332,5 @@ def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
         started = instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
         steps = [entry.step_key for entry in started]
         assert len(steps) == len(set(steps)), steps
-        assert decisions(defs) == decisions(ref_defs)
+        assert decisions(study.defs) == decisions(ref_defs)
         assert asset_files("celery") == asset_files("ref")
