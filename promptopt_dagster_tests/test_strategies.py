@@ -279,8 +279,10 @@ def test_restate_task_turns_a_question_about_one_example_into_the_output_templat
         _capital_context(), 4, StrategyBandit(STRATEGY_NAMES)
     )
     templates = [c.prompt.output_prompt for c in result.candidates]
-    assert templates == ["What is the capital city of {country}? Reply with only the answer.",
-                         "What is the capital of {country}?"]
+    assert templates == [
+        "What is the capital city of {country}? Reply with only the answer.",
+        "What is the capital of {country}?",
+    ]
     assert all(c.prompt.system_prompt.startswith("Reply with only the answer") for c in result.candidates)
     assert sum("dropped a question" in w for w in result.warnings) == 2
     [message] = shown
@@ -302,3 +304,41 @@ def test_a_template_places_every_input_column_longest_value_first() -> None:
         "Convert {quantity} into {target_unit}."
     )
     assert as_template("Use {braces} for 12 hours in minutes", row, ["quantity", "target_unit"]) is None
+
+
+def test_add_examples_tries_other_sizes_then_another_draw_of_the_incumbents_size() -> None:
+    four = choose_demonstrations(_train(), {"r0", "r1"}, "label", 4, seed=0)
+    incumbent = SEED.child("", "{text}", "raw", parts=PromptParts("", "{text}", demo_ids=four).to_dict())
+    tried = [
+        Tried(PromptParts("", "{text}", demo_ids=four[:2]), "add_examples", 0.4, None),
+        Tried(PromptParts("", "{text}", demo_ids=four), "add_examples", 0.6, 0.6),
+    ]
+    result = Optimizer(_optimizer_llm([]), strategies=["add_examples"]).propose(
+        _context(incumbent, tried), 3, StrategyBandit(STRATEGY_NAMES)
+    )
+    sets = [PromptParts.of(c.prompt).demo_ids for c in result.candidates]
+    # the untried sizes (8, then 0) first, then four other rows
+    assert [len(s) for s in sets] == [8, 0, 4]
+    assert sets[2] != four and not set(sets[2]) & {"r0", "r1"}
+    labels = _train().set_index("row_id").loc[list(sets[2]), "label"]
+    assert set(labels) == {"A", "B", "C"}  # a redraw still covers every label
+
+
+def test_add_examples_never_proposes_a_set_measured_before() -> None:
+    train = _train(6)  # r0, r1 in the minibatch: only four rows can be shown
+    pool = tuple(sorted(set(train["row_id"]) - {"r0", "r1"}))
+    ctx = _context(SEED)
+    ctx.train = train
+    first = Optimizer(_optimizer_llm([]), strategies=["add_examples"]).propose(
+        ctx, 1, StrategyBandit(STRATEGY_NAMES)
+    )
+    [cand] = first.candidates
+    shown = PromptParts.of(cand.prompt)
+    assert sorted(shown.demo_ids) == list(pool)
+    ctx = _context(cand.prompt, [Tried(shown, "add_examples", 0.5, 0.5)])
+    ctx.train = train
+    again = Optimizer(_optimizer_llm([]), strategies=["add_examples"]).propose(
+        ctx, 4, StrategyBandit(STRATEGY_NAMES)
+    )
+    seen = [PromptParts.of(c.prompt) for c in again.candidates]
+    assert shown not in seen and len(set(seen)) == len(seen)

@@ -1,14 +1,18 @@
 """add_examples: demonstrations from the train split (never the screening minibatch). The number
-of demonstrations is searched (0, 2, 4, 8): each size is a candidate, the minibatch measures
-them, and sizes not yet tried on this study come first."""
+of demonstrations and the rows themselves are searched: each size (0, 2, 4, 8) is a candidate,
+sizes not yet tried on this study come first, then another draw of the incumbent's own size
+(which rows are shown moves a small model's score as much as how many), and the minibatch and
+validation measure them all."""
 
 from __future__ import annotations
 
 from promptopt_dagster.optimizer.context import ProposalContext
-from promptopt_dagster.optimizer.parts import choose_demonstrations
+from promptopt_dagster.optimizer.parts import PromptParts, choose_demonstrations
 from promptopt_dagster.optimizer.strategies.base import OptimizerLLM, Proposal
 
 SIZES = (4, 2, 8, 0)
+# Draws tried per size before giving up on finding a set not measured yet.
+DRAWS = 8
 
 
 class AddExamples:
@@ -16,16 +20,41 @@ class AddExamples:
 
     def propose(self, ctx: ProposalContext, room: int, llm: OptimizerLLM) -> list[Proposal]:
         parts = ctx.parts
+        current = len(parts.demo_ids)
         tried_sizes = {len(t.parts.demo_ids) for t in ctx.tried if t.strategy == self.name}
-        sizes = [k for k in SIZES if k != len(parts.demo_ids) and (k > 0 or parts.demo_ids)]
-        sizes.sort(key=lambda k: k in tried_sizes)  # untried sizes first, stable otherwise
+        others = [k for k in SIZES if k != current and (k > 0 or parts.demo_ids)]
+        untried = [k for k in others if k not in tried_sizes]
+        redraw = [current] if current else []
+        plan = untried + redraw + [k for k in others if k in tried_sizes]
+        # with the format rule every proposal carries, so a set differing only by it is no news
+        measured = {
+            p.with_(format_rule=p.format_rule or ctx.format_rule)
+            for p in [parts, *(t.parts for t in ctx.tried)]
+        }
         out = []
-        for k in sizes[: max(1, room)]:
-            demos = choose_demonstrations(
-                ctx.train, ctx.minibatch_ids, ctx.reference_column, k, ctx.seed + ctx.iteration
-            )
-            if k and not demos:
+        for k in plan:
+            if len(out) >= max(1, room):
+                break
+            new = self._draw(ctx, k, measured)
+            if new is None:
                 continue
-            new = parts.with_(demo_ids=demos, format_rule=parts.format_rule or ctx.format_rule)
-            out.append(Proposal(new, f"{len(demos)} demonstration(s) from the train split"))
+            measured.add(new)
+            demos = new.demo_ids
+            what = "another draw of" if k == current else "a set of"
+            out.append(Proposal(new, f"{what} {len(demos)} demonstration(s) from the train split"))
         return out
+
+    @staticmethod
+    def _draw(ctx: ProposalContext, k: int, measured: set[PromptParts]) -> PromptParts | None:
+        """The incumbent's parts with k demonstration rows, a combination not measured before in
+        this study (k=0: none), or None."""
+        parts = ctx.parts
+        for draw in range(DRAWS if k else 1):
+            seed = ctx.seed + ctx.iteration + 1000 * draw
+            demos = choose_demonstrations(ctx.train, ctx.minibatch_ids, ctx.reference_column, k, seed)
+            if k and not demos:
+                return None
+            new = parts.with_(demo_ids=demos, format_rule=parts.format_rule or ctx.format_rule)
+            if new not in measured:
+                return new
+        return None
