@@ -85,6 +85,7 @@ def build_resources(settings: Settings) -> dict[str, object]:
             uri=settings.datasets_uri,
             auto_evaluate=settings.BACKFILL_AUTO_EVALUATE,
             chunk_rows=settings.EVALUATION_CHUNK_ROWS,
+            shard_rows=settings.EVALUATION_SHARD_ROWS,
         ),
     }
 

@@ -181,8 +181,12 @@ class PromptoptIOManager(ConfigurableIOManager):
 
     def load_input(self, context: InputContext) -> Any:
         target = _typing_type(context)
-        if target in (Any, object, None) and context.upstream_output is not None:
-            target = _typing_type(context.upstream_output)
+        if context.upstream_output is not None:
+            upstream = _typing_type(context.upstream_output)
+            # a fan-in input (`list[X]` from a collected dynamic output) loads one X at a time
+            fan_in = typing.get_origin(target) is list and typing.get_args(target) == (upstream,)
+            if target in (Any, object, None) or fan_in:
+                target = upstream
         if not context.has_asset_partitions:
             return self._load_one(context, None, target)
         keys = context.asset_partition_keys

@@ -49,10 +49,12 @@ class Settings(BaseSettings):
     # Evaluations over other datasets (assets/backfill.py): where dataset files are dropped (default
     # <PROMPTOPT_HOME>/datasets, or gs://GCS_BUCKET_NAME/GCS_PREFIX/datasets), whether the sensors
     # launch evaluations of new datasets / prompt versions themselves (else: backfill from the UI),
-    # and how many rows are evaluated per chunk (bounds memory).
+    # how many rows are evaluated per chunk (bounds memory) and per shard (a step of its own, so
+    # workers share a big dataset).
     DATASETS_URI: str | None = None
     BACKFILL_AUTO_EVALUATE: bool = False
     EVALUATION_CHUNK_ROWS: int = Field(1000, ge=1)
+    EVALUATION_SHARD_ROWS: int = Field(10_000, ge=1)
 
     # Tracking
     MLFLOW_TRACKING_URI: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -16,6 +17,7 @@ from promptopt_dagster.core import dataset_evaluation, version_comparison
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError
+from promptopt_dagster.llm.base import ChatRequest
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.partitions import evaluation_key
 from promptopt_dagster.sensors import (
@@ -37,11 +39,13 @@ def datasets_dir(p: Pipeline) -> Path:
     return folder
 
 
-def resources(p: Pipeline, auto: bool = False, chunk_rows: int = 7) -> dict[str, object]:
-    return {
-        **p.resources(),
-        "datasets": DatasetsResource(uri=str(datasets_dir(p)), auto_evaluate=auto, chunk_rows=chunk_rows),
-    }
+def resources(
+    p: Pipeline, auto: bool = False, chunk_rows: int = 7, shard_rows: int = 10_000
+) -> dict[str, object]:
+    datasets = DatasetsResource(
+        uri=str(datasets_dir(p)), auto_evaluate=auto, chunk_rows=chunk_rows, shard_rows=shard_rows
+    )
+    return {**p.resources(), "datasets": datasets}
 
 
 def tick(p: Pipeline, sensor: dg.SensorDefinition, cursor: str | None = None, **kw: bool) -> dg.SensorResult:
@@ -90,13 +94,62 @@ def test_evaluate_dataset_streams_chunks_and_scores_every_row(
     assert summary.rows == 23 and summary.chunks == 5 and llm.calls == 23
     assert summary.scores["exact_match"] == 1.0 and 0.99 < summary.scores["f1"] <= 1.0
     table = pq.read_table(summary.predictions_uri)
-    assert table.num_rows == 23 and pq.ParquetFile(summary.predictions_uri).metadata.num_row_groups == 5
+    [part] = sorted((tmp_path / "out" / "predictions").iterdir())
+    assert table.num_rows == 23 and pq.ParquetFile(part).metadata.num_row_groups == 5
     assert table.column("row_id").to_pylist()[:2] == ["1", "2"]
     seed = dataset_evaluation.evaluate_dataset(
         llm, evaluator_for(study), study, study.seed_prompt_state(), info_for(path), str(tmp_path / "o2"), "s"
     )
     assert seed.scores["exact_match"] == 0.0  # the chatty seed never answers with the bare label
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == 23
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_shards_cover_every_row_once_and_add_up_to_the_unsharded_evaluation(
+    pipeline: Pipeline, tmp_path: Path, fmt: str
+) -> None:
+    study = pipeline.study
+    frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=23), dtype=str)
+    path = tmp_path / f"more.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
+    info = info_for(path)
+    prompt = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
+
+    def every_third_wrong(request: ChatRequest) -> str:
+        row = int(re.search(r"#(\d+)", request.messages[-1].content).group(1))  # type: ignore[union-attr]
+        return "neutral" if row % 3 == 0 else primary_responder(request)
+
+    llm = ScriptedLLM(every_third_wrong)
+    evaluator = evaluator_for(study)
+    whole = dataset_evaluation.evaluate_dataset(
+        llm, evaluator, study, prompt, info, str(tmp_path / "one"), "v"
+    )
+    assert dataset_evaluation.count_rows(info) == 23
+    shards = dataset_evaluation.plan_shards(23, 10)
+    assert [(s.start, s.stop) for s in shards] == [(0, 10), (10, 20), (20, 23)]
+    out = str(tmp_path / "three")
+    # a two-shard evaluation of before leaves parts the three-shard one must replace
+    for old in dataset_evaluation.plan_shards(23, 12):
+        dataset_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", old, chunk_rows=4)
+    results = [
+        dataset_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", s, chunk_rows=4)
+        for s in reversed(shards)  # the order shards finish in does not matter
+    ]
+    assert [r.rows for r in results] == [3, 10, 10] and [r.chunks for r in results] == [1, 3, 3]
+    merged = dataset_evaluation.merge_shards(study, prompt, info, out, "v", results)
+    assert merged.rows == 23 and merged.chunks == 7
+    assert merged.scores == pytest.approx(whole.scores) and 0 < merged.scores["exact_match"] < 1
+    assert sorted(p.name for p in (tmp_path / "three" / "predictions").iterdir()) == [
+        f"part-0000{i}-of-00003.parquet" for i in range(3)
+    ]
+    table = (
+        pq.read_table(merged.predictions_uri).to_pandas().sort_values("row_id", key=lambda c: c.astype(int))
+    )
+    expected = pq.read_table(whole.predictions_uri).to_pandas()
+    assert table["row_id"].tolist() == [str(i) for i in range(1, 24)] == expected["row_id"].tolist()
+    assert table["prediction"].tolist() == expected["prediction"].tolist()
+    with pytest.raises(DatasetError, match="do not cover the dataset"):
+        dataset_evaluation.merge_shards(study, prompt, info, out, "v", results[:2])
 
 
 def test_sidecar_renames_columns_and_names_the_reference(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -190,6 +243,35 @@ def test_sensors_register_datasets_and_prompt_versions_then_backfill_compares(pi
     assert scores[(f"scripted:{accepted}", "exact_match")] == 1.0
     assert "fresh.csv / exact_match" in mat.metadata["by_prompt_version"].value
     assert cmp_req.run_key == f"comparison/{comparison.cursor}"
+
+
+def test_a_dataset_is_evaluated_in_one_step_per_shard_and_merged_into_one_materialization(
+    pipeline: Pipeline,
+) -> None:
+    p = pipeline
+    p.store.register_study(p.study)
+    write_dataset(datasets_dir(p) / "fresh.csv", rows=15)
+    p.instance.add_dynamic_partitions("prompt_version", ["scripted:scripted-seed"])
+    p.instance.add_dynamic_partitions("dataset", ["fresh.csv"])
+    key = str(evaluation_key("scripted:scripted-seed", "fresh.csv"))
+    calls = p.llm.inner("primary").calls
+    result = dg.materialize(
+        BACKFILL_ASSETS[:1], partition_key=key, instance=p.instance, resources=resources(p, shard_rows=6)
+    )
+    steps = [e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS"]
+    shard_steps = sorted(s for s in steps if "evaluate_evaluation_shard" in s)
+    assert shard_steps == [f"prompt_evaluation.evaluate_evaluation_shard[shard_{i}]" for i in range(3)]
+    [mat] = result.asset_materializations_for_node("prompt_evaluation")
+    meta = {k: v.value for k, v in mat.metadata.items()}
+    assert meta["shards"] == 3 and meta["rows"] == 15 and meta["failed_rows"] == 0
+    assert p.llm.inner("primary").calls - calls == 15  # every row once
+    folder = Path(meta["predictions"])
+    assert pd.read_parquet(folder)["row_id"].astype(int).sort_values().tolist() == list(range(1, 16))
+
+    # evaluated again in one shard: the three parts give way to one, nothing asked twice
+    dg.materialize(BACKFILL_ASSETS[:1], partition_key=key, instance=p.instance, resources=resources(p))
+    assert [f.name for f in folder.iterdir()] == ["part-00000-of-00001.parquet"]
+    assert p.llm.inner("primary").calls - calls == 15  # the response cache answered
 
 
 def test_prompt_version_not_applicable_to_a_dataset_is_recorded_not_failed(pipeline: Pipeline) -> None:

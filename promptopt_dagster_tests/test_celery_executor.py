@@ -24,7 +24,8 @@ import pytest
 
 from promptopt_dagster import storage
 from promptopt_dagster.core.study import load_study
-from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, DriveResult, RunFailedError, drive
+from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, DriveResult, RunFailedError, drive, execute
+from promptopt_dagster.partitions import evaluation_key
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
@@ -35,7 +36,7 @@ from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_server,  # noqa: F401
 )
 from promptopt_dagster_tests.support.redis_server import RedisServer
-from promptopt_dagster_tests.support.scripted import write_study
+from promptopt_dagster_tests.support.scripted import write_dataset, write_study
 from promptopt_dagster_tests.support.scripted_cli import (
     ANSWERED_ENV,
     BLOCK_AT_ENV,
@@ -53,6 +54,7 @@ BUCKET = "promptopt-celery"
 # definitions from its environment at that moment.
 LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
 BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
+EVALUATION_JOB = "evaluation_job"
 BLOCK_AT = 3  # the primary call inside which a worker's step process is killed
 REDIS_DOWN_S = 4  # longer than the executor's poll interval (1 s) and the worker's step
 # Timings and the champion's creation time differ from run to run; nothing else may.
@@ -334,3 +336,64 @@ def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
         assert len(steps) == len(set(steps)), steps
         assert decisions(study.defs) == decisions(ref_defs)
         assert asset_files("celery") == asset_files("ref")
+
+
+def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+) -> None:
+    """A 20-row dataset in shards of 5 (EVALUATION_SHARD_ROWS) on two workers: each worker's
+    step process is held inside its first LLM call until both are, so two shards of the same
+    evaluation are inside LLM calls at once in two processes; then the run merges all four."""
+    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
+    settings = celery_settings(
+        tmp_path, monkeypatch, redis, home, EVALUATION_SHARD_ROWS="5",
+        **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)},
+    )
+    with (
+        postgres_instance(postgres_db_url, home) as instance,
+        CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        defs = build_fake_definitions(settings)
+        register(defs, tmp_path)
+        folder = tmp_path / "rows"
+        folder.mkdir()
+        storage.write_bytes(
+            f"{settings.datasets_uri}/fresh.csv", write_dataset(folder / "fresh.csv", rows=20).read_bytes()
+        )
+        instance.add_dynamic_partitions("prompt_version", [f"{STUDY}:{STUDY}-seed"])
+        instance.add_dynamic_partitions("dataset", ["fresh.csv"])
+        key = str(evaluation_key(f"{STUDY}:{STUDY}-seed", "fresh.csv"))
+        running = pool.submit(execute, defs, instance, EVALUATION_JOB, key, {}, location=LOCATION)
+
+        def blocked() -> set[int]:
+            return {int(p.name.rsplit(".", 1)[1]) for p in tmp_path.glob(f"{marker.name}.*")}
+
+        # both workers' step processes inside an LLM call at once (each blocks on its first)
+        deadline = time.monotonic() + 180
+        while len(blocked()) < 2:
+            assert not running.done(), f"the run ended: {running.exception()}"
+            assert time.monotonic() < deadline, f"processes inside an LLM call: {blocked()}"
+            time.sleep(0.05)
+        in_calls = blocked()
+        assert {os.getpgid(pid) for pid in in_calls} == set(workers.pids)  # one in each worker
+        release.touch()
+        running.result(timeout=300)
+
+        [run] = instance.get_runs()
+        starts = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+        shard_pids = {
+            e.step_key: e.dagster_event.pid  # type: ignore[union-attr]
+            for e in starts
+            if "evaluate_evaluation_shard" in (e.step_key or "")
+        }
+        assert len(shard_pids) == 4 and in_calls <= set(shard_pids.values())
+        [mat] = [
+            e.asset_materialization
+            for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)
+        ]
+        meta = {k: v.value for k, v in mat.metadata.items()}  # type: ignore[union-attr]
+        assert meta["shards"] == 4 and meta["rows"] == 20 and meta["failed_rows"] == 0
+        parts = storage.list_files(str(meta["predictions"]), "*.parquet")
+        assert [p.rsplit("/", 1)[1] for p in parts] == [f"part-0000{i}-of-00004.parquet" for i in range(4)]

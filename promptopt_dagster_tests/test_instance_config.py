@@ -120,17 +120,18 @@ def test_postgres_storage_names_the_variable_never_the_url(tmp_path: Path) -> No
 def test_every_llm_calling_asset_is_in_the_llm_pool_and_no_other_step_is() -> None:
     defs = build_definitions(Settings())
     pools = {
-        node.name: node.definition.pool
+        op.name: op.pool
         for job in ("iteration_job", "report_job", "evaluation_job")
-        for node in defs.resolve_job_def(job).graph.node_dict.values()
+        for op in defs.resolve_job_def(job).graph.iterate_op_defs()
     }
     llm_steps = {
         "baseline_predictions",
         "candidate_prompts",
         "candidate_predictions",
         "study_report",
-        "prompt_evaluation",
+        "evaluate_evaluation_shard",
     }
+    assert {"plan_evaluation_shards", "merge_evaluation_shards"} <= set(pools)
     assert {name for name, pool in pools.items() if pool == LLM_POOL} == llm_steps
     assert {pool for name, pool in pools.items() if name not in llm_steps} == {None}
 

@@ -6,16 +6,21 @@ version; `evaluation_comparison` then gathers every evaluation into one table (p
 dataset x metric) in its metadata. A prompt version whose template or reference needs a column
 the dataset lacks is recorded as not applicable (a successful materialization, `applicable`
 false, the missing columns named), so a backfill over "All" prompt versions ends green; an
-unreadable dataset or a failing LLM fails the run. The work is core/dataset_evaluation.py; this
-file only translates.
+unreadable dataset or a failing LLM fails the run. An evaluation is a graph of steps: a plan
+splits the dataset into shards of `shard_rows` rows, a step per shard evaluates it (several at
+once on Celery workers), a last step merges their results. The work is
+core/dataset_evaluation.py; this file only translates.
 """
+
+from collections.abc import Iterator
 
 import dagster as dg
 
 from promptopt_dagster.assets.metadata import number, prompt_markdown, table_value, usage_metadata
 from promptopt_dagster.core import dataset_evaluation, version_comparison
 from promptopt_dagster.core.scoring import evaluator_for
-from promptopt_dagster.errors import PromptoptError
+from promptopt_dagster.errors import DatasetError, PromptoptError
+from promptopt_dagster.instance_config import LLM_POOL
 from promptopt_dagster.partitions import evaluation_partitions, parse_evaluation_key
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 from promptopt_dagster.storage import as_path, join
@@ -29,6 +34,8 @@ class DatasetsResource(dg.ConfigurableResource):
     uri: str
     auto_evaluate: bool = False  # sensors launch evaluations themselves (else: backfill from the UI)
     chunk_rows: int = dataset_evaluation.DEFAULT_CHUNK_ROWS  # rows per chunk; bounds an evaluation's memory
+    # rows per shard: each shard is a step of its own, so workers evaluate one dataset at once
+    shard_rows: int = dataset_evaluation.DEFAULT_SHARD_ROWS
 
     def files(self) -> dict[str, str]:
         return dataset_evaluation.list_datasets(self.uri)
@@ -37,68 +44,138 @@ class DatasetsResource(dg.ConfigurableResource):
         return dataset_evaluation.inspect_dataset(name, join(self.uri, name))
 
 
-@dg.asset(
-    partitions_def=evaluation_partitions,
-    group_name=GROUP,
-    kinds={"parquet"},
-    code_version="1",
-    pool="llm",
-)
-def prompt_evaluation(
-    context: dg.AssetExecutionContext,
+class EvaluationTarget:
+    """The prompt version and dataset of an evaluation partition, loaded once per step."""
+
+    def __init__(
+        self, partition_key: str, prompt_store: PromptStoreResource, datasets: DatasetsResource
+    ) -> None:
+        self.version, self.dataset = parse_evaluation_key(partition_key)
+        store = prompt_store.store
+        study_name, prompt_id = dataset_evaluation.parse_prompt_version(self.version)
+        self.study = store.load_study(study_name)
+        self.prompt = store.load_prompt(study_name, prompt_id)
+        self.info = datasets.inspect(self.dataset)
+        self.out_dir = dataset_evaluation.evaluation_dir(store.root, self.version, self.dataset)
+
+    @property
+    def applicable(self) -> bool:
+        return not dataset_evaluation.missing_columns(self.prompt, self.study, self.info)
+
+
+def _failure(exc: PromptoptError) -> dg.Failure:
+    return dg.Failure(description=str(exc), allow_retries=False)
+
+
+@dg.op(out=dg.DynamicOut(dataset_evaluation.Shard))
+def plan_evaluation_shards(
+    context: dg.OpExecutionContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
+) -> Iterator[dg.DynamicOutput[dataset_evaluation.Shard]]:
+    """Row ranges of `DatasetsResource.shard_rows` rows, one step each (a prompt version the
+    dataset does not fit: one empty shard, so the evaluation still records why)."""
+    try:
+        target = EvaluationTarget(context.partition_key, prompt_store, datasets)
+        if target.applicable:
+            rows = dataset_evaluation.count_rows(target.info)
+            if rows == 0:
+                raise DatasetError(f"dataset {target.dataset} has no data rows; add rows to it")
+            shards = dataset_evaluation.plan_shards(rows, datasets.shard_rows)
+        else:
+            shards = [dataset_evaluation.Shard(index=0, count=1, stop=0)]
+    except PromptoptError as exc:
+        raise _failure(exc) from exc
+    context.log.info(f"{target.dataset}: {len(shards)} shard(s) of at most {datasets.shard_rows} rows")
+    for shard in shards:
+        yield dg.DynamicOutput(shard, mapping_key=f"shard_{shard.index}")
+
+
+@dg.op(pool=LLM_POOL)
+def evaluate_evaluation_shard(
+    context: dg.OpExecutionContext,
+    shard: dataset_evaluation.Shard,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
     datasets: DatasetsResource,
-) -> dg.MaterializeResult:
-    """One prompt version (a study's seed or an accepted prompt) scored on one dataset file of
-    the datasets location, streamed in chunks; predictions go to Parquet in the store."""
-    version, dataset = parse_evaluation_key(context.partition_key)
-    store = prompt_store.store
+) -> dataset_evaluation.ShardResult:
+    """The shard's rows through the prompt version, streamed in chunks into its part file."""
     try:
-        study_name, prompt_id = dataset_evaluation.parse_prompt_version(version)
-        study = store.load_study(study_name)
-        prompt = store.load_prompt(study_name, prompt_id)
-        info = datasets.inspect(dataset)
-        out_dir = dataset_evaluation.evaluation_dir(store.root, version, dataset)
-        if dataset_evaluation.missing_columns(prompt, study, info):
-            summary = dataset_evaluation.record_not_applicable(study, prompt, info, out_dir, version)
-            return _not_applicable(context, summary, info.uri)
-        summary = dataset_evaluation.evaluate_dataset(
-            llm.primary(study),
-            evaluator_for(study),
-            study,
-            prompt,
-            info,
-            out_dir,
-            version,
+        target = EvaluationTarget(context.partition_key, prompt_store, datasets)
+        if not target.applicable:
+            return dataset_evaluation.ShardResult(
+                shard=shard, rows=0, failed_rows=0, sums={}, usage={}, chunks=0, seconds=0.0
+            )
+        return dataset_evaluation.evaluate_shard(
+            llm.primary(target.study),
+            evaluator_for(target.study),
+            target.study,
+            target.prompt,
+            target.info,
+            target.out_dir,
+            target.version,
+            shard,
             chunk_rows=datasets.chunk_rows,
             progress=context.log.info,
         )
     except PromptoptError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
-    return dg.MaterializeResult(
-        metadata={
+        raise _failure(exc) from exc
+
+
+@dg.op
+def merge_evaluation_shards(
+    context: dg.OpExecutionContext,
+    results: list[dataset_evaluation.ShardResult],
+    prompt_store: PromptStoreResource,
+    datasets: DatasetsResource,
+) -> dataset_evaluation.EvaluationSummary:
+    """The shards' results as the evaluation's summary (or its not-applicable record)."""
+    try:
+        target = EvaluationTarget(context.partition_key, prompt_store, datasets)
+        if not target.applicable:
+            summary = dataset_evaluation.record_not_applicable(
+                target.study, target.prompt, target.info, target.out_dir, target.version
+            )
+            _warn_not_applicable(context, summary, target.info.uri)
+            context.add_output_metadata(_not_applicable_metadata(summary))
+            return summary
+        summary = dataset_evaluation.merge_shards(
+            target.study, target.prompt, target.info, target.out_dir, target.version, results
+        )
+    except PromptoptError as exc:
+        raise _failure(exc) from exc
+    context.add_output_metadata(
+        {
             "applicable": True,
             "score": number(summary.scores[summary.target_metric]),
             "target_metric": summary.target_metric,
-            "study": study.name,
-            "prompt_id": prompt.id,
-            "dataset": dataset,
+            "study": target.study.name,
+            "prompt_id": target.prompt.id,
+            "dataset": target.dataset,
             "rows": summary.rows,
             "failed_rows": summary.failed_rows,
             **{f"score_{m}": number(v) for m, v in summary.scores.items()},
             "chunks": summary.chunks,
+            "shards": len(results),
             "predictions": dg.MetadataValue.path(summary.predictions_uri),
-            "prompt": prompt_markdown(prompt.system_prompt, prompt.output_prompt),
+            "prompt": prompt_markdown(target.prompt.system_prompt, target.prompt.output_prompt),
         }
         | usage_metadata(summary.usage)
     )
+    return summary
 
 
-def _not_applicable(
-    context: dg.AssetExecutionContext, summary: dataset_evaluation.EvaluationSummary, dataset_uri: str
-) -> dg.MaterializeResult:
-    """The materialization of a prompt version the dataset lacks columns for: no score, why not."""
+@dg.graph_asset(partitions_def=evaluation_partitions, group_name=GROUP, kinds={"parquet"}, code_version="2")
+def prompt_evaluation() -> dataset_evaluation.EvaluationSummary:
+    """One prompt version (a study's seed or an accepted prompt) scored on one dataset file of
+    the datasets location: the rows split into shards that run as separate steps (on Celery
+    workers, at once, within the "llm" pool's limit), each streamed in chunks into its Parquet
+    part file, then one summary."""
+    results = plan_evaluation_shards().map(evaluate_evaluation_shard).collect()
+    return merge_evaluation_shards(results)
+
+
+def _warn_not_applicable(
+    context: dg.OpExecutionContext, summary: dataset_evaluation.EvaluationSummary, dataset_uri: str
+) -> None:
     sidecar = as_path(dataset_evaluation.sidecar_uri(dataset_uri)).name
     context.log.warning(
         f"prompt version {summary.prompt_version} is not applicable to dataset {summary.dataset}: it needs "
@@ -107,19 +184,21 @@ def _not_applicable(
         f"sidecar {sidecar} that renames the file's columns "
         "(columns: {file column: study column}) or names the reference_column."
     )
-    return dg.MaterializeResult(
-        metadata={
-            "applicable": False,
-            "status": summary.status(),
-            "missing_columns": summary.missing_columns,
-            "dataset_columns": summary.dataset_columns,
-            "target_metric": summary.target_metric,
-            "study": summary.study,
-            "prompt_id": summary.prompt_id,
-            "dataset": summary.dataset,
-            "rows": 0,
-        }
-    )
+
+
+def _not_applicable_metadata(summary: dataset_evaluation.EvaluationSummary) -> dict[str, object]:
+    """The metadata of a prompt version the dataset lacks columns for: no score, why not."""
+    return {
+        "applicable": False,
+        "status": summary.status(),
+        "missing_columns": summary.missing_columns,
+        "dataset_columns": summary.dataset_columns,
+        "target_metric": summary.target_metric,
+        "study": summary.study,
+        "prompt_id": summary.prompt_id,
+        "dataset": summary.dataset,
+        "rows": 0,
+    }
 
 
 @dg.asset(deps=[prompt_evaluation], group_name=GROUP, kinds={"pandas"})

@@ -13,9 +13,11 @@ Convention for the datasets location (a local folder or a gs:// prefix, settings
   A prompt version that needs a column the dataset lacks is *not applicable* to it: its
   evaluation records that (`record_not_applicable`, the missing columns named) instead of a score.
 
-A dataset is read in chunks of rows (pyarrow streaming readers), each chunk is run through the
-same `run_prompt` / `score_predictions` as an iteration, and the scored rows are appended to a
-Parquet file: memory stays bounded by the chunk size, whatever the number of rows.
+A dataset is split into shards (row ranges) that separate steps evaluate, at once where there
+are several workers; a shard is read in chunks of rows (pyarrow streaming readers), each chunk
+is run through the same `run_prompt` / `score_predictions` as an iteration, and the scored rows
+are appended to the shard's Parquet part file: memory stays bounded by the chunk size, whatever
+the number of rows. `merge_shards` adds the shards' sums up into one summary.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from promptopt_dagster.errors import DatasetError
 from promptopt_dagster.llm.base import LLMClient, Usage
 from promptopt_dagster.storage import (
     as_path,
+    delete,
     exists,
     join,
     list_files,
@@ -55,9 +58,13 @@ from promptopt_dagster.storage import (
 )
 
 DEFAULT_CHUNK_ROWS = 1000
+# Rows one evaluation step takes on: a 100k-row dataset is ten steps that workers share.
+DEFAULT_SHARD_ROWS = 10_000
 # Bytes pyarrow's CSV / JSON readers parse at once: with the chunk size, what bounds memory.
 READ_BLOCK_BYTES = 1 << 20
 EVALUATIONS_DIR = "evaluations"
+# The folder of an evaluation's scored rows: one Parquet part file per shard.
+PREDICTIONS_DIR = "predictions"
 
 Progress = Callable[[str], None]
 
@@ -301,20 +308,34 @@ def evaluation_dir(root: str, prompt_version: str, dataset: str) -> str:
     return join(root, EVALUATIONS_DIR, f"prompt_version={prompt_version}", f"dataset={dataset}")
 
 
-def evaluate_dataset(
-    llm: LLMClient,
-    evaluator: EvaluatorService,
-    study: StudyConfig,
-    prompt: PromptState,
-    info: DatasetInfo,
-    out_dir: str,
-    prompt_version: str,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    progress: Progress | None = None,
-) -> EvaluationSummary:
-    """Run `prompt` over every row of the dataset, chunk by chunk, appending scored rows to
-    ``<out_dir>/predictions.parquet``; writes ``summary.json`` there and returns it.
-    Raises DatasetError naming the columns when the dataset lacks what the prompt needs."""
+class Shard(BaseModel):
+    """Rows [start, stop) of a dataset (stop None: to the end), evaluated by one step; the steps of
+    one evaluation can run at once on different workers."""
+
+    index: int
+    count: int
+    start: int = 0
+    stop: int | None = None
+
+    def part_uri(self, out_dir: str) -> str:
+        return join(out_dir, PREDICTIONS_DIR, f"part-{self.index:05d}-of-{self.count:05d}.parquet")
+
+
+class ShardResult(BaseModel):
+    """What one shard measured: metric sums (not means, so shards add up), rows and usage."""
+
+    shard: Shard
+    rows: int
+    failed_rows: int
+    sums: dict[str, float]
+    usage: dict[str, float]
+    chunks: int
+    seconds: float
+
+
+def _check_applicable(
+    prompt: PromptState, study: StudyConfig, info: DatasetInfo, prompt_version: str
+) -> None:
     missing = missing_columns(prompt, study, info)
     if missing:
         raise DatasetError(
@@ -324,6 +345,77 @@ def evaluate_dataset(
             f"{as_path(sidecar_uri(info.uri)).name} that renames the file's columns "
             "(columns: {file column: study column}) or names the reference_column."
         )
+
+
+def _read_error(info: DatasetInfo, rows: int, exc: Exception) -> DatasetError:
+    return DatasetError(
+        f"could not read dataset {info.name} after {rows} rows: {type(exc).__name__}: {str(exc)[:300]}. "
+        "Check that the file is well formed and its values consistent from row to row."
+    )
+
+
+def count_rows(info: DatasetInfo) -> int:
+    """The dataset's data rows, read in blocks (Parquet: from its footer)."""
+    if format_of(info.uri) is PARQUET:
+        with _open(info.uri) as handle:
+            try:
+                return pq.ParquetFile(handle).metadata.num_rows
+            except pa.ArrowException as exc:
+                raise _read_error(info, 0, exc) from exc
+    first = next(iter(_source_columns(info.spec, info.columns[:1])), None)
+    if first is None:
+        raise DatasetError(f"dataset {info.name} has no columns; add a header row and data rows")
+    rows = 0
+    try:
+        for batch in iter_batches(info.uri, [first], 1 << 16):
+            rows += batch.num_rows
+    except (pa.ArrowException, KeyError, UnicodeDecodeError) as exc:
+        raise _read_error(info, rows, exc) from exc
+    return rows
+
+
+def plan_shards(rows: int, shard_rows: int) -> list[Shard]:
+    """Consecutive row ranges of at most `shard_rows` rows covering `rows` rows."""
+    if shard_rows < 1:
+        raise DatasetError(f"shard_rows must be at least 1, got {shard_rows}")
+    count = max(1, -(-rows // shard_rows))
+    return [
+        Shard(index=i, count=count, start=i * shard_rows, stop=min(rows, (i + 1) * shard_rows))
+        for i in range(count)
+    ]
+
+
+def _shard_batches(uri: str, columns: list[str], chunk_rows: int, shard: Shard) -> Iterator[pa.RecordBatch]:
+    """The shard's rows of the file, in batches of at most `chunk_rows` rows."""
+    offset = 0
+    for batch in iter_batches(uri, columns, chunk_rows):
+        lo, hi = offset, offset + batch.num_rows
+        offset = hi
+        if hi <= shard.start:
+            continue
+        if shard.stop is not None and lo >= shard.stop:
+            return
+        cut_lo = max(shard.start, lo) - lo
+        cut_hi = (hi if shard.stop is None else min(shard.stop, hi)) - lo
+        yield batch.slice(cut_lo, cut_hi - cut_lo)
+
+
+def evaluate_shard(
+    llm: LLMClient,
+    evaluator: EvaluatorService,
+    study: StudyConfig,
+    prompt: PromptState,
+    info: DatasetInfo,
+    out_dir: str,
+    prompt_version: str,
+    shard: Shard,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Progress | None = None,
+) -> ShardResult:
+    """Run `prompt` over the shard's rows chunk by chunk, writing the scored rows to the shard's
+    part file (`Shard.part_uri`). Raises DatasetError naming the columns when the dataset lacks
+    what the prompt needs, or naming the row where the file stops being readable."""
+    _check_applicable(prompt, study, info, prompt_version)
     if chunk_rows < 1:
         raise DatasetError(f"chunk_rows must be at least 1, got {chunk_rows}")
     reference = reference_for(study, info.spec)
@@ -337,13 +429,12 @@ def evaluate_dataset(
     usage = Usage()
     rows = failed = chunks = 0
     start = time.perf_counter()
-    predictions_uri = join(out_dir, "predictions.parquet")
-    target = as_path(predictions_uri)
+    target = as_path(shard.part_uri(out_dir))
     if target.protocol in ("", "file", "local"):
         target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with target.open("wb") as sink, pq.ParquetWriter(sink, schema) as writer:
-            for batch in iter_batches(info.uri, list(rename), chunk_rows):
+            for batch in _shard_batches(info.uri, list(rename), chunk_rows, shard):
                 frame = batch.to_pandas().rename(columns=rename)
                 chunk = pd.DataFrame(
                     {c: _as_text(frame[c]) if c in frame else "" for c in study.input_columns},
@@ -355,7 +446,8 @@ def evaluate_dataset(
                         frame[info.spec.columns.get(info.spec.id_column, info.spec.id_column)]
                     )
                 else:
-                    chunk["row_id"] = [str(rows + i + 1) for i in range(len(frame))]
+                    first = shard.start + rows + 1
+                    chunk["row_id"] = [str(first + i) for i in range(len(frame))]
                 chunk["split"] = "eval"
                 del frame, batch
                 preds = run_prompt(llm, prompt, chunk, study.primary_model, study)
@@ -371,16 +463,55 @@ def evaluate_dataset(
                     pa.Table.from_pandas(scored[schema.names], schema=schema, preserve_index=False)
                 )
                 if progress and chunks % 10 == 1:
-                    progress(f"{info.name}: {rows} rows evaluated")
+                    progress(f"{info.name}: {rows} rows evaluated{_of(shard)}")
     except DatasetError:
         raise
     except (pa.ArrowException, KeyError, UnicodeDecodeError) as exc:
+        raise _read_error(info, shard.start + rows, exc) from exc
+    return ShardResult(
+        shard=shard,
+        rows=rows,
+        failed_rows=failed,
+        sums=sums,
+        usage=usage.as_dict(),
+        chunks=chunks,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _of(shard: Shard) -> str:
+    return "" if shard.count == 1 else f" in shard {shard.index + 1}/{shard.count}"
+
+
+def merge_shards(
+    study: StudyConfig,
+    prompt: PromptState,
+    info: DatasetInfo,
+    out_dir: str,
+    prompt_version: str,
+    results: list[ShardResult],
+) -> EvaluationSummary:
+    """The evaluation's summary from its shards' results, written to ``<out_dir>/summary.json``;
+    part files of an earlier evaluation with another number of shards are removed."""
+    counts = {r.shard.count for r in results}
+    if len(counts) != 1 or sorted(r.shard.index for r in results) != list(range(counts.pop())):
+        got = sorted((r.shard.index, r.shard.count) for r in results)
         raise DatasetError(
-            f"could not read dataset {info.name} after {rows} rows: {type(exc).__name__}: {str(exc)[:300]}. "
-            "Check that the file is well formed and its values consistent from row to row."
-        ) from exc
+            f"evaluation {prompt_version} on {info.name}: shards {got} do not cover the dataset"
+        )
+    rows = sum(r.rows for r in results)
     if rows == 0:
         raise DatasetError(f"dataset {info.name} has no data rows; add rows to it")
+    current = {r.shard.part_uri(out_dir).rsplit("/", 1)[-1] for r in results}
+    parts = join(out_dir, PREDICTIONS_DIR)
+    for uri in list_files(parts, "part-*.parquet"):
+        if uri.rsplit("/", 1)[-1] not in current:
+            delete(uri)
+    delete(join(out_dir, "predictions.parquet"))  # the single file earlier versions wrote
+    metrics = list(results[0].sums)
+    usage = Usage()
+    for r in results:
+        usage = usage + Usage.from_dict(r.usage)
     return _write_summary(
         out_dir,
         study,
@@ -388,13 +519,34 @@ def evaluate_dataset(
         info,
         prompt_version,
         rows=rows,
-        failed_rows=failed,
-        scores={m: sums[m] / rows for m in metrics},
+        failed_rows=sum(r.failed_rows for r in results),
+        scores={m: sum(r.sums[m] for r in results) / rows for m in metrics},
         usage=usage.as_dict(),
-        predictions_uri=predictions_uri,
-        seconds=time.perf_counter() - start,
-        chunks=chunks,
+        predictions_uri=parts,
+        seconds=sum(r.seconds for r in results),
+        chunks=sum(r.chunks for r in results),
     )
+
+
+def evaluate_dataset(
+    llm: LLMClient,
+    evaluator: EvaluatorService,
+    study: StudyConfig,
+    prompt: PromptState,
+    info: DatasetInfo,
+    out_dir: str,
+    prompt_version: str,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Progress | None = None,
+) -> EvaluationSummary:
+    """Run `prompt` over every row of the dataset in one shard, chunk by chunk, into
+    ``<out_dir>/predictions/``; writes ``summary.json`` there and returns it."""
+    _check_applicable(prompt, study, info, prompt_version)
+    whole = Shard(index=0, count=1)
+    result = evaluate_shard(
+        llm, evaluator, study, prompt, info, out_dir, prompt_version, whole, chunk_rows, progress
+    )
+    return merge_shards(study, prompt, info, out_dir, prompt_version, [result])
 
 
 def _write_summary(

@@ -108,6 +108,8 @@ def block_primary_calls_from_environment() -> None:
             primary_calls += 1
             blocked = primary_calls == block_at
         if blocked:
+            # one marker per process too, so a test can see several processes blocked at once
+            marker.with_name(f"{marker.name}.{os.getpid()}").touch()
             marker.write_text(str(os.getpid()))
             while not (release and Path(release).exists()):  # until released, or killed
                 time.sleep(0.05)
