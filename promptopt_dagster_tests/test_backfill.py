@@ -150,6 +150,11 @@ def test_shards_cover_every_row_once_and_add_up_to_the_unsharded_evaluation(
     assert table["prediction"].tolist() == expected["prediction"].tolist()
     with pytest.raises(DatasetError, match="do not cover the dataset"):
         dataset_evaluation.merge_shards(study, prompt, info, out, "v", results[:2])
+    assert len(dataset_evaluation.shards_for(prompt, study, info, 10)) == 3
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("id,review,label\n")
+    with pytest.raises(DatasetError, match="no data rows"):
+        dataset_evaluation.shards_for(prompt, study, info_for(header_only), 10)
 
 
 def test_sidecar_renames_columns_and_names_the_reference(pipeline: Pipeline, tmp_path: Path) -> None:

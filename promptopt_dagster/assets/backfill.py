@@ -19,7 +19,7 @@ import dagster as dg
 from promptopt_dagster.assets.metadata import number, prompt_markdown, table_value, usage_metadata
 from promptopt_dagster.core import dataset_evaluation, version_comparison
 from promptopt_dagster.core.scoring import evaluator_for
-from promptopt_dagster.errors import DatasetError, PromptoptError
+from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.instance_config import LLM_POOL
 from promptopt_dagster.partitions import evaluation_partitions, parse_evaluation_key
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
@@ -75,13 +75,7 @@ def plan_evaluation_shards(
     dataset does not fit: one empty shard, so the evaluation still records why)."""
     try:
         target = EvaluationTarget(context.partition_key, prompt_store, datasets)
-        if target.applicable:
-            rows = dataset_evaluation.count_rows(target.info)
-            if rows == 0:
-                raise DatasetError(f"dataset {target.dataset} has no data rows; add rows to it")
-            shards = dataset_evaluation.plan_shards(rows, datasets.shard_rows)
-        else:
-            shards = [dataset_evaluation.Shard(index=0, count=1, stop=0)]
+        shards = dataset_evaluation.shards_for(target.prompt, target.study, target.info, datasets.shard_rows)
     except PromptoptError as exc:
         raise _failure(exc) from exc
     context.log.info(f"{target.dataset}: {len(shards)} shard(s) of at most {datasets.shard_rows} rows")

@@ -385,6 +385,18 @@ def plan_shards(rows: int, shard_rows: int) -> list[Shard]:
     ]
 
 
+def shards_for(prompt: PromptState, study: StudyConfig, info: DatasetInfo, shard_rows: int) -> list[Shard]:
+    """The shards an evaluation of `prompt` on the dataset runs in; one empty shard when the
+    prompt does not fit the dataset (its evaluation only records why). DatasetError for a
+    dataset without data rows."""
+    if missing_columns(prompt, study, info):
+        return [Shard(index=0, count=1, stop=0)]
+    rows = count_rows(info)
+    if rows == 0:
+        raise DatasetError(f"dataset {info.name} has no data rows; add rows to it")
+    return plan_shards(rows, shard_rows)
+
+
 def _shard_batches(uri: str, columns: list[str], chunk_rows: int, shard: Shard) -> Iterator[pa.RecordBatch]:
     """The shard's rows of the file, in batches of at most `chunk_rows` rows."""
     offset = 0
