@@ -59,6 +59,8 @@ WORKERS_EXTRA = "pip install 'promptopt_dagster[workers]'"
 #   acknowledged only once the step ends, and a task whose process was lost goes back to the
 #   queue, so a worker runs the step again (its answered LLM calls come from the response
 #   cache). Each worker reserves one task at a time, so a lost worker holds no queued ones.
+# - a whole worker lost (its machine, or every process of it killed): its task goes to another
+#   worker once CELERY_VISIBILITY_TIMEOUT_S has passed (celery_config_source).
 # The workers take the same settings (deploy/celery/worker.yaml).
 CELERY_FAULT_SETTINGS: dict[str, object] = {
     "result_backend_always_retry": True,
@@ -73,6 +75,16 @@ CELERY_FAULT_SETTINGS: dict[str, object] = {
     "task_reject_on_worker_lost": True,
     "worker_prefetch_multiplier": 1,
 }
+
+
+def celery_config_source(settings: Settings) -> dict[str, object]:
+    """The Celery settings of executor and workers: CELERY_FAULT_SETTINGS, and the visibility
+    timeout after which a task taken by a worker that died entirely goes to another worker
+    (the Redis transport sweeps for such tasks about every 100 s)."""
+    return {
+        **CELERY_FAULT_SETTINGS,
+        "broker_transport_options": {"visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT_S},
+    }
 
 
 def executor_for(settings: Settings) -> dg.ExecutorDefinition:
@@ -100,7 +112,7 @@ def executor_for(settings: Settings) -> dg.ExecutorDefinition:
         config = {
             "broker": settings.CELERY_BROKER_URL,
             "backend": settings.CELERY_BACKEND_URL or settings.CELERY_BROKER_URL,
-            "config_source": CELERY_FAULT_SETTINGS,
+            "config_source": celery_config_source(settings),
         }
         return celery_executor.configured(config, name="celery")
     try:

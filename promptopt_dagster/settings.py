@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     DAGSTER_EXECUTOR: Literal["in_process", "celery", "k8s"] = "in_process"
     CELERY_BROKER_URL: str | None = Field(None, repr=False)
     CELERY_BACKEND_URL: str | None = Field(None, repr=False)
+    # A step whose whole worker died (machine lost, worker killed) is handed to another worker
+    # this long after it was taken (Redis' visibility timeout): longer than the longest step, or
+    # a step still running is handed out a second time. Workers take it from worker.yaml.
+    CELERY_VISIBILITY_TIMEOUT_S: int = Field(3600, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -21,13 +21,14 @@ from typing import Any
 
 import dagster as dg
 import pytest
+import yaml
 
 from promptopt_dagster import storage
 from promptopt_dagster.core.study import load_study
 from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, DriveResult, RunFailedError, drive, execute
 from promptopt_dagster.partitions import evaluation_key
 from promptopt_dagster.settings import Settings
-from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
+from promptopt_dagster_tests.support.celery_workers import WORKER_CONFIG, CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment
 from promptopt_dagster_tests.support.postgres import PostgresServer, postgres_instance
@@ -56,6 +57,7 @@ LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
 BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
 EVALUATION_JOB = "evaluation_job"
 BLOCK_AT = 3  # the primary call inside which a worker's step process is killed
+VISIBILITY_S = 8  # the whole-worker test's visibility timeout
 REDIS_DOWN_S = 4  # longer than the executor's poll interval (1 s) and the worker's step
 # Timings and the champion's creation time differ from run to run; nothing else may.
 TIMINGS: dict[str, Any] = {"wall_seconds": True, "llm_seconds": True, "champion": {"created_at"}}
@@ -218,7 +220,7 @@ class BlockedStudy:
 @contextlib.contextmanager
 def study_blocked_in_a_step(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis: RedisServer, db_url: str,
-    workers: int = 1, **extra: str,
+    workers: int = 1, worker_config: Path = WORKER_CONFIG, **extra: str,
 ) -> Iterator[BlockedStudy]:
     """The study on `workers` Celery workers (instance on `db_url`), returned once a worker is
     inside the blocked LLM call; `extra` settings (e.g. BLOCK_AT_ENV) go to every process."""
@@ -228,7 +230,7 @@ def study_blocked_in_a_step(
     )
     with (
         postgres_instance(db_url, home) as instance,
-        CeleryWorkers(workers, dict(os.environ), cwd=tmp_path) as started,
+        CeleryWorkers(workers, dict(os.environ), cwd=tmp_path, config=worker_config) as started,
         ThreadPoolExecutor(1) as pool,
     ):
         defs = build_fake_definitions(settings)
@@ -311,6 +313,53 @@ def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repea
         keys = answered_keys(answered)
         assert len(before_kill) >= BLOCK_AT - 1 and keys[: len(before_kill)] == before_kill
         assert len(keys) == len(set(keys)), "a request reached the model twice"
+
+
+def short_visibility_worker_config(folder: Path, seconds: int) -> Path:
+    """deploy/celery/worker.yaml with a visibility timeout of `seconds`, swept for every second
+    (the Redis transport's defaults sweep about every 100 s)."""
+    config = yaml.safe_load(WORKER_CONFIG.read_text())
+    options = config["execution"]["config"]["config_source"]["broker_transport_options"]
+    options.update(visibility_timeout=seconds, unacked_restore_interval=1, unacked_restore_throttle=1)
+    path = folder / "worker-short-visibility.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+) -> None:
+    """Every process of the worker running baseline_predictions is SIGKILLed inside its first
+    LLM call (a lost machine): nothing of it is left to hand the task back, so the other worker
+    takes it once the visibility timeout (CELERY_VISIBILITY_TIMEOUT_S) has passed, and the
+    study ends as in one process."""
+    ref_defs = run_in_process(tmp_path, monkeypatch)
+    config = short_visibility_worker_config(tmp_path, VISIBILITY_S)
+    with study_blocked_in_a_step(
+        tmp_path, monkeypatch, redis, postgres_db_url, workers=2, worker_config=config,
+        CELERY_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
+    ) as study:
+        victim = int(study.marker.read_text())
+        lost = os.getpgid(victim)
+        [survivor] = set(study.workers.pids) - {lost}
+        os.killpg(lost, signal.SIGKILL)
+        killed_at = time.time()
+        study.release.touch()
+        result = study.running.result(timeout=300)
+
+        instance = study.instance
+        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
+        [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
+        starts = [e for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
+                  if e.step_key == "baseline_predictions"]
+        assert len(starts) == 2 and starts[0].dagster_event.pid == victim  # type: ignore[union-attr]
+        assert os.getpgid(starts[1].dagster_event.pid) == survivor  # type: ignore[union-attr, arg-type]
+        # handed over by the timeout, not before it
+        assert starts[1].timestamp - killed_at >= VISIBILITY_S - 1, starts[1].timestamp - killed_at
+        assert decisions(study.defs) == decisions(ref_defs)
+        assert asset_files("celery") == asset_files("ref")
 
 
 def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(

@@ -30,7 +30,7 @@ class CeleryWorkers:
     """`count` workers named ``<prefix>-<i>``, each running one step at a time (concurrency 1)."""
 
     def __init__(self, count: int, env: Mapping[str, str], prefix: str = "promptopt-test",
-                 cwd: str | os.PathLike[str] | None = None) -> None:
+                 cwd: str | os.PathLike[str] | None = None, config: Path = WORKER_CONFIG) -> None:
         bindir = str(Path(sys.executable).parent)
         # This checkout first on PYTHONPATH: the workers import the code the test runs.
         pythonpath = [str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
@@ -41,6 +41,7 @@ class CeleryWorkers:
         }
         self.names = [f"{prefix}-{i}" for i in range(count)]
         self.cwd = cwd
+        self.config = config
         self._bindir = bindir
         self._servers = [ServerProcess(f"celery worker {name}") for name in self.names]
 
@@ -56,7 +57,7 @@ class CeleryWorkers:
                 cmd = [
                     str(Path(self._bindir) / "dagster-celery"), "worker", "start",
                     "-A", "dagster_celery.app",
-                    "-y", str(WORKER_CONFIG),
+                    "-y", str(self.config),
                     "-n", name,
                     "--", "--concurrency=1", "--without-gossip", "--without-mingle",
                 ]
