@@ -110,6 +110,20 @@ def test_candidates_cover_the_minibatch_and_validation_all_or_nothing() -> None:
     assert checks.prediction_coverage(empty, expected, groups=[], **kw).passed
 
 
+def test_a_candidate_screened_in_part_passes_only_when_it_was_not_validated() -> None:
+    """Screening stops early for a candidate that cannot match the incumbent: part of the
+    minibatch and no validation rows is fine; part of the minibatch with validation rows is not."""
+    expected = {"train": ["1", "2"], "val": ["3"]}
+    kw = {"group_by": "candidate_id", "all_or_none": ["val"], "partial_unless": {"train": "val"}}
+    stopped = predictions([("train", "1"), ("train", "1"), ("train", "2")], candidate_id=["a", "b", "b"])
+    assert checks.prediction_coverage(stopped, expected, groups=["a", "b"], **kw).passed
+    validated = predictions([("train", "1"), ("val", "3")], candidate_id=["a", "a"])
+    outcome = checks.prediction_coverage(validated, expected, groups=["a"], **kw)
+    assert not outcome.passed and "a/train/2" in outcome.description
+    none = predictions([("train", "1")], candidate_id=["a"])
+    assert not checks.prediction_coverage(none, expected, groups=["a", "b"], **kw).passed  # b: no rows
+
+
 def test_champion_below_the_seed_fails() -> None:
     assert checks.champion_not_below_seed(0.5, 0.5, "p").passed
     below = checks.champion_not_below_seed(0.5, 0.4, "p")

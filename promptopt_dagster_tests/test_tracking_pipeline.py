@@ -190,6 +190,7 @@ def test_the_driven_study_is_in_mlflow_runs_metrics_artifacts_and_prompt_registr
             [train] = client.get_metric_history(run.info.run_id, "train.exact_match")
             assert train.step == iteration
             assert "predictions.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert 1 <= run.data.metrics["screened_rows"] <= p.study.minibatch_size
         accepted = [r for r in nested if r.data.metrics["accepted"] == 1.0]
         assert len(accepted) == int(record.accepted)
         if record.accepted:

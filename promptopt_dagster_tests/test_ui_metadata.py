@@ -108,6 +108,8 @@ def test_metadata_is_rounded_wrapped_and_explained(pipeline: Pipeline) -> None:
     assert "meta-model" in str(columns["predicted_score"].description)
     assert all(r.data["predicted_score"] is None for r in scores.records)  # no meta-model here
     assert any(r.data["val_score"] is None for r in scores.records)
+    assert "stopped early" in str(columns["screened_rows"].description)
+    assert all(1 <= r.data["screened_rows"] <= p.study.minibatch_size for r in scores.records)
 
 
 def test_prompts_are_wrapped_in_code_blocks_and_tables_have_blanks() -> None:

@@ -110,6 +110,7 @@ def candidate_predictions_checks(
         group_by="candidate_id",
         groups=[c.prompt.id for c in candidates.candidates],
         all_or_none=["val"],
+        partial_unless={"train": "val"},
     )
     return [_result("candidate_predictions_cover_every_row", outcome)]
 

@@ -52,6 +52,12 @@ SCORE_COLUMNS = [
     dg.TableColumn("strategy", "string", description="the optimizer strategy that proposed it"),
     dg.TableColumn("train_score", "float", description="target metric on the train minibatch"),
     dg.TableColumn(
+        "screened_rows",
+        "int",
+        description="minibatch rows train_score is over; fewer than the minibatch when screening "
+        "stopped early because the candidate could no longer match the incumbent",
+    ),
+    dg.TableColumn(
         "val_score",
         "float",
         description="target metric on validation; blank: not validated (screening on the minibatch "

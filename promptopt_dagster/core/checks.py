@@ -89,12 +89,15 @@ def prediction_coverage(
     group_by: str | None = None,
     groups: Collection[str] = (),
     all_or_none: Collection[str] = (),
+    partial_unless: Mapping[str, str] | None = None,
     max_error_rate: float = MAX_ERROR_RATE,
 ) -> CheckOutcome:
     """Fails when a prediction is missing or repeated, or when more than `max_error_rate` of the
     rows carry an LLM error. `expected` is {split: row ids}. With `group_by` (candidate_id) each
     of `groups` must cover them, except the splits in `all_or_none`, which a group covers entirely
-    or not at all (a candidate that did not go on to validation has no val rows)."""
+    or not at all (a candidate that did not go on to validation has no val rows), and a split
+    `s` of `partial_unless` {s: t}, which a group may cover in part only when it has no rows of
+    split `t` (screening stopped early on the minibatch, so the candidate was not validated)."""
     rows = len(predictions)
     errors = int(predictions["error"].notna().sum()) if rows else 0
     rate = errors / rows if rows else 0.0
@@ -114,7 +117,10 @@ def prediction_coverage(
             repeated += int(got.duplicated().sum())
             if split in all_or_none and got.empty:
                 continue
-            missing += [f"{label}{split}/{r}" for r in sorted(set(map(str, ids)) - set(got))]
+            unless = (partial_unless or {}).get(split)
+            partial_ok = unless is not None and not (frame["split"] == unless).any() and not got.empty
+            if not partial_ok:
+                missing += [f"{label}{split}/{r}" for r in sorted(set(map(str, ids)) - set(got))]
             unexpected += [f"{label}{split}/{r}" for r in sorted(set(got) - set(map(str, ids)))]
     problems = []
     if missing:

@@ -4,7 +4,8 @@
                          (core/inference.py)
 2. evaluation            score_predictions (core/scoring.py)
 3. refinement            propose_candidates (core/proposal.py, the optimizer package)
-4. refined inference     screen_and_confirm: every candidate on the minibatch, the best on val
+4. refined inference     screen_and_confirm: every candidate on the minibatch (stopped early
+                         once it cannot match the incumbent there), the best on val
 5. evaluation + decision candidate_scores (core/scoring.py), then decide
 
 The rows come from load_study_data (core/study_data.py); the budget rules from core/budget.py.
@@ -29,13 +30,42 @@ from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.core.study_data import StudyData
 from promptopt_dagster.llm.base import LLMClient, Usage
 from promptopt_dagster.optimizer.bandit import StrategyBandit
-from promptopt_dagster.optimizer.selection import choose_for_validation, pick_winner
+from promptopt_dagster.optimizer.selection import EPS, choose_for_validation, pick_winner
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 
 Progress = Callable[[str], None]
 # A 10-row minibatch is noisy: the best two candidates there go on to validation (successive
 # halving in its smallest form), when the budget allows.
 CONFIRM_TOP = 2
+# Minibatch rows a candidate is screened on at a time: after each block, a candidate that can no
+# longer match the incumbent's minibatch score (even with every remaining row right) stops.
+SCREEN_BLOCK = 4
+
+
+def screen_candidate(
+    llm: LLMClient,
+    evaluator: EvaluatorService,
+    study: StudyConfig,
+    prompt: PromptState,
+    train: pd.DataFrame,
+    incumbent_train_score: float,
+    block: int = SCREEN_BLOCK,
+) -> pd.DataFrame:
+    """The candidate's predictions on the minibatch `train`, block by block, stopping once even
+    a perfect score on the rows left could not bring its mean up to the incumbent's: such a
+    candidate never goes on to validation, so its remaining rows would be calls spent for
+    nothing. Per-row scores of every metric here are at most 1."""
+    n = len(train)
+    frames, total, done = [], 0.0, 0
+    for start in range(0, n, max(1, block)):
+        preds = run_prompt(llm, prompt, train.iloc[start : start + block], study.primary_model, study)
+        scored, _ = score_predictions(evaluator, preds, study.target_metric, ["split"])
+        frames.append(preds)
+        total += float(scored["score"].sum())
+        done += len(preds)
+        if done < n and (total + (n - done)) / n < incumbent_train_score - EPS:
+            break
+    return pd.concat(frames, ignore_index=True)
 
 
 def screen_and_confirm(
@@ -49,7 +79,8 @@ def screen_and_confirm(
     progress: Progress | None = None,
     calls_left: int | None = None,
 ) -> pd.DataFrame:
-    """Every candidate on the train minibatch; those that match or beat the incumbent there, the
+    """Every candidate on the train minibatch (`screen_candidate`: stopped early once it cannot
+    match the incumbent there); those that match or beat the incumbent there, the
     best `confirm_top`, on validation, as many as `calls_left` (the budget, None for none) pays
     for after screening; propose_candidates keeps at least one validation affordable. Returns
     all predictions with a `candidate_id` column."""
@@ -62,11 +93,16 @@ def screen_and_confirm(
     for i, cand in enumerate(candidates):
         if progress:
             progress(f"screening candidate {i + 1}/{len(candidates)} ({cand.strategy})")
-        preds = run_prompt(llm, cand.prompt, train, study.primary_model, study)
+        preds = screen_candidate(llm, evaluator, study, cand.prompt, train, incumbent_train_score)
         scored, agg = score_predictions(evaluator, preds, study.target_metric, ["split"])
         frames.append(preds.assign(candidate_id=cand.prompt.id))
         if calls_left is not None:
             calls_left -= live_calls(preds)
+        if progress and len(preds) < len(train):
+            progress(
+                f"candidate {i + 1} ({cand.strategy}) stopped after {len(preds)} of {len(train)} minibatch "
+                "rows: it can no longer match the incumbent there"
+            )
         scores.append(score_of(cand, agg["train"][study.target_metric]))
     if calls_left is not None:
         confirm_top = min(confirm_top, max(0, calls_left) // max(1, len(val)))

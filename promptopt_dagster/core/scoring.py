@@ -73,7 +73,9 @@ def score_predictions(
     return scored, aggregates
 
 
-def score_of(cand: Candidate, train_score: float, val_score: float | None = None) -> CandidateScore:
+def score_of(
+    cand: Candidate, train_score: float, val_score: float | None = None, screened_rows: int | None = None
+) -> CandidateScore:
     return CandidateScore(
         candidate_id=cand.prompt.id,
         strategy=cand.strategy,
@@ -81,6 +83,7 @@ def score_of(cand: Candidate, train_score: float, val_score: float | None = None
         train_score=train_score,
         val_score=val_score,
         parts=cand.prompt.metadata.get("parts"),
+        screened_rows=screened_rows,
     )
 
 
@@ -91,7 +94,8 @@ def candidate_scores(
     for cand in candidates:
         agg = aggregates.get(cand.prompt.id, {})
         val = agg["val"][target] if "val" in agg else None
-        out.append(score_of(cand, agg.get("train", {}).get(target, 0.0), val))
+        train = agg.get("train", {})
+        out.append(score_of(cand, train.get(target, 0.0), val, int(train.get("n", 0))))
     return out
 
 

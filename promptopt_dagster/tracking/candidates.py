@@ -41,6 +41,8 @@ def _candidate_metrics(
     if score is not None:
         metrics["train_score"] = score.train_score
         metrics["gain_vs_incumbent"] = score.train_score - record.incumbent_train_score
+        if score.screened_rows is not None:
+            metrics["screened_rows"] = float(score.screened_rows)
         if score.val_score is not None:
             metrics["val_score"] = score.val_score
     predicted = cand.prompt.metadata.get("predicted_score")
