@@ -514,17 +514,12 @@ def merge_shards(
     rows = sum(r.rows for r in results)
     if rows == 0:
         raise DatasetError(f"dataset {info.name} has no data rows; add rows to it")
-    current = {r.shard.part_uri(out_dir).rsplit("/", 1)[-1] for r in results}
     parts = join(out_dir, PREDICTIONS_DIR)
-    for uri in list_files(parts, "part-*.parquet"):
-        if uri.rsplit("/", 1)[-1] not in current:
-            delete(uri)
-    delete(join(out_dir, "predictions.parquet"))  # the single file earlier versions wrote
     metrics = list(results[0].sums)
     usage = Usage()
     for r in results:
         usage = usage + Usage.from_dict(r.usage)
-    return _write_summary(
+    summary = _write_summary(
         out_dir,
         study,
         prompt,
@@ -538,6 +533,13 @@ def merge_shards(
         seconds=sum(r.seconds for r in results),
         chunks=sum(r.chunks for r in results),
     )
+    # the summary first: stale parts go only once it points at the new ones
+    current = {r.shard.part_uri(out_dir).rsplit("/", 1)[-1] for r in results}
+    for uri in list_files(parts, "part-*.parquet"):
+        if uri.rsplit("/", 1)[-1] not in current:
+            delete(uri)
+    delete(join(out_dir, "predictions.parquet"))  # the single file earlier versions wrote
+    return summary
 
 
 def evaluate_dataset(
