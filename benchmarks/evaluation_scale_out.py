@@ -17,6 +17,19 @@ orchestrating process): bounded by the chunk size, not by R.
     python benchmarks/evaluation_scale_out.py                 # 100,000 rows, 1, 2 and 4 workers
     python benchmarks/evaluation_scale_out.py --rows 20000 --shard-rows 2500 --latency-ms 20
 
+Measured on 2 cores, 2026-11-30 (``--rows 20000 --shard-rows 2500 --workers 1,2,4 --latency-ms 100``,
+about 26 minutes; benchmarks/results/evaluation-scale-out-2026-11-30.txt)::
+
+    20000 rows in shards of 2500, latency 100 ms, quota 4 x 4 = 16 in flight (at most 160 rows/s)
+    executor        wall s  rows/s  speed-up  linear  requests  max in flight  peak MB   ok
+    in_process       537.2    37.2         -       -     20000         4 / 16      388  yes
+    celery x1        547.8    36.5      1.00    1.00     20000         4 / 16      416  yes
+    celery x2        283.2    70.6      1.93    0.97     20000         8 / 16      413  yes
+    celery x4        162.6   123.0      3.37    0.84     20000        16 / 16      408  yes
+
+The default 100,000 rows take about 2 hours at that latency (40 rows/s on one worker); the peak
+memory per worker did not grow from 2,000 rows (399-408 MB) to 20,000.
+
 Run with this checkout first on PYTHONPATH (the workers import it):
 ``PYTHONPATH=$PWD .venv/bin/python benchmarks/evaluation_scale_out.py ...``. Needs redis-server
 and PostgreSQL binaries (``make redis``; ``make test`` installs postgresql).
