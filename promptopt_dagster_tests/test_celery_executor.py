@@ -10,6 +10,7 @@ through."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import time
@@ -20,12 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import pandas as pd
 import pytest
 import yaml
 
 from promptopt_dagster import storage
 from promptopt_dagster.core.study import load_study
-from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, DriveResult, RunFailedError, drive, execute
+from promptopt_dagster.definitions import build_definitions
+from promptopt_dagster.driver import (
+    ITERATION_JOB,
+    REPORT_JOB,
+    DriveResult,
+    RunFailedError,
+    drive,
+    execute,
+)
 from promptopt_dagster.partitions import evaluation_key
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.celery_workers import WORKER_CONFIG, CeleryWorkers
@@ -37,7 +47,7 @@ from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_server,  # noqa: F401
 )
 from promptopt_dagster_tests.support.redis_server import RedisServer
-from promptopt_dagster_tests.support.scripted import write_dataset, write_study
+from promptopt_dagster_tests.support.scripted import gemini_responder, write_dataset, write_study
 from promptopt_dagster_tests.support.scripted_cli import (
     ANSWERED_ENV,
     BLOCK_AT_ENV,
@@ -46,6 +56,7 @@ from promptopt_dagster_tests.support.scripted_cli import (
     answered_keys,
     wait_for_marker,
 )
+from promptopt_dagster_tests.support.vertex_server import FaultSchedule, VertexServer
 
 pytestmark = pytest.mark.e2e
 
@@ -54,6 +65,7 @@ BUCKET = "promptopt-celery"
 # A function, so each process that loads it (the workers, the run's own process) builds the
 # definitions from its environment at that moment.
 LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
+PRODUCT_LOCATION = "promptopt_dagster_tests.support.fake_location:product_defs_from_environment"
 BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
 EVALUATION_JOB = "evaluation_job"
 BLOCK_AT = 3  # the primary call inside which a worker's step process is killed
@@ -446,3 +458,57 @@ def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
         assert meta["shards"] == 4 and meta["rows"] == 20 and meta["failed_rows"] == 0
         parts = storage.list_files(str(meta["predictions"]), "*.parquet")
         assert [p.rsplit("/", 1)[1] for p in parts] == [f"part-0000{i}-of-00004.parquet" for i in range(4)]
+
+
+def test_a_study_on_workers_with_30_percent_of_vertex_calls_failing_ends_as_a_clean_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The real Vertex client on the workers, against the fake Vertex server failing a
+    deterministic 30% of all generateContent attempts (429 with Retry-After, 500, timeouts,
+    malformed replies): the study ends with the decisions and asset files of the same study run
+    in one process against the server without faults, and no prediction row carries an error."""
+    with VertexServer(responder=gemini_responder) as server:
+        vertex = {
+            "VERTEX_PROJECT_ID": "celery-project", "VERTEX_API_ENDPOINT": server.base_url,
+            "VERTEX_ACCESS_TOKEN": "celery-token", "VERTEX_BATCH_MODE": "online",
+            "VERTEX_TIMEOUT_S": "1.0", "VERTEX_BACKOFF_INITIAL_S": "0.05", "VERTEX_BACKOFF_MAX_S": "0.5",
+            "NO_GCE_CHECK": "true",
+        }
+        reference = use_settings(monkeypatch, **COMMON, **vertex, PROMPTOPT_HOME=str(tmp_path / "ref"),
+                                 GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
+        ref_defs = build_definitions(reference)
+        register(ref_defs, tmp_path)
+        with dg.instance_for_test() as ref_instance:
+            drive(ref_defs, ref_instance, STUDY)
+        clean_requests = len(server.generate_requests())
+
+        server.clear()
+        server.schedule = schedule = FaultSchedule(rate=0.3, retry_after=0.2)
+        home = tmp_path / "dagster"
+        settings = celery_settings(tmp_path, monkeypatch, redis, home, **vertex)
+        with (
+            postgres_instance(postgres_db_url, home) as instance,
+            CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
+        ):
+            defs = build_definitions(settings)
+            register(defs, tmp_path)
+            result = drive(defs, instance, STUDY, location=PRODUCT_LOCATION)
+            assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+            for run in instance.get_runs():
+                for entry in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START):
+                    assert os.getpgid(entry.dagster_event.pid) in workers.pids  # type: ignore[union-attr, arg-type]
+            predictions = [
+                pd.read_parquet(io.BytesIO(storage.read_bytes(uri)))
+                for uri in storage.list_files(f"gs://{BUCKET}/celery/assets", "**/*.parquet")
+            ]
+        faulty_requests = len(server.generate_requests())
+        with capsys.disabled():
+            print(f"\nclean, in process: {clean_requests} generateContent requests; faulty, on 2 workers: "
+                  f"{faulty_requests}, injected {dict(schedule.injected)}")
+        assert {"429", "500", "timeout", "malformed_json"} <= set(schedule.injected)
+        assert faulty_requests > clean_requests  # the failed attempts were retried
+        assert predictions and all(frame["error"].isna().all() for frame in predictions)
+        assert decisions(defs) == decisions(ref_defs)
+        assert asset_files("celery") == asset_files("ref")

@@ -37,3 +37,9 @@ def defs_from_environment() -> dg.Definitions:
     the scripted primary model mid-call there (support/scripted_cli.py's BLOCKED_ENV)."""
     block_primary_calls_from_environment()
     return build_fake_definitions()
+
+
+def product_defs_from_environment() -> dg.Definitions:
+    """The product's own definitions (real LLM backends) from the settings in the environment
+    now, for tests whose workers reach a fake server rather than a scripted model."""
+    return build_definitions(Settings())
