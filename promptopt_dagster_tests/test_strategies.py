@@ -342,3 +342,19 @@ def test_add_examples_never_proposes_a_set_measured_before() -> None:
     )
     seen = [PromptParts.of(c.prompt) for c in again.candidates]
     assert shown not in seen and len(set(seen)) == len(seen)
+
+
+def test_sizes_measured_with_another_instruction_are_measured_again_before_a_redraw() -> None:
+    two = choose_demonstrations(_train(), {"r0", "r1"}, "label", 2, seed=0)
+    old = PromptParts("Label it.", "{text}", demo_ids=two)
+    new = PromptParts("Label the item as A, B or C.", "{text}", demo_ids=two)  # a newer champion
+    incumbent = SEED.child(new.instruction, "{text}", "raw", parts=new.to_dict())
+    tried = [Tried(old.with_(demo_ids=d), "add_examples", 0.5, None) for d in [(), two, two + ("r5", "r6")]]
+    tried.append(
+        Tried(old.with_(demo_ids=two + ("r5", "r6", "r7", "r8", "r9", "r10")), "add_examples", 0.5, None)
+    )
+    result = Optimizer(_optimizer_llm([]), strategies=["add_examples"]).propose(
+        _context(incumbent, tried), 1, StrategyBandit(STRATEGY_NAMES)
+    )
+    [cand] = result.candidates
+    assert len(PromptParts.of(cand.prompt).demo_ids) == 4  # not another draw of 2

@@ -1,8 +1,8 @@
 """add_examples: demonstrations from the train split (never the screening minibatch). The number
 of demonstrations and the rows themselves are searched: each size (0, 2, 4, 8) is a candidate,
-sizes not yet tried on this study come first, then another draw of the incumbent's own size
-(which rows are shown moves a small model's score as much as how many), and the minibatch and
-validation measure them all."""
+sizes not yet measured with the incumbent's instruction and template come first, then another
+draw of the incumbent's own size (which rows are shown moves a small model's score as much as
+how many), and the minibatch and validation measure them all."""
 
 from __future__ import annotations
 
@@ -21,7 +21,10 @@ class AddExamples:
     def propose(self, ctx: ProposalContext, room: int, llm: OptimizerLLM) -> list[Proposal]:
         parts = ctx.parts
         current = len(parts.demo_ids)
-        tried_sizes = {len(t.parts.demo_ids) for t in ctx.tried if t.strategy == self.name}
+        # sizes measured with this prompt's other parts: after a new instruction or template was
+        # accepted, every size is worth measuring again before another draw of the same size
+        base = self._base(ctx, parts)
+        tried_sizes = {len(t.parts.demo_ids) for t in ctx.tried if self._base(ctx, t.parts) == base}
         others = [k for k in SIZES if k != current and (k > 0 or parts.demo_ids)]
         untried = [k for k in others if k not in tried_sizes]
         redraw = [current] if current else []
@@ -43,6 +46,11 @@ class AddExamples:
             what = "another draw of" if k == current else "a set of"
             out.append(Proposal(new, f"{what} {len(demos)} demonstration(s) from the train split"))
         return out
+
+    @staticmethod
+    def _base(ctx: ProposalContext, parts: PromptParts) -> PromptParts:
+        """`parts` without demonstrations, with the format rule every proposal carries."""
+        return parts.with_(demo_ids=(), format_rule=parts.format_rule or ctx.format_rule)
 
     @staticmethod
     def _draw(ctx: ProposalContext, k: int, measured: set[PromptParts]) -> PromptParts | None:
