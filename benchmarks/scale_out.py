@@ -50,9 +50,10 @@ limit; 2 idle cores, 2026-11-30, about 15 minutes
     celery x2            255.7       864    27.00         9.5      1.69    0.84         8 / 32  yes
     celery x4            175.6       864    27.00         6.5      2.46    0.61        16 / 32  yes
 
-Two workers reach 0.84 of linear, four only 0.61: eight drivers and four workers share two
-cores, and each Celery step is a process that loads the code location and writes its events,
-so the machine's CPU, not the LLM latency, bounds the last doubling.
+Two workers reach 0.84 of linear, four only 0.61, short of the 0.8 goal. Not profiled: eight
+drivers and four workers share two cores, and every Celery step loads the code location and
+writes its events, so the likely bound of the last doubling is the machine's CPU rather than
+the LLM latency; a machine with more cores would tell.
 
 At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost on two
 busy cores (each Celery step is a fresh process that loads the code location), so these figures
