@@ -52,8 +52,9 @@ limit; 2 idle cores, 2026-11-30, about 15 minutes
 
 Two workers reach 0.84 of linear, four only 0.61, short of the 0.8 goal. Not profiled: eight
 drivers and four workers share two cores, and every Celery step loads the code location and
-writes its events, so the likely bound of the last doubling is the machine's CPU rather than
-the LLM latency; a machine with more cores would tell.
+writes its events (the 5-minute load average was 1.6 on the two cores right after the
+4-worker round), so the machine's CPU is a likely bound of the last doubling, next to each
+study's chain of steps; a machine with more cores would tell.
 
 At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost on two
 busy cores (each Celery step is a fresh process that loads the code location), so these figures
