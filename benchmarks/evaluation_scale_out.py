@@ -27,8 +27,17 @@ about 26 minutes; benchmarks/results/evaluation-scale-out-2026-11-30.txt)::
     celery x2        283.2    70.6      1.93    0.97     20000         8 / 16      413  yes
     celery x4        162.6   123.0      3.37    0.84     20000        16 / 16      408  yes
 
-The default 100,000 rows take about 2 hours at that latency (40 rows/s on one worker); the peak
-memory per worker did not grow from 2,000 rows (399-408 MB) to 20,000.
+100,000 rows at 25 ms a call, in 8 shards (``--rows 100000 --shard-rows 12500 --latency-ms 25
+--no-baseline``, about 23 minutes; benchmarks/results/evaluation-scale-out-100k-2026-11-30.txt)::
+
+    100000 rows in shards of 12500, latency 25 ms, quota 4 x 4 = 16 in flight (at most 640 rows/s)
+    executor        wall s  rows/s  speed-up  linear  requests  max in flight  peak MB   ok
+    celery x1        748.9   133.5      1.00    1.00    100000         4 / 16      455  yes
+    celery x2        378.8   264.0      1.98    0.99    100000         8 / 16      443  yes
+    celery x4        204.2   489.8      3.67    0.92    100000        16 / 16      440  yes
+
+Peak memory per worker: 399-408 MB at 2,000 rows, 408-416 MB at 20,000, 440-455 MB at 100,000
+with 5 times larger shards (chunks of 1000 rows in every case).
 
 Run with this checkout first on PYTHONPATH (the workers import it):
 ``PYTHONPATH=$PWD .venv/bin/python benchmarks/evaluation_scale_out.py ...``. Needs redis-server
