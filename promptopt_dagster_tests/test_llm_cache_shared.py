@@ -30,15 +30,12 @@ from promptopt_dagster.llm.base import ChatRequest
 from promptopt_dagster.llm.cache import CachedLLM, ResponseTable, database_url, responses
 from promptopt_dagster.llm.fake import ScriptedLLM
 from promptopt_dagster.resources import LLMResource
-from promptopt_dagster.sensors import new_study_sensor
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.cache_worker import URL_ENV
-from promptopt_dagster_tests.support.pipeline import make_pipeline, materialize_iteration, tick
 from promptopt_dagster_tests.support.postgres import (
     PASSWORD,
     PostgresServer,
     database_name,
-    postgres_instance,
 )
 from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
@@ -350,13 +347,9 @@ def test_another_process_rematerializes_an_iteration_with_zero_llm_calls(
     scripted model."""
     home = tmp_path / "home"
     home.mkdir()
-    with postgres_instance(postgres_db_url, tmp_path / "dagster_a") as instance:
-        p = make_pipeline(home, instance, cache_url=cache_db)
-        p.store.register_study(p.study)
-        tick(p, new_study_sensor)
-        first = materialize_iteration(p, 0)
-        assert first.success
-        assert p.llm.inner("primary").calls > 0 and p.llm.inner("optimizer").calls > 0
+    # both in processes of their own: each starts from a fresh interpreter, as a worker does
+    first = _run_worker("start", str(home), str(tmp_path / "dagster_a"), postgres_db_url, url=cache_db)
+    assert first["success"] and first["primary"] > 0 and first["optimizer"] > 0  # type: ignore[operator]
     assert len(rows_in(cache_db)) > 0
     assert not (home / "cache" / "llm_responses.sqlite").exists()  # the replies are in PostgreSQL
 
