@@ -256,6 +256,16 @@ def study_blocked_in_a_step(
         yield BlockedStudy(instance, defs, started, running, marker, release)
 
 
+def baseline_starts_of_a_finished_study(instance: dg.DagsterInstance, result: DriveResult) -> list[Any]:
+    """The STEP_START events of baseline_predictions in the study's iteration run, once every
+    run of the study (its iteration and its report) succeeded."""
+    assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
+    [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
+    return [e for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
+            if e.step_key == "baseline_predictions"]
+
+
 def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
@@ -306,11 +316,7 @@ def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repea
         result = study.running.result(timeout=300)
 
         instance = study.instance
-        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
-        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
-        [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
-        starts = [e for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
-                  if e.step_key == "baseline_predictions"]
+        starts = baseline_starts_of_a_finished_study(instance, result)
         pids = [e.dagster_event.pid for e in starts]  # type: ignore[union-attr]
         assert len(pids) == 2 and pids[0] == victim and pids[1] != victim, pids
         # The same decisions; the iteration's call count leaves out the calls its killed step
@@ -361,11 +367,7 @@ def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
         result = study.running.result(timeout=300)
 
         instance = study.instance
-        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
-        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
-        [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
-        starts = [e for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
-                  if e.step_key == "baseline_predictions"]
+        starts = baseline_starts_of_a_finished_study(instance, result)
         assert len(starts) == 2 and starts[0].dagster_event.pid == victim  # type: ignore[union-attr]
         assert os.getpgid(starts[1].dagster_event.pid) == survivor  # type: ignore[union-attr, arg-type]
         # handed over by the timeout, not before it
