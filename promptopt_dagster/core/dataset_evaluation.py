@@ -555,7 +555,6 @@ def evaluate_dataset(
 ) -> EvaluationSummary:
     """Run `prompt` over every row of the dataset in one shard, chunk by chunk, into
     ``<out_dir>/predictions/``; writes ``summary.json`` there and returns it."""
-    _check_applicable(prompt, study, info, prompt_version)
     whole = Shard(index=0, count=1)
     result = evaluate_shard(
         llm, evaluator, study, prompt, info, out_dir, prompt_version, whole, chunk_rows, progress
