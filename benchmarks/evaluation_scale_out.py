@@ -59,10 +59,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_out import child_env  # noqa: E402
+from scale_out import round_environment  # noqa: E402
 
 from promptopt_dagster import storage  # noqa: E402
-from promptopt_dagster.instance_config import plan_instance_file  # noqa: E402
 from promptopt_dagster.settings import Settings  # noqa: E402
 from promptopt_dagster_tests.support.celery_workers import CeleryWorkers  # noqa: E402
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment  # noqa: E402
@@ -72,7 +71,6 @@ from promptopt_dagster_tests.support.scripted import gemini_responder, write_dat
 from promptopt_dagster_tests.support.vertex_server import VertexServer  # noqa: E402
 
 BUCKET = "promptopt-eval-scale"
-TOKEN = "scale-out-token"
 STUDY = "evalscale"
 DATASET = "big.csv"
 RUN_TIMEOUT_S = 7200.0
@@ -141,37 +139,10 @@ def run_round(
 ) -> Round:
     label = f"w{workers}"
     root = tmp / label
-    home = root / "dagster"
-    home.mkdir(parents=True)
-    pg_url = pg.create_database(template=pg.dagster_template())
-    env = child_env(
-        dict(os.environ),
-        PROMPTOPT_HOME=str(root / "project"),
-        DAGSTER_HOME=str(home),
-        DAGSTER_PG_URL=pg_url,
-        LLM_POOL_LIMIT=str(args.pool_limit),
-        DAGSTER_EXECUTOR="celery" if workers else "in_process",
-        GCS_BUCKET_NAME=BUCKET,
-        GCS_PREFIX=label,
-        VERTEX_PROJECT_ID="scale-project",
-        VERTEX_API_ENDPOINT=server.base_url,
-        VERTEX_ACCESS_TOKEN=TOKEN,
-        VERTEX_CONCURRENCY=str(args.vertex_concurrency),
-        VERTEX_TIMEOUT_S="600",
-        LLM_CACHE_ENABLED="false",  # every call reaches the server
-        EVALUATION_SHARD_ROWS=str(args.shard_rows),
-        EVALUATION_CHUNK_ROWS=str(args.chunk_rows),
-        NO_GCE_CHECK="true",
-        PYTHONUNBUFFERED="1",
-    )
-    if workers:
-        env.update(CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1))
-    else:
+    env = round_environment(workers, args, root, BUCKET, pg, redis, server)
+    env.update(EVALUATION_SHARD_ROWS=str(args.shard_rows), EVALUATION_CHUNK_ROWS=str(args.chunk_rows))
+    if not workers:
         env["EVAL_SCALE_SELF_PEAK"] = "1"
-    settings = Settings(DAGSTER_PG_URL=pg_url, LLM_POOL_LIMIT=args.pool_limit)
-    text = plan_instance_file(None, settings).text
-    assert text is not None
-    (home / "dagster.yaml").write_text(text)
 
     folder = root / "study"
     folder.mkdir()

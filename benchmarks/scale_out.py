@@ -110,17 +110,18 @@ def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
     return env
 
 
-def run_round(
-    workers: int, args: argparse.Namespace, tmp: Path, pg: PostgresServer, redis: RedisServer,
-    server: VertexServer,
-) -> Round:
-    """N `promptopt run` processes at once on a fresh database and DAGSTER_HOME; with `workers`
-    > 0 their steps run on that many Celery workers started for this round."""
+def round_environment(
+    workers: int, args: argparse.Namespace, root: Path, bucket: str, pg: PostgresServer,
+    redis: RedisServer, server: VertexServer,
+) -> dict[str, str]:
+    """A round's environment under `root`: a fresh database with Dagster's tables (no run of an
+    earlier round is seen), DAGSTER_HOME with the instance file the CLI would write (written
+    before the workers start, since they load the instance from it too), assets under the
+    round's prefix of `bucket`, the Vertex client pointed at `server`, Celery on `redis` when
+    `workers` > 0."""
     label = f"w{workers}"
-    root = tmp / label
     home = root / "dagster"
     home.mkdir(parents=True)
-    # A fresh database with Dagster's tables, so no run of an earlier round is seen.
     pg_url = pg.create_database(template=pg.dagster_template())
     env = child_env(
         dict(os.environ),
@@ -129,7 +130,7 @@ def run_round(
         DAGSTER_PG_URL=pg_url,
         LLM_POOL_LIMIT=str(args.pool_limit),
         DAGSTER_EXECUTOR="celery" if workers else "in_process",
-        GCS_BUCKET_NAME=BUCKET,
+        GCS_BUCKET_NAME=bucket,
         GCS_PREFIX=label,
         VERTEX_PROJECT_ID="scale-project",
         VERTEX_API_ENDPOINT=server.base_url,
@@ -142,12 +143,22 @@ def run_round(
     )
     if workers:
         env.update(CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1))
-    # The instance file the CLI would write (Postgres storage, the "llm" pool's limit), written
-    # before the workers start since they load the instance from DAGSTER_HOME too.
     settings = Settings(DAGSTER_PG_URL=pg_url, LLM_POOL_LIMIT=args.pool_limit)
     text = plan_instance_file(None, settings).text
     assert text is not None
     (home / "dagster.yaml").write_text(text)
+    return env
+
+
+def run_round(
+    workers: int, args: argparse.Namespace, tmp: Path, pg: PostgresServer, redis: RedisServer,
+    server: VertexServer,
+) -> Round:
+    """N `promptopt run` processes at once on a fresh database and DAGSTER_HOME; with `workers`
+    > 0 their steps run on that many Celery workers started for this round."""
+    label = f"w{workers}"
+    root = tmp / label
+    env = round_environment(workers, args, root, BUCKET, pg, redis, server)
 
     studies = []
     for i in range(args.studies):
