@@ -65,14 +65,25 @@ def instance_environment(settings: Settings) -> dict[str, str]:
     return {PG_URL_ENV: postgres_url(settings.DAGSTER_PG_URL)}
 
 
+def postgres_storage(url: Any) -> dict[str, Any]:
+    """The `storage:` entry for the run, event-log and schedule storages on PostgreSQL at `url`
+    (a URL, or `{"env": VARIABLE}`): dagster-postgres with pooled connections (pg_storage.py)."""
+    return {
+        "custom": {
+            "module": "promptopt_dagster.pg_storage",
+            "class": "PooledPostgresStorage",
+            "config": {"postgres_url": url},
+        }
+    }
+
+
 def instance_config(settings: Settings) -> dict[str, Any]:
     """The `dagster.yaml` content as a dict. Without DAGSTER_PG_URL Dagster keeps its SQLite
     default; without LLM_POOL_LIMIT the "llm" pool has no limit."""
     config: dict[str, Any] = {}
     if settings.DAGSTER_PG_URL:
         postgres_url(settings.DAGSTER_PG_URL)  # refuse a bad URL now, not when Dagster connects
-        # One entry for the run, event-log and schedule storages.
-        config["storage"] = {"postgres": {"postgres_url": {"env": PG_URL_ENV}}}
+        config["storage"] = postgres_storage({"env": PG_URL_ENV})
     if settings.LLM_POOL_LIMIT is not None:
         # default_limit applies to every pool without a limit of its own, and "llm" is the only
         # pool; granularity "op": a step holds a slot while it runs (the run's other steps do not).

@@ -113,7 +113,9 @@ def test_llm_pool_limit_must_be_positive(tmp_path: Path) -> None:
 def test_postgres_storage_names_the_variable_never_the_url(tmp_path: Path) -> None:
     text = render(instance_config(settings(tmp_path, DAGSTER_PG_URL=f"postgresql://u:{SECRET}@db/d")))
     assert SECRET not in text and "db/d" not in text
-    assert yaml.safe_load(text)["storage"] == {"postgres": {"postgres_url": {"env": "DAGSTER_PG_URL"}}}
+    storage = yaml.safe_load(text)["storage"]["custom"]
+    assert (storage["module"], storage["class"]) == ("promptopt_dagster.pg_storage", "PooledPostgresStorage")
+    assert storage["config"] == {"postgres_url": {"env": "DAGSTER_PG_URL"}}
     assert f"u:{SECRET}" not in repr(settings(tmp_path, DAGSTER_PG_URL=f"postgresql://u:{SECRET}@db/d"))
 
 

@@ -1,12 +1,14 @@
 """Dagster on a real PostgreSQL server (support/postgres.py): the same code on SQLite and on
 Postgres, a database per test, data that outlives the instance object and a server restart."""
 
+import multiprocessing
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
+from promptopt_dagster.pg_storage import POOL_SIZE, PooledPostgresStorage
 from promptopt_dagster_tests.support.postgres import PostgresServer, database_name, postgres_instance
 from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
@@ -105,3 +107,61 @@ def test_data_survives_a_server_restart(
     assert postgres_server.pid != old_pid
     with postgres_instance(postgres_db_url, tmp_path / "home") as instance:
         assert list(instance.get_dynamic_partitions(studies.name)) == ["kept"]
+
+
+def connections_to(server: PostgresServer, url: str) -> int:
+    """Sessions the server has open on `url`'s database (idle pooled ones included)."""
+    [(count,)] = server.execute(
+        f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{database_name(url)}'"
+    )
+    return int(count)
+
+
+def test_instances_of_one_process_share_a_bounded_pool_and_outlive_a_restart(
+    postgres_server: PostgresServer,  # noqa: F811
+    postgres_db_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """dagster-postgres would connect once per query; the pooled storage keeps at most POOL_SIZE
+    sessions however many instances the process opens (a Celery worker opens one per step),
+    hands its class to other processes through the instance ref, and replaces the connections a
+    server restart dropped instead of failing the next query."""
+    for i in range(12):
+        with postgres_instance(postgres_db_url, tmp_path / f"home{i}") as instance:
+            assert isinstance(instance.get_ref().storage, PooledPostgresStorage)
+            instance.add_dynamic_partitions(studies.name, [f"s{i}"])
+            assert instance.has_dynamic_partition(studies.name, f"s{i}")
+    assert 1 <= connections_to(postgres_server, postgres_db_url) <= POOL_SIZE
+
+    with postgres_instance(postgres_db_url, tmp_path / "kept") as instance:
+        assert len(instance.get_dynamic_partitions(studies.name)) == 12
+        postgres_server.restart()
+        assert connections_to(postgres_server, postgres_db_url) == 0
+        instance.add_dynamic_partitions(studies.name, ["after-restart"])  # same instance, same pool
+        assert instance.has_dynamic_partition(studies.name, "after-restart")
+
+
+def _query_in_child(url: str, home: str, out: "multiprocessing.Queue[object]") -> None:
+    try:
+        with postgres_instance(url, home) as instance:
+            out.put(sorted(instance.get_dynamic_partitions(studies.name)))
+    except BaseException as exc:  # reported to the parent, which asserts on it
+        out.put(repr(exc))
+
+
+def test_a_forked_child_opens_its_own_connections(
+    postgres_db_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A child forked after the parent used the pool must not talk over the parent's sockets."""
+    with postgres_instance(postgres_db_url, tmp_path / "parent") as instance:
+        instance.add_dynamic_partitions(studies.name, ["from-parent"])
+        ctx = multiprocessing.get_context("fork")
+        out: multiprocessing.Queue[object] = ctx.Queue()
+        child = ctx.Process(target=_query_in_child, args=(postgres_db_url, str(tmp_path / "child"), out))
+        child.start()
+        answer = out.get(timeout=60)
+        child.join(timeout=60)
+        assert answer == ["from-parent"] and child.exitcode == 0
+        instance.add_dynamic_partitions(studies.name, ["after-fork"])  # the parent's pool still works
+        assert sorted(instance.get_dynamic_partitions(studies.name)) == ["after-fork", "from-parent"]

@@ -31,8 +31,9 @@ How the server runs (checked with Debian 12's PostgreSQL 15):
   psycopg2-binary), so Dagster fails with ``No module named 'psycopg'``. A ``dagster.yaml`` using
   ``postgres_db:`` needs ``scheme: postgresql+psycopg2`` for the same reason. `PostgresServer.dsn`
   gives the plain libpq form for psycopg2.connect or psql.
-- dagster-postgres opens a new connection for every storage call (SQLAlchemy ``NullPool``); the
-  server allows 300 connections.
+- dagster-postgres alone opens a new connection for every storage call (SQLAlchemy ``NullPool``);
+  `postgres_instance` uses the pooled storage the CLI configures (at most 2 idle connections per
+  process and database). The server allows 300 connections.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ from typing import Any
 
 import dagster as dg
 import yaml
+from dagster_postgres import DagsterPostgresStorage
 
+from promptopt_dagster.instance_config import postgres_storage
 from promptopt_dagster_tests.support.server_process import HOST, ServerProcess, ServerStartError, free_port
 
 USER = "promptopt"
@@ -337,12 +340,9 @@ class PostgresServer:
         Connections to the template are not allowed (a connected template cannot be copied)."""
         if not self._template_ready:
             self.drop_database(DAGSTER_TEMPLATE)
-            url = self.create_database(DAGSTER_TEMPLATE)
-            with (
-                tempfile.TemporaryDirectory(prefix="promptopt-dagster-home-") as home,
-                postgres_instance(url, home),
-            ):
-                pass  # creating the storages creates and stamps the tables
+            # Creating the storages creates and stamps the tables. dagster-postgres' own class,
+            # not the pooled one: it keeps no connection open to the template.
+            DagsterPostgresStorage(self.create_database(DAGSTER_TEMPLATE))
             self.execute(f'ALTER DATABASE "{DAGSTER_TEMPLATE}" WITH IS_TEMPLATE true ALLOW_CONNECTIONS false')
             self._template_ready = True
         return DAGSTER_TEMPLATE
@@ -362,13 +362,14 @@ def postgres_instance(
     url: str, tmp_dir: str | os.PathLike[str], extra_config: Mapping[str, Any] | None = None
 ) -> dg.DagsterInstance:
     """A persistent Dagster instance whose run, event-log and schedule storages are dagster-postgres
-    on ``url``. ``tmp_dir`` (created if missing) is its DAGSTER_HOME: the ``dagster.yaml`` goes
-    there, and so do local artifacts and compute logs. ``extra_config`` adds top-level
-    ``dagster.yaml`` keys (``run_coordinator``, ``concurrency``, ...). Dispose it (``with``) when done;
-    a second instance on the same URL sees the same data."""
+    on ``url``, pooled as in the CLI's instance file (promptopt_dagster/pg_storage.py). ``tmp_dir``
+    (created if missing) is its DAGSTER_HOME: the ``dagster.yaml`` goes there, and so do local
+    artifacts and compute logs. ``extra_config`` adds top-level ``dagster.yaml`` keys
+    (``run_coordinator``, ``concurrency``, ...). Dispose it (``with``) when done; a second instance
+    on the same URL sees the same data."""
     home = Path(tmp_dir)
     home.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = {"storage": {"postgres": {"postgres_url": url}}}
+    config: dict[str, Any] = {"storage": postgres_storage(url)}
     config.update(extra_config or {})
     config.setdefault("telemetry", {"enabled": False})
     (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
