@@ -16,19 +16,27 @@ job has, chained, on the same dynamic partitions and the same kind of instance, 
 filesystem IO manager. What the iteration costs above that row is the product's own overhead;
 the floor is what any Dagster job of that shape costs on this machine.
 
-    python benchmarks/orchestration_overhead.py [--repeats 3] [--latency-ms 0] [--profile OUT]
+With --postgres the iteration also runs on a Dagster instance in a real PostgreSQL server
+(test support's PostgresServer: password authentication over TCP on 127.0.0.1), once with
+dagster-postgres' own storage, which connects once per query, and once with the pooled storage
+the CLI configures (promptopt_dagster/pg_storage.py).
+
+    python benchmarks/orchestration_overhead.py [--repeats 3] [--latency-ms 0] [--profile OUT] [--postgres]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
+import yaml
 
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.iteration import decide, screen_and_confirm
@@ -41,9 +49,14 @@ from promptopt_dagster.jobs import ITERATION_JOB
 from promptopt_dagster.sensors import new_study_sensor
 from promptopt_dagster_tests.support import scripted
 from promptopt_dagster_tests.support.pipeline import make_pipeline
+from promptopt_dagster_tests.support.postgres import PostgresServer, postgres_instance
 
 DAGSTER = "dagster iteration job"
 FLOOR = "bare dagster job"
+PG_UNPOOLED = "  on postgres, dagster-postgres"
+PG_POOLED = "  on postgres, pooled"
+
+InstanceFactory = Callable[[Path], contextlib.AbstractContextManager[dg.DagsterInstance]]
 
 
 def with_latency(responder, seconds: float):  # type: ignore[no-untyped-def]
@@ -81,10 +94,13 @@ def plain_loop(folder: Path, latency: float) -> tuple[float, float]:
 
 
 def dagster_iteration(
-    folder: Path, latency: float, profiler: cProfile.Profile | None = None
+    folder: Path,
+    latency: float,
+    profiler: cProfile.Profile | None = None,
+    open_instance: InstanceFactory = lambda _: dg.instance_for_test(),
 ) -> tuple[float, float]:
     """One iteration as `promptopt run` runs it; returns (wall seconds, seconds inside LLM calls)."""
-    with dg.instance_for_test() as instance:
+    with open_instance(folder) as instance:
         p = make_pipeline(folder, instance, cache_enabled=False)
         p.store.register_study(p.study)
         for role, responder in (
@@ -149,6 +165,28 @@ def bare_dagster_job(folder: Path, n_assets: int) -> tuple[float, float]:
         return wall, 0.0
 
 
+def postgres_instances(pg: PostgresServer) -> dict[str, InstanceFactory]:
+    """Instances on a fresh database each: dagster-postgres' storage, and the pooled one."""
+
+    @contextlib.contextmanager
+    def unpooled(folder: Path) -> Iterator[dg.DagsterInstance]:
+        home = folder / "dagster_home"
+        home.mkdir()
+        url = pg.create_database(template=pg.dagster_template())
+        config = {"storage": {"postgres": {"postgres_url": url}}, "telemetry": {"enabled": False}}
+        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            yield instance
+
+    @contextlib.contextmanager
+    def pooled(folder: Path) -> Iterator[dg.DagsterInstance]:
+        url = pg.create_database(template=pg.dagster_template())
+        with postgres_instance(url, folder / "dagster_home") as instance:
+            yield instance
+
+    return {PG_UNPOOLED: unpooled, PG_POOLED: pooled}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -156,10 +194,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--profile", help="write a cProfile of the Dagster iterations (not the first) here")
+    parser.add_argument("--postgres", action="store_true", help="also run on PostgreSQL, unpooled and pooled")
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(PostgresServer()) if args.postgres else None
+        measure(args, postgres_instances(pg) if pg else {})
+
+
+def measure(args: argparse.Namespace, on_postgres: dict[str, InstanceFactory]) -> None:
     latency = args.latency_ms / 1000
     n_assets = iteration_asset_count()
     rows: dict[str, list[tuple[float, float]]] = {"plain python loop": [], DAGSTER: [], FLOOR: []}
+    rows.update({name: [] for name in on_postgres})
     for run in (plain_loop, dagster_iteration):  # warm-up: lazy imports and first-use caches
         with tempfile.TemporaryDirectory() as tmp:
             run(Path(tmp), latency)
@@ -173,23 +219,33 @@ def main() -> None:
             rows[DAGSTER].append(dagster_iteration(Path(tmp), latency, profiler))
         with tempfile.TemporaryDirectory() as tmp:
             rows[FLOOR].append(bare_dagster_job(Path(tmp), n_assets))
+        for name, factory in on_postgres.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                rows[name].append(dagster_iteration(Path(tmp), latency, open_instance=factory))
     if profiler is not None:
         profiler.dump_stats(args.profile)
     print(
         f"one iteration of the scripted study, {args.repeats} repeats, "
         f"LLM latency {args.latency_ms:g} ms/call"
     )
-    print(f"{'':22s} {'wall s (median)':>16s} {'in LLM s':>10s} {'overhead s':>11s}")
+    print(f"{'':32s} {'wall s (median)':>16s} {'in LLM s':>10s} {'overhead s':>11s}")
     overheads = {}
     for name, samples in rows.items():
         wall = statistics.median(s[0] for s in samples)
         llm = statistics.median(s[1] for s in samples)
         overheads[name] = wall - llm
-        print(f"{name:22s} {wall:16.3f} {llm:10.3f} {wall - llm:11.3f}")
+        print(f"{name:32s} {wall:16.3f} {llm:10.3f} {wall - llm:11.3f}")
     extra = overheads[DAGSTER] - overheads["plain python loop"]
     print(f"Dagster adds {extra:.3f} s per iteration over the plain loop")
-    print(f"the bare job ({n_assets} pass-through assets) costs {overheads[FLOOR]:.3f} s: the iteration "
-          f"costs {overheads[DAGSTER] - overheads[FLOOR]:.3f} s above Dagster's floor")
+    print(
+        f"the bare job ({n_assets} pass-through assets) costs {overheads[FLOOR]:.3f} s: the iteration "
+        f"costs {overheads[DAGSTER] - overheads[FLOOR]:.3f} s above Dagster's floor"
+    )
+    if on_postgres:
+        print(
+            f"on PostgreSQL the pooled storage saves {overheads[PG_UNPOOLED] - overheads[PG_POOLED]:.3f} s "
+            f"per iteration ({overheads[PG_UNPOOLED] / overheads[PG_POOLED]:.1f}x less overhead)"
+        )
 
 
 if __name__ == "__main__":

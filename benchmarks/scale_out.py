@@ -75,6 +75,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpu_usage import CpuUsage  # noqa: E402
+
 from promptopt_dagster import storage  # noqa: E402
 from promptopt_dagster.instance_config import plan_instance_file  # noqa: E402
 from promptopt_dagster.settings import Settings  # noqa: E402
@@ -101,6 +103,22 @@ class Round:
     requests: int
     max_in_flight: int
     failed: list[str]
+    cpu_s: dict[str, float]  # CPU seconds per process role within the round
+    machine_busy_s: float  # every core, every process on the machine
+    steps: int  # steps that succeeded in the round
+
+
+def steps_succeeded(pg_url: str) -> int:
+    """STEP_SUCCESS events in a round's database."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            query = "select count(*) from event_logs where dagster_event_type = 'STEP_SUCCESS'"
+            return int(conn.execute(sqlalchemy.text(query)).scalar_one())
+    finally:
+        engine.dispose()
 
 
 def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
@@ -159,6 +177,7 @@ def run_round(
     label = f"w{workers}"
     root = tmp / label
     env = round_environment(workers, args, root, BUCKET, pg, redis, server)
+    pg_url = env["DAGSTER_PG_URL"]
 
     studies = []
     for i in range(args.studies):
@@ -177,18 +196,19 @@ def run_round(
             pool.start()
             env = pool.env  # the same PATH and PYTHONPATH as the workers
         server.clear()
-        started = time.monotonic()
-        for name, path in studies:
-            with (root / f"{name}.log").open("wb") as log:
-                procs.append((name, subprocess.Popen(
-                    [sys.executable, "-m", "promptopt_dagster.cli", "run", str(path)],
-                    cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                )))
-        failed = []
-        for name, proc in procs:
-            if proc.wait(timeout=RUN_TIMEOUT_S) != 0:
-                failed.append(name)
-        wall = time.monotonic() - started
+        with CpuUsage(own_role="benchmark + fake Vertex server") as cpu:
+            started = time.monotonic()
+            for name, path in studies:
+                with (root / f"{name}.log").open("wb") as log:
+                    procs.append((name, subprocess.Popen(
+                        [sys.executable, "-m", "promptopt_dagster.cli", "run", str(path)],
+                        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    )))
+            failed = []
+            for name, proc in procs:
+                if proc.wait(timeout=RUN_TIMEOUT_S) != 0:
+                    failed.append(name)
+            wall = time.monotonic() - started
     finally:
         for _, proc in procs:
             if proc.poll() is None:
@@ -198,7 +218,8 @@ def run_round(
             pool.close()
     for name in failed:
         print(f"--- {label} {name} failed; its log ends:\n{(root / f'{name}.log').read_text()[-3000:]}")
-    return Round(workers, wall, len(server.generate_requests()), server.max_in_flight, failed)
+    return Round(workers, wall, len(server.generate_requests()), server.max_in_flight, failed,
+                 cpu.by_role(), cpu.machine_busy_s, steps_succeeded(pg_url))
 
 
 def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
@@ -223,6 +244,28 @@ def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
         ratio = f"{r.wall_s / bound:.1f}" if bound else "-"
         print(f"{name:<18}{r.wall_s:>8.1f}{r.requests:>10}{bound:>9.2f}{ratio:>12}"
               f"{speed:>10}{linear:>8}{f'{r.max_in_flight} / {quota}':>15}{ok:>5}")
+
+
+PRODUCT_ROLES = ("drivers (promptopt run)", "celery workers", "run workers")
+
+
+def print_cpu(rounds: list[Round]) -> None:
+    """Where the CPU went in each round: seconds per role, per succeeded step, and how busy the
+    machine's cores were (busy / (cores x wall); near 1.0 the round was CPU-bound)."""
+    cores = os.cpu_count() or 1
+    roles = list(dict.fromkeys(role for r in rounds for role in r.cpu_s))
+    print(f"\nCPU seconds within each round, by process role ({cores} cores)")
+    head = f"{'executor':<18}{'steps':>7}" + "".join(f"{role[:16]:>18}" for role in roles)
+    head += f"{'ours s/step':>13}{'machine busy':>14}"
+    print(head)
+    print("-" * len(head))
+    for r in rounds:
+        name = f"celery x{r.workers}" if r.workers else "in_process"
+        ours = sum(v for k, v in r.cpu_s.items() if k in PRODUCT_ROLES)
+        per_step = f"{ours / r.steps:.2f}" if r.steps else "-"
+        busy = r.machine_busy_s / (cores * r.wall_s) if r.wall_s else 0.0
+        print(f"{name:<18}{r.steps:>7}" + "".join(f"{r.cpu_s.get(role, 0.0):>18.1f}" for role in roles)
+              + f"{per_step:>13}{busy:>14.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds.append(run_round(workers, args, tmp, pg, redis, server))
                 print(f"  {rounds[-1].wall_s:.1f} s", flush=True)
     print_table(rounds, args)
+    print_cpu(rounds)
     quota = args.pool_limit * args.vertex_concurrency
     return 0 if all(not r.failed and r.max_in_flight <= quota for r in rounds) else 1
 
