@@ -77,13 +77,27 @@ def postgres_storage(url: Any) -> dict[str, Any]:
     }
 
 
+def sqlite_storage() -> dict[str, Any]:
+    """The `storage:` entry for Dagster's SQLite files in DAGSTER_HOME (Dagster's default layout),
+    with engines reused per file (sqlite_storage.py)."""
+    return {
+        "custom": {
+            "module": "promptopt_dagster.sqlite_storage",
+            "class": "CachedEngineSqliteStorage",
+            "config": {"base_dir": {"env": "DAGSTER_HOME"}},
+        }
+    }
+
+
 def instance_config(settings: Settings) -> dict[str, Any]:
-    """The `dagster.yaml` content as a dict. Without DAGSTER_PG_URL Dagster keeps its SQLite
-    default; without LLM_POOL_LIMIT the "llm" pool has no limit."""
+    """The `dagster.yaml` content as a dict: SQLite files in DAGSTER_HOME, or PostgreSQL with
+    DAGSTER_PG_URL; without LLM_POOL_LIMIT the "llm" pool has no limit."""
     config: dict[str, Any] = {}
     if settings.DAGSTER_PG_URL:
         postgres_url(settings.DAGSTER_PG_URL)  # refuse a bad URL now, not when Dagster connects
         config["storage"] = postgres_storage({"env": PG_URL_ENV})
+    else:
+        config["storage"] = sqlite_storage()
     if settings.LLM_POOL_LIMIT is not None:
         # default_limit applies to every pool without a limit of its own, and "llm" is the only
         # pool; granularity "op": a step holds a slot while it runs (the run's other steps do not).

@@ -28,8 +28,10 @@ from promptopt_dagster.instance_config import (
     plan_instance_file,
     postgres_url,
     render,
+    sqlite_storage,
 )
 from promptopt_dagster.settings import Settings, get_settings
+from promptopt_dagster.sqlite_storage import CachedEngineSqliteStorage
 from promptopt_dagster_tests.support.postgres import PASSWORD, PostgresServer, database_name
 from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
@@ -82,15 +84,28 @@ def test_a_bad_url_is_refused_with_the_fix_and_without_the_password(raw: str, ex
 
 
 def load(config: dict, home: Path) -> dg.DagsterInstance:
+    """The instance of `home` with `config`, as Dagster loads it (with DAGSTER_HOME set)."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(render(config))
-    return dg.DagsterInstance.from_config(str(home))
+    previous = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        return dg.DagsterInstance.from_config(str(home))
+    finally:
+        if previous is None:
+            del os.environ["DAGSTER_HOME"]
+        else:
+            os.environ["DAGSTER_HOME"] = previous
 
 
-def test_the_embedded_default_is_sqlite_with_no_pool_limit(tmp_path: Path) -> None:
+def test_the_embedded_default_is_sqlite_with_no_pool_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = instance_config(settings(tmp_path))
-    assert config == {"telemetry": {"enabled": False}}
+    assert config == {"storage": sqlite_storage(), "telemetry": {"enabled": False}}
     with load(config, tmp_path / "dagster") as instance:
+        monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))  # what a child process has
+        assert isinstance(instance.get_ref().storage, CachedEngineSqliteStorage)
         assert isinstance(instance.event_log_storage, SqliteEventLogStorage)
         assert instance.event_log_storage.supports_global_concurrency_limits
         assert instance.get_concurrency_config().pool_config.default_pool_limit is None

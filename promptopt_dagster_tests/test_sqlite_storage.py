@@ -1,0 +1,93 @@
+"""The embedded instance's storage (sqlite_storage.py): Dagster's SQLite files and layout, with
+one engine per file and process instead of one per connection."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from promptopt_dagster import sqlite_storage
+from promptopt_dagster.instance_config import sqlite_storage as sqlite_storage_entry
+from promptopt_dagster.sqlite_storage import CachedEngineSqliteStorage
+
+items = dg.DynamicPartitionsDefinition(name="sqlite_test_items")
+
+
+@dg.asset(partitions_def=items)
+def item_score(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={"item": context.partition_key})
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    return tmp_path
+
+
+def open_home(home: Path, cached: bool) -> dg.DagsterInstance:
+    """DAGSTER_HOME's instance with the CLI's storage entry, or with Dagster's default."""
+    config: dict = {"telemetry": {"enabled": False}}
+    if cached:
+        config["storage"] = sqlite_storage_entry()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def engines_under(home: Path) -> set[int]:
+    """Identities of the cached engines of files under `home`."""
+    return {id(engine) for (conn, _), engine in sqlite_storage._engines.items() if str(home) in conn}
+
+
+def materialize(instance: dg.DagsterInstance, key: str) -> str:
+    instance.add_dynamic_partitions(items.name, [key])
+    result = dg.materialize([item_score], instance=instance, partition_key=key)
+    assert result.success
+    return result.run_id
+
+
+def partitions_materialized(instance: dg.DagsterInstance) -> set[str]:
+    return set(instance.get_materialized_partitions(item_score.key))
+
+
+@pytest.mark.parametrize("writer_cached", [True, False])
+def test_a_home_written_by_either_storage_is_read_by_the_other(home: Path, writer_cached: bool) -> None:
+    with open_home(home, writer_cached) as writer:
+        run_id = materialize(writer, "a")
+    with open_home(home, not writer_cached) as reader:
+        run = reader.get_run_by_id(run_id)
+        assert run is not None and run.status == dg.DagsterRunStatus.SUCCESS
+        assert partitions_materialized(reader) == {"a"}
+        assert len(reader.all_logs(run_id)) > 5  # the run's own event file
+        materialize(reader, "b")
+    with open_home(home, writer_cached) as again:
+        assert partitions_materialized(again) == {"a", "b"}
+
+
+def test_every_file_keeps_one_engine_however_many_queries_and_instances(home: Path) -> None:
+    with open_home(home, cached=True) as instance:
+        assert isinstance(instance.get_ref().storage, CachedEngineSqliteStorage)
+        run_id = materialize(instance, "a")
+        engines = engines_under(home)
+        # runs, schedules, the event index and the run's own event file
+        assert len(engines) >= 4
+        for _ in range(20):
+            instance.get_run_by_id(run_id)
+            instance.all_logs(run_id)
+            partitions_materialized(instance)
+        assert engines_under(home) == engines
+    with open_home(home, cached=True) as second:
+        assert partitions_materialized(second) == {"a"}
+        assert engines_under(home) == engines  # a second instance of the process shares them
+
+
+def test_the_engine_cache_is_bounded(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_storage, "MAX_ENGINES", 3)
+    monkeypatch.setattr(sqlite_storage, "_engines", type(sqlite_storage._engines)())
+    urls = [f"sqlite:///{home / f'db{i}.sqlite'}" for i in range(5)]
+    first = sqlite_storage.engine_for(urls[0])
+    for url in urls[1:]:
+        sqlite_storage.engine_for(url)
+    assert len(sqlite_storage._engines) == 3
+    assert sqlite_storage.engine_for(urls[0]) is not first  # dropped as least recently used, made again
+    assert sqlite_storage.engine_for(urls[4]) is sqlite_storage.engine_for(urls[4])
