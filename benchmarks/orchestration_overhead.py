@@ -3,7 +3,9 @@ next to the same work run as a plain Python loop over the same core functions.
 
 The Dagster side is what `promptopt run` does for an iteration: a tick of new_study_sensor (which
 adds the iteration's partition and requests its run), then the iteration job executed in process
-with the console log quiet (driver.execute), on a fresh SQLite instance. Both sides time the
+with the console log quiet (driver.execute), on a fresh DAGSTER_HOME with the dagster.yaml the
+CLI writes (SQLite, engines reused per file: promptopt_dagster/sqlite_storage.py); a second row
+runs it on Dagster's default SQLite storage. Both sides time the
 iteration only: instance creation, study registration and imports are outside the clock.
 
 The LLM is the scripted fake with a fixed latency per call (default 0 ms), so what remains is
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import os
 import statistics
 import tempfile
 import time
@@ -45,14 +48,17 @@ from promptopt_dagster.core.proposal import propose_candidates
 from promptopt_dagster.core.scoring import candidate_scores, evaluator_for, score_predictions
 from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.driver import QUIET_LOGS, execute
+from promptopt_dagster.instance_config import plan_instance_file
 from promptopt_dagster.jobs import ITERATION_JOB
 from promptopt_dagster.sensors import new_study_sensor
+from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support import scripted
 from promptopt_dagster_tests.support.pipeline import make_pipeline
 from promptopt_dagster_tests.support.postgres import PostgresServer, postgres_instance
 
 DAGSTER = "dagster iteration job"
 FLOOR = "bare dagster job"
+SQLITE_DEFAULT = "  on Dagster's default SQLite"
 PG_UNPOOLED = "  on postgres, dagster-postgres"
 PG_POOLED = "  on postgres, pooled"
 
@@ -93,11 +99,42 @@ def plain_loop(folder: Path, latency: float) -> tuple[float, float]:
     return time.perf_counter() - start, usage.seconds
 
 
+@contextlib.contextmanager
+def cli_instance(folder: Path) -> Iterator[dg.DagsterInstance]:
+    """The instance `promptopt run` opens: DAGSTER_HOME with the dagster.yaml the CLI writes
+    (SQLite, engines reused per file)."""
+    home = folder / "dagster_home"
+    home.mkdir()
+    text = plan_instance_file(None, Settings(DAGSTER_PG_URL=None, LLM_POOL_LIMIT=None)).text
+    assert text is not None
+    (home / "dagster.yaml").write_text(text)
+    previous = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            yield instance
+    finally:
+        if previous is None:
+            del os.environ["DAGSTER_HOME"]
+        else:
+            os.environ["DAGSTER_HOME"] = previous
+
+
+@contextlib.contextmanager
+def default_sqlite_instance(folder: Path) -> Iterator[dg.DagsterInstance]:
+    """DAGSTER_HOME without a storage entry: Dagster's own SQLite storage."""
+    home = folder / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        yield instance
+
+
 def dagster_iteration(
     folder: Path,
     latency: float,
     profiler: cProfile.Profile | None = None,
-    open_instance: InstanceFactory = lambda _: dg.instance_for_test(),
+    open_instance: InstanceFactory = cli_instance,
 ) -> tuple[float, float]:
     """One iteration as `promptopt run` runs it; returns (wall seconds, seconds inside LLM calls)."""
     with open_instance(folder) as instance:
@@ -152,9 +189,10 @@ def bare_job(n_assets: int, io_dir: Path) -> tuple[dg.Definitions, dg.DynamicPar
 
 
 def bare_dagster_job(folder: Path, n_assets: int) -> tuple[float, float]:
-    """Dagster's floor for a job of the iteration's shape; returns (wall seconds, 0.0)."""
+    """Dagster's floor for a job of the iteration's shape, on the same kind of instance as the
+    iteration row; returns (wall seconds, 0.0)."""
     defs, partitions = bare_job(n_assets, folder / "io")
-    with dg.instance_for_test() as instance:
+    with cli_instance(folder) as instance:
         start = time.perf_counter()
         instance.add_dynamic_partitions(str(partitions.name), ["bare:0000"])
         result = defs.resolve_job_def("bare_job").execute_in_process(
@@ -205,7 +243,8 @@ def measure(args: argparse.Namespace, on_postgres: dict[str, InstanceFactory]) -
     latency = args.latency_ms / 1000
     n_assets = iteration_asset_count()
     rows: dict[str, list[tuple[float, float]]] = {"plain python loop": [], DAGSTER: [], FLOOR: []}
-    rows.update({name: [] for name in on_postgres})
+    others: dict[str, InstanceFactory] = {SQLITE_DEFAULT: default_sqlite_instance, **on_postgres}
+    rows.update({name: [] for name in others})
     for run in (plain_loop, dagster_iteration):  # warm-up: lazy imports and first-use caches
         with tempfile.TemporaryDirectory() as tmp:
             run(Path(tmp), latency)
@@ -219,7 +258,7 @@ def measure(args: argparse.Namespace, on_postgres: dict[str, InstanceFactory]) -
             rows[DAGSTER].append(dagster_iteration(Path(tmp), latency, profiler))
         with tempfile.TemporaryDirectory() as tmp:
             rows[FLOOR].append(bare_dagster_job(Path(tmp), n_assets))
-        for name, factory in on_postgres.items():
+        for name, factory in others.items():
             with tempfile.TemporaryDirectory() as tmp:
                 rows[name].append(dagster_iteration(Path(tmp), latency, open_instance=factory))
     if profiler is not None:
@@ -240,6 +279,10 @@ def measure(args: argparse.Namespace, on_postgres: dict[str, InstanceFactory]) -
     print(
         f"the bare job ({n_assets} pass-through assets) costs {overheads[FLOOR]:.3f} s: the iteration "
         f"costs {overheads[DAGSTER] - overheads[FLOOR]:.3f} s above Dagster's floor"
+    )
+    print(
+        f"the CLI's SQLite storage saves {overheads[SQLITE_DEFAULT] - overheads[DAGSTER]:.3f} s "
+        "per iteration against Dagster's default SQLite storage"
     )
     if on_postgres:
         print(
