@@ -118,7 +118,7 @@ def test_a_stopped_study_has_a_partition_for_each_iteration_that_ran_and_no_othe
     to run."""
     with dg.instance_for_test() as instance:
         short = make_pipeline(tmp_path, instance)
-        longer = make_pipeline(tmp_path, instance, name="longer", max_iterations=6)
+        longer = make_pipeline(tmp_path, instance, name="longer", max_iterations=3)
         ran: dict[str, list[int]] = {}
         for p in (short, longer):
             p.store.register_study(p.study)
