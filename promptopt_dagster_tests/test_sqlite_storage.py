@@ -1,10 +1,17 @@
 """The embedded instance's storage (sqlite_storage.py): Dagster's SQLite files and layout, with
-one engine per file and process instead of one per connection."""
+one engine per file and process and pooled connections instead of a new engine and connection
+for every query."""
 
+import multiprocessing
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from promptopt_dagster import sqlite_storage
@@ -91,3 +98,84 @@ def test_the_engine_cache_is_bounded(home: Path, monkeypatch: pytest.MonkeyPatch
     assert len(sqlite_storage._engines) == 3
     assert sqlite_storage.engine_for(urls[0]) is not first  # dropped as least recently used, made again
     assert sqlite_storage.engine_for(urls[4]) is sqlite_storage.engine_for(urls[4])
+
+
+@pytest.fixture
+def connects() -> Iterator[list[str]]:
+    """The database of every new SQLite connection any pool of this process opens."""
+    opened: list[str] = []
+
+    def count(dbapi_connection: sqlite3.Connection, record: object) -> None:
+        opened.append(dbapi_connection.execute("PRAGMA database_list").fetchone()[2])
+
+    sa.event.listen(sa.pool.Pool, "connect", count)
+    yield opened
+    sa.event.remove(sa.pool.Pool, "connect", count)
+
+
+def test_queries_reuse_open_connections(home: Path, connects: list[str]) -> None:
+    with open_home(home, cached=True) as instance:
+        run_id = materialize(instance, "a")
+        opened = len(connects)
+        for _ in range(20):
+            instance.get_run_by_id(run_id)
+            instance.all_logs(run_id)
+            partitions_materialized(instance)
+        # Dagster's own storage opens one connection per query: 60+ here
+        assert len(connects) - opened <= len(engines_under(home)) * sqlite_storage.POOL_SIZE
+
+
+WRITER = """
+import sys, dagster as dg
+from promptopt_dagster_tests.test_sqlite_storage import item_score, items, open_home
+from pathlib import Path
+with open_home(Path(sys.argv[1]), cached=sys.argv[2] == "cached") as instance:
+    instance.add_dynamic_partitions(items.name, [sys.argv[3]])
+    assert dg.materialize([item_score], instance=instance, partition_key=sys.argv[3]).success
+"""
+
+
+@pytest.mark.parametrize("other", ["cached", "dagster"])
+def test_idle_pooled_connections_block_no_other_process(home: Path, other: str) -> None:
+    """While this process holds idle connections to every file, another process (on either
+    storage) writes the same home, and this process reads its writes at once."""
+    with open_home(home, cached=True) as instance:
+        materialize(instance, "mine")
+        for key in ("theirs", "again"):
+            subprocess.run([sys.executable, "-c", WRITER, str(home), other, key], check=True, timeout=120)
+            assert key in partitions_materialized(instance)
+        materialize(instance, "mine-after")
+        assert partitions_materialized(instance) == {"mine", "theirs", "again", "mine-after"}
+
+
+def _read_in_child(home: str, out: "multiprocessing.Queue[object]") -> None:
+    try:
+        with open_home(Path(home), cached=True) as instance:
+            out.put(sorted(partitions_materialized(instance)))
+    except BaseException as exc:  # reported to the parent, which asserts on it
+        out.put(repr(exc))
+
+
+def test_a_forked_child_opens_its_own_connections(home: Path) -> None:
+    with open_home(home, cached=True) as instance:
+        materialize(instance, "a")
+        ctx = multiprocessing.get_context("fork")
+        out: multiprocessing.Queue[object] = ctx.Queue()
+        child = ctx.Process(target=_read_in_child, args=(str(home), out))
+        child.start()
+        answer = out.get(timeout=60)
+        child.join(timeout=60)
+        assert answer == ["a"] and child.exitcode == 0
+        materialize(instance, "b")  # the parent's connections still work
+        assert partitions_materialized(instance) == {"a", "b"}
+
+
+def test_wipe_drops_the_engines_before_deleting_the_files(home: Path) -> None:
+    with open_home(home, cached=True) as instance:
+        run_id = materialize(instance, "a")
+        assert any(run_id in conn for conn, _ in sqlite_storage._engines)
+        instance.wipe()
+        assert instance.get_run_by_id(run_id) is None
+        assert not any(run_id in conn for conn, _ in sqlite_storage._engines)  # its file is gone
+        materialize(instance, "b")
+        assert partitions_materialized(instance) == {"b"}
