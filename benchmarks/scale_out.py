@@ -41,25 +41,32 @@ Measured on a loaded 2-core machine (a CPU-heavy model benchmark running alongsi
     celery x2             67.5       216     2.70        25.0      1.27    0.64          8 / 8  yes
 
 8 studies at 1 s a call (Gemini-like), pool limit 8 so the workers, not the quota, are the
-limit; 2 idle cores, 2026-11-30, about 15 minutes
-(benchmarks/results/scale-out-8-studies-2026-11-30.txt)::
+limit; 2 cores with nothing else running, 2026-11-30, about 13 minutes, with the pooled Postgres
+storage (benchmarks/results/scale-out-8-studies-pooled-2026-11-30.txt)::
 
     8 studies at once, latency 1000 ms, quota 8 x 4 = 32 in flight
     executor            wall s  requests  bound s  wall/bound  speed-up  linear  max in flight   ok
-    celery x1            431.2       864    27.00        16.0      1.00    1.00         4 / 32  yes
-    celery x2            255.7       864    27.00         9.5      1.69    0.84         8 / 32  yes
-    celery x4            175.6       864    27.00         6.5      2.46    0.61        16 / 32  yes
+    celery x1            368.8       864    27.00        13.7      1.00    1.00         4 / 32  yes
+    celery x2            222.4       864    27.00         8.2      1.66    0.83         8 / 32  yes
+    celery x4            158.8       864    27.00         5.9      2.32    0.58        16 / 32  yes
 
-Two workers reach 0.84 of linear, four only 0.61, short of the 0.8 goal. Not profiled: eight
-drivers and four workers share two cores, and every Celery step loads the code location and
-writes its events (the 5-minute load average was 1.6 on the two cores right after the
-4-worker round), so the machine's CPU is a likely bound of the last doubling, next to each
-study's chain of steps; a machine with more cores would tell.
+    executor   steps  celery workers  drivers  ours CPU s/step  machine busy
+    celery x1     80            57.0     52.1             1.36          0.18
+    celery x2     80            73.0     58.0             1.64          0.34
+    celery x4     80            93.6     53.8             1.84          0.53
 
-At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost on two
-busy cores (each Celery step is a fresh process that loads the code location), so these figures
-measure orchestration overhead more than the latency bound; the 8-study, 1/2/4-worker figure
-needs an idle machine with at least 4 cores to say anything about scaling.
+Before the pooled storage (dagster-postgres' own, a connection per query) the same rounds took
+431.2, 255.7 and 175.6 s. Two workers reach 0.83 of linear, four only 0.58, short of the 0.8
+goal, and the four-worker round kept the two cores only 53% busy: the CPU is not the bound. The
+cause is not measured. Each study is a chain of ten steps, and the driver's Celery executor
+polls for results once a second before it submits a chain's next step; eight such chains may
+not keep four workers fed. The CPU table counts this script's own descendants only (sampled
+twice a second, so a process that lives less than that is missed); "ours CPU s/step" is the
+drivers' and workers' CPU per succeeded step; it grows with the workers (1.36 to 1.84 s), for a
+reason not measured.
+
+At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost, so
+those figures measure orchestration overhead more than the latency bound.
 """
 
 from __future__ import annotations
