@@ -112,20 +112,67 @@ class Round:
     failed: list[str]
     cpu_s: dict[str, float]  # CPU seconds per process role within the round
     machine_busy_s: float  # every core, every process on the machine
-    steps: int  # steps that succeeded in the round
+    steps: StepTimes  # the round's steps, from its event log
 
 
-def steps_succeeded(pg_url: str) -> int:
-    """STEP_SUCCESS events in a round's database."""
+@dataclass
+class StepTimes:
+    """Where a round's steps spent their time, from the event log (seconds, summed over steps)."""
+
+    steps: int  # steps that succeeded
+    running_s: float  # STEP_START to STEP_SUCCESS: the step's own work
+    handoff_s: float  # the previous step's (or the run's) end to the Celery submission of this one
+    waiting_s: float  # the submission to a worker's "Executing steps" event (queue, pick-up, plan)
+    setup_s: float  # that event to STEP_START (inputs, resources) on the worker
+
+
+def step_times(pg_url: str) -> StepTimes:
+    """Each succeeded step's timeline in a round's database. Submission is the Celery executor's
+    "Submitting celery task" event, pick-up the worker's "Executing steps ... in celery worker"
+    (sent once the task has its instance and plan); with the in-process executor there are
+    neither, and handoff, waiting and set-up are 0."""
     import sqlalchemy
 
+    query = """
+        select run_id, step_key, dagster_event_type, timestamp,
+               (dagster_event_type = 'ENGINE_EVENT' and event like '%Submitting celery task%') as submit,
+               (dagster_event_type = 'ENGINE_EVENT' and event like '%in celery worker%') as picked
+        from event_logs
+        where dagster_event_type in ('RUN_START', 'STEP_START', 'STEP_SUCCESS', 'ENGINE_EVENT')
+        order by run_id, id
+    """
     engine = sqlalchemy.create_engine(pg_url)
     try:
         with engine.connect() as conn:
-            query = "select count(*) from event_logs where dagster_event_type = 'STEP_SUCCESS'"
-            return int(conn.execute(sqlalchemy.text(query)).scalar_one())
+            rows = conn.execute(sqlalchemy.text(query)).all()
     finally:
         engine.dispose()
+    times = StepTimes(0, 0.0, 0.0, 0.0, 0.0)
+    last_end: dict[str, float] = {}  # run -> its latest RUN_START or STEP_SUCCESS
+    submitted: dict[tuple[str, str], float] = {}
+    picked_up: dict[tuple[str, str], float] = {}
+    started: dict[tuple[str, str], float] = {}
+    for run_id, step_key, kind, ts, submit, picked in rows:
+        at = ts.timestamp()
+        key = (run_id, step_key)
+        if kind == "RUN_START":
+            last_end[run_id] = at
+        elif kind == "ENGINE_EVENT" and submit and step_key:
+            submitted[key] = at
+            times.handoff_s += max(0.0, at - last_end.get(run_id, at))
+        elif kind == "ENGINE_EVENT" and picked and step_key:
+            picked_up[key] = at
+            if key in submitted:
+                times.waiting_s += max(0.0, at - submitted[key])
+        elif kind == "STEP_START":
+            started[key] = at
+            if key in picked_up:
+                times.setup_s += max(0.0, at - picked_up[key])
+        elif kind == "STEP_SUCCESS" and key in started:
+            times.steps += 1
+            times.running_s += at - started[key]
+            last_end[run_id] = max(last_end.get(run_id, at), at)
+    return times
 
 
 def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
@@ -226,7 +273,7 @@ def run_round(
     for name in failed:
         print(f"--- {label} {name} failed; its log ends:\n{(root / f'{name}.log').read_text()[-3000:]}")
     return Round(workers, wall, len(server.generate_requests()), server.max_in_flight, failed,
-                 cpu.by_role(), cpu.machine_busy_s, steps_succeeded(pg_url))
+                 cpu.by_role(), cpu.machine_busy_s, step_times(pg_url))
 
 
 def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
@@ -269,10 +316,30 @@ def print_cpu(rounds: list[Round]) -> None:
     for r in rounds:
         name = f"celery x{r.workers}" if r.workers else "in_process"
         ours = sum(v for k, v in r.cpu_s.items() if k in PRODUCT_ROLES)
-        per_step = f"{ours / r.steps:.2f}" if r.steps else "-"
+        per_step = f"{ours / r.steps.steps:.2f}" if r.steps.steps else "-"
         busy = r.machine_busy_s / (cores * r.wall_s) if r.wall_s else 0.0
-        print(f"{name:<18}{r.steps:>7}" + "".join(f"{r.cpu_s.get(role, 0.0):>18.1f}" for role in roles)
+        print(f"{name:<18}{r.steps.steps:>7}" + "".join(f"{r.cpu_s.get(role, 0.0):>18.1f}" for role in roles)
               + f"{per_step:>13}{busy:>14.2f}")
+
+
+def print_steps(rounds: list[Round]) -> None:
+    """Where the steps' time went: handed off (the executor noticing the previous step's end and
+    submitting the next), waiting (for a worker, its pick-up and the task's instance and plan),
+    set-up (on the worker, before the step starts), running; and how busy the workers were
+    ((set-up + running) / (workers x wall), a lower bound: the task's own start is in waiting)."""
+    print("\nStep timelines (seconds per step, mean over the round's succeeded steps)")
+    head = (f"{'executor':<18}{'steps':>7}{'handoff':>10}{'waiting':>10}{'set-up':>10}{'running':>10}"
+            f"{'workers busy':>14}")
+    print(head)
+    print("-" * len(head))
+    for r in rounds:
+        t = r.steps
+        if not t.steps:
+            continue
+        name = f"celery x{r.workers}" if r.workers else "in_process"
+        busy = f"{(t.setup_s + t.running_s) / (r.workers * r.wall_s):.2f}" if r.workers else "-"
+        means = [x / t.steps for x in (t.handoff_s, t.waiting_s, t.setup_s, t.running_s)]
+        print(f"{name:<18}{t.steps:>7}" + "".join(f"{m:>10.2f}" for m in means) + f"{busy:>14}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {rounds[-1].wall_s:.1f} s", flush=True)
     print_table(rounds, args)
     print_cpu(rounds)
+    print_steps(rounds)
     quota = args.pool_limit * args.vertex_concurrency
     return 0 if all(not r.failed and r.max_in_flight <= quota for r in rounds) else 1
 
