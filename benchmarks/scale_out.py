@@ -57,13 +57,20 @@ storage (benchmarks/results/scale-out-8-studies-pooled-2026-11-30.txt)::
 
 Before the pooled storage (dagster-postgres' own, a connection per query) the same rounds took
 431.2, 255.7 and 175.6 s. Two workers reach 0.83 of linear, four only 0.58, short of the 0.8
-goal, and the four-worker round kept the two cores only 53% busy: the CPU is not the bound. The
-cause is not measured. Each study is a chain of ten steps, and the driver's Celery executor
-polls for results once a second before it submits a chain's next step; eight such chains may
-not keep four workers fed. The CPU table counts this script's own descendants only (sampled
-twice a second, so a process that lives less than that is missed); "ours CPU s/step" is the
-drivers' and workers' CPU per succeeded step; it grows with the workers (1.36 to 1.84 s), for a
-reason not measured.
+goal, with the two cores 53% busy on average. The step timelines of a second run, 1 and 4
+workers (benchmarks/results/scale-out-8-studies-timelines-2026-11-30.txt)::
+
+    celery x1            379.7 s               linear 1.00
+    celery x4            153.1 s               linear 0.62
+    executor            steps   handoff   waiting    set-up   running  workers busy
+    celery x1              80      0.43     30.05      0.05      4.29          0.91
+    celery x4              80      0.51      7.21      0.07      5.91          0.78
+
+On four workers the workers are busy 78% of the wall time (the last chains leave some idle) and
+a step runs 5.9 s instead of 4.3 s; the handoff between two steps of a study stays at 0.4-0.5 s.
+Four workers and eight drivers on two cores slow each step down. The CPU table counts this
+script's own descendants only (sampled twice a second, so a process that lives less than that
+is missed); "ours CPU s/step" is the drivers' and workers' CPU per succeeded step.
 
 At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost, so
 those figures measure orchestration overhead more than the latency bound.
