@@ -68,7 +68,8 @@ workers (benchmarks/results/scale-out-8-studies-timelines-2026-11-30.txt)::
 
 On four workers the workers are busy 78% of the wall time (the last chains leave some idle) and
 a step runs 5.9 s instead of 4.3 s; the handoff between two steps of a study stays at 0.4-0.5 s.
-Four workers and eight drivers on two cores slow each step down. The CPU table counts this
+Why the steps run slower is not measured (four workers and eight drivers share two cores). The
+CPU table counts this
 script's own descendants only (sampled twice a second, so a process that lives less than that
 is missed); "ours CPU s/step" is the drivers' and workers' CPU per succeeded step.
 
