@@ -4,8 +4,8 @@ dagster-postgres opens a new connection for every query (SQLAlchemy `NullPool`).
 authentication a connect costs about 4 ms of client CPU and 10 ms of wall time on one machine,
 against 0.1 ms for a pooled connection, and an iteration makes hundreds of queries: one
 scripted iteration costs 7.6 s of orchestration that way and 1.5 s pooled
-(`benchmarks/orchestration_overhead.py --postgres`, 2 idle cores). Celery workers pay it on
-every step, which makes the CPU, not the LLM, the bound of a scale-out on a small machine.
+(`benchmarks/orchestration_overhead.py --postgres`, 2 idle cores). A Celery worker pays it in
+every step it runs.
 
 `PooledPostgresStorage` is `DagsterPostgresStorage` whose run, event-log and schedule storages
 share one engine per database URL and process:
