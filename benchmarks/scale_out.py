@@ -191,8 +191,13 @@ def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
 
 
 def round_environment(
-    workers: int, args: argparse.Namespace, root: Path, bucket: str, pg: PostgresServer,
-    redis: RedisServer, server: VertexServer,
+    workers: int,
+    args: argparse.Namespace,
+    root: Path,
+    bucket: str,
+    pg: PostgresServer,
+    redis: RedisServer,
+    server: VertexServer,
 ) -> dict[str, str]:
     """A round's environment under `root`: a fresh database with Dagster's tables (no run of an
     earlier round is seen), DAGSTER_HOME with the instance file the CLI would write (written
@@ -231,7 +236,11 @@ def round_environment(
 
 
 def run_round(
-    workers: int, args: argparse.Namespace, tmp: Path, pg: PostgresServer, redis: RedisServer,
+    workers: int,
+    args: argparse.Namespace,
+    tmp: Path,
+    pg: PostgresServer,
+    redis: RedisServer,
     server: VertexServer,
 ) -> Round:
     """N `promptopt run` processes at once on a fresh database and DAGSTER_HOME; with `workers`
@@ -262,10 +271,19 @@ def run_round(
             started = time.monotonic()
             for name, path in studies:
                 with (root / f"{name}.log").open("wb") as log:
-                    procs.append((name, subprocess.Popen(
-                        [sys.executable, "-m", "promptopt_dagster.cli", "run", str(path)],
-                        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                    )))
+                    procs.append(
+                        (
+                            name,
+                            subprocess.Popen(
+                                [sys.executable, "-m", "promptopt_dagster.cli", "run", str(path)],
+                                cwd=root,
+                                env=env,
+                                stdout=log,
+                                stderr=subprocess.STDOUT,
+                                start_new_session=True,
+                            ),
+                        )
+                    )
             failed = []
             for name, proc in procs:
                 if proc.wait(timeout=RUN_TIMEOUT_S) != 0:
@@ -280,8 +298,16 @@ def run_round(
             pool.close()
     for name in failed:
         print(f"--- {label} {name} failed; its log ends:\n{(root / f'{name}.log').read_text()[-3000:]}")
-    return Round(workers, wall, len(server.generate_requests()), server.max_in_flight, failed,
-                 cpu.by_role(), cpu.machine_busy_s, step_times(pg_url))
+    return Round(
+        workers,
+        wall,
+        len(server.generate_requests()),
+        server.max_in_flight,
+        failed,
+        cpu.by_role(),
+        cpu.machine_busy_s,
+        step_times(pg_url),
+    )
 
 
 def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
@@ -289,10 +315,14 @@ def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
     latency = args.latency_ms / 1000.0
     celery = [r for r in rounds if r.workers]
     first = min(celery, key=lambda r: r.workers) if celery else None
-    print(f"\n{args.studies} studies at once, latency {args.latency_ms:.0f} ms, "
-          f"quota {args.pool_limit} x {args.vertex_concurrency} = {quota} in flight")
-    head = (f"{'executor':<18}{'wall s':>8}{'requests':>10}{'bound s':>9}{'wall/bound':>12}"
-            f"{'speed-up':>10}{'linear':>8}{'max in flight':>15}{'ok':>5}")
+    print(
+        f"\n{args.studies} studies at once, latency {args.latency_ms:.0f} ms, "
+        f"quota {args.pool_limit} x {args.vertex_concurrency} = {quota} in flight"
+    )
+    head = (
+        f"{'executor':<18}{'wall s':>8}{'requests':>10}{'bound s':>9}{'wall/bound':>12}"
+        f"{'speed-up':>10}{'linear':>8}{'max in flight':>15}{'ok':>5}"
+    )
     print(head)
     print("-" * len(head))
     for r in rounds:
@@ -304,8 +334,10 @@ def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
             speed, linear = f"{s:.2f}", f"{s / (r.workers / first.workers):.2f}"
         ok = "yes" if not r.failed and r.max_in_flight <= quota else "NO"
         ratio = f"{r.wall_s / bound:.1f}" if bound else "-"
-        print(f"{name:<18}{r.wall_s:>8.1f}{r.requests:>10}{bound:>9.2f}{ratio:>12}"
-              f"{speed:>10}{linear:>8}{f'{r.max_in_flight} / {quota}':>15}{ok:>5}")
+        print(
+            f"{name:<18}{r.wall_s:>8.1f}{r.requests:>10}{bound:>9.2f}{ratio:>12}"
+            f"{speed:>10}{linear:>8}{f'{r.max_in_flight} / {quota}':>15}{ok:>5}"
+        )
 
 
 PRODUCT_ROLES = ("drivers (promptopt run)", "celery workers", "run workers")
@@ -326,8 +358,11 @@ def print_cpu(rounds: list[Round]) -> None:
         ours = sum(v for k, v in r.cpu_s.items() if k in PRODUCT_ROLES)
         per_step = f"{ours / r.steps.steps:.2f}" if r.steps.steps else "-"
         busy = r.machine_busy_s / (cores * r.wall_s) if r.wall_s else 0.0
-        print(f"{name:<18}{r.steps.steps:>7}" + "".join(f"{r.cpu_s.get(role, 0.0):>18.1f}" for role in roles)
-              + f"{per_step:>13}{busy:>14.2f}")
+        print(
+            f"{name:<18}{r.steps.steps:>7}"
+            + "".join(f"{r.cpu_s.get(role, 0.0):>18.1f}" for role in roles)
+            + f"{per_step:>13}{busy:>14.2f}"
+        )
 
 
 def print_steps(rounds: list[Round]) -> None:
@@ -336,8 +371,10 @@ def print_steps(rounds: list[Round]) -> None:
     set-up (on the worker, before the step starts), running; and how busy the workers were
     ((set-up + running) / (workers x wall), a lower bound: the task's own start is in waiting)."""
     print("\nStep timelines (seconds per step, mean over the round's succeeded steps)")
-    head = (f"{'executor':<18}{'steps':>7}{'handoff':>10}{'waiting':>10}{'set-up':>10}{'running':>10}"
-            f"{'workers busy':>14}")
+    head = (
+        f"{'executor':<18}{'steps':>7}{'handoff':>10}{'waiting':>10}{'set-up':>10}{'running':>10}"
+        f"{'workers busy':>14}"
+    )
     print(head)
     print("-" * len(head))
     for r in rounds:
