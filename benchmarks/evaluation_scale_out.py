@@ -59,7 +59,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_out import round_environment  # noqa: E402
+from scale_out import executor_name, print_head, round_environment  # noqa: E402
 
 from promptopt_dagster import storage  # noqa: E402
 from promptopt_dagster.settings import Settings  # noqa: E402
@@ -188,10 +188,9 @@ def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
           f"(at most {bound:.0f} rows/s)")
     head = (f"{'executor':<14}{'wall s':>8}{'rows/s':>8}{'speed-up':>10}{'linear':>8}"
             f"{'requests':>10}{'max in flight':>15}{'peak MB':>9}{'ok':>5}")
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rounds:
-        name = f"celery x{r.workers}" if r.workers else "in_process"
+        name = executor_name(r.workers)
         speed = linear = "-"
         if r.workers and first:
             s = first.wall_s / r.wall_s

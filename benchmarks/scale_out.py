@@ -310,6 +310,17 @@ def run_round(
     )
 
 
+def executor_name(workers: int) -> str:
+    """A round's row label: 0 workers is the in-process baseline."""
+    return f"celery x{workers}" if workers else "in_process"
+
+
+def print_head(head: str) -> None:
+    """A table's column titles, underlined."""
+    print(head)
+    print("-" * len(head))
+
+
 def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
     quota = args.pool_limit * args.vertex_concurrency
     latency = args.latency_ms / 1000.0
@@ -323,11 +334,10 @@ def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
         f"{'executor':<18}{'wall s':>8}{'requests':>10}{'bound s':>9}{'wall/bound':>12}"
         f"{'speed-up':>10}{'linear':>8}{'max in flight':>15}{'ok':>5}"
     )
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rounds:
         bound = r.requests * latency / quota
-        name = f"celery x{r.workers}" if r.workers else "in_process"
+        name = executor_name(r.workers)
         speed = linear = "-"
         if r.workers and first:
             s = first.wall_s / r.wall_s
@@ -351,10 +361,9 @@ def print_cpu(rounds: list[Round]) -> None:
     print(f"\nCPU seconds within each round, by process role ({cores} cores)")
     head = f"{'executor':<18}{'steps':>7}" + "".join(f"{role[:16]:>18}" for role in roles)
     head += f"{'ours s/step':>13}{'machine busy':>14}"
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rounds:
-        name = f"celery x{r.workers}" if r.workers else "in_process"
+        name = executor_name(r.workers)
         ours = sum(v for k, v in r.cpu_s.items() if k in PRODUCT_ROLES)
         per_step = f"{ours / r.steps.steps:.2f}" if r.steps.steps else "-"
         busy = r.machine_busy_s / (cores * r.wall_s) if r.wall_s else 0.0
@@ -375,13 +384,12 @@ def print_steps(rounds: list[Round]) -> None:
         f"{'executor':<18}{'steps':>7}{'handoff':>10}{'waiting':>10}{'set-up':>10}{'running':>10}"
         f"{'workers busy':>14}"
     )
-    print(head)
-    print("-" * len(head))
+    print_head(head)
     for r in rounds:
         t = r.steps
         if not t.steps:
             continue
-        name = f"celery x{r.workers}" if r.workers else "in_process"
+        name = executor_name(r.workers)
         busy = f"{(t.setup_s + t.running_s) / (r.workers * r.wall_s):.2f}" if r.workers else "-"
         means = [x / t.steps for x in (t.handoff_s, t.waiting_s, t.setup_s, t.running_s)]
         print(f"{name:<18}{t.steps:>7}" + "".join(f"{m:>10.2f}" for m in means) + f"{busy:>14}")
