@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import dagster as dg
 import yaml
@@ -100,34 +101,29 @@ def plain_loop(folder: Path, latency: float) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def cli_instance(folder: Path) -> Iterator[dg.DagsterInstance]:
-    """The instance `promptopt run` opens: DAGSTER_HOME with the dagster.yaml the CLI writes
-    (SQLite, engines reused per file)."""
+def home_instance(folder: Path, dagster_yaml: str) -> Iterator[dg.DagsterInstance]:
+    """The instance of a fresh DAGSTER_HOME under `folder` holding `dagster_yaml`, opened as
+    Dagster does (with DAGSTER_HOME set)."""
     home = folder / "dagster_home"
     home.mkdir()
+    (home / "dagster.yaml").write_text(dagster_yaml)
+    with (
+        mock.patch.dict(os.environ, {"DAGSTER_HOME": str(home)}),
+        dg.DagsterInstance.from_config(str(home)) as instance,
+    ):
+        yield instance
+
+
+def cli_instance(folder: Path) -> contextlib.AbstractContextManager[dg.DagsterInstance]:
+    """The instance `promptopt run` opens: the dagster.yaml the CLI writes (SQLite, pooled)."""
     text = plan_instance_file(None, Settings(DAGSTER_PG_URL=None, LLM_POOL_LIMIT=None)).text
     assert text is not None
-    (home / "dagster.yaml").write_text(text)
-    previous = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(home)
-    try:
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            yield instance
-    finally:
-        if previous is None:
-            del os.environ["DAGSTER_HOME"]
-        else:
-            os.environ["DAGSTER_HOME"] = previous
+    return home_instance(folder, text)
 
 
-@contextlib.contextmanager
-def default_sqlite_instance(folder: Path) -> Iterator[dg.DagsterInstance]:
+def default_sqlite_instance(folder: Path) -> contextlib.AbstractContextManager[dg.DagsterInstance]:
     """DAGSTER_HOME without a storage entry: Dagster's own SQLite storage."""
-    home = folder / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        yield instance
+    return home_instance(folder, "telemetry:\n  enabled: false\n")
 
 
 def dagster_iteration(
@@ -206,15 +202,10 @@ def bare_dagster_job(folder: Path, n_assets: int) -> tuple[float, float]:
 def postgres_instances(pg: PostgresServer) -> dict[str, InstanceFactory]:
     """Instances on a fresh database each: dagster-postgres' storage, and the pooled one."""
 
-    @contextlib.contextmanager
-    def unpooled(folder: Path) -> Iterator[dg.DagsterInstance]:
-        home = folder / "dagster_home"
-        home.mkdir()
+    def unpooled(folder: Path) -> contextlib.AbstractContextManager[dg.DagsterInstance]:
         url = pg.create_database(template=pg.dagster_template())
         config = {"storage": {"postgres": {"postgres_url": url}}, "telemetry": {"enabled": False}}
-        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
-        with dg.DagsterInstance.from_config(str(home)) as instance:
-            yield instance
+        return home_instance(folder, yaml.safe_dump(config))
 
     @contextlib.contextmanager
     def pooled(folder: Path) -> Iterator[dg.DagsterInstance]:

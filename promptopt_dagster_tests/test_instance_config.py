@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import dagster as dg
 import pytest
@@ -87,15 +88,8 @@ def load(config: dict, home: Path) -> dg.DagsterInstance:
     """The instance of `home` with `config`, as Dagster loads it (with DAGSTER_HOME set)."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(render(config))
-    previous = os.environ.get("DAGSTER_HOME")
-    os.environ["DAGSTER_HOME"] = str(home)
-    try:
+    with mock.patch.dict(os.environ, {"DAGSTER_HOME": str(home)}):
         return dg.DagsterInstance.from_config(str(home))
-    finally:
-        if previous is None:
-            del os.environ["DAGSTER_HOME"]
-        else:
-            os.environ["DAGSTER_HOME"] = previous
 
 
 def test_the_embedded_default_is_sqlite_with_no_pool_limit(
