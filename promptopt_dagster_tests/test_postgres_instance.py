@@ -1,7 +1,6 @@
 """Dagster on a real PostgreSQL server (support/postgres.py): the same code on SQLite and on
 Postgres, a database per test, data that outlives the instance object and a server restart."""
 
-import multiprocessing
 from pathlib import Path
 
 import dagster as dg
@@ -9,6 +8,7 @@ import pytest
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
 from promptopt_dagster.pg_storage import POOL_SIZE, PooledPostgresStorage
+from promptopt_dagster_tests.support.forked import in_forked_child
 from promptopt_dagster_tests.support.postgres import PostgresServer, database_name, postgres_instance
 from promptopt_dagster_tests.support.postgres_fixtures import (
     postgres_db_url,  # noqa: F401
@@ -141,14 +141,6 @@ def test_instances_of_one_process_share_a_bounded_pool_and_outlive_a_restart(
         assert instance.has_dynamic_partition(studies.name, "after-restart")
 
 
-def _query_in_child(url: str, home: str, out: "multiprocessing.Queue[object]") -> None:
-    try:
-        with postgres_instance(url, home) as instance:
-            out.put(sorted(instance.get_dynamic_partitions(studies.name)))
-    except BaseException as exc:  # reported to the parent, which asserts on it
-        out.put(repr(exc))
-
-
 def test_a_forked_child_opens_its_own_connections(
     postgres_db_url: str,  # noqa: F811
     tmp_path: Path,
@@ -156,12 +148,12 @@ def test_a_forked_child_opens_its_own_connections(
     """A child forked after the parent used the pool must not talk over the parent's sockets."""
     with postgres_instance(postgres_db_url, tmp_path / "parent") as instance:
         instance.add_dynamic_partitions(studies.name, ["from-parent"])
-        ctx = multiprocessing.get_context("fork")
-        out: multiprocessing.Queue[object] = ctx.Queue()
-        child = ctx.Process(target=_query_in_child, args=(postgres_db_url, str(tmp_path / "child"), out))
-        child.start()
-        answer = out.get(timeout=60)
-        child.join(timeout=60)
-        assert answer == ["from-parent"] and child.exitcode == 0
+
+        def query() -> list[str]:
+            with postgres_instance(postgres_db_url, tmp_path / "child") as theirs:
+                return sorted(theirs.get_dynamic_partitions(studies.name))
+
+        answer, exitcode = in_forked_child(query)
+        assert answer == ["from-parent"] and exitcode == 0
         instance.add_dynamic_partitions(studies.name, ["after-fork"])  # the parent's pool still works
         assert sorted(instance.get_dynamic_partitions(studies.name)) == ["after-fork", "from-parent"]

@@ -2,7 +2,6 @@
 one engine per file and process and pooled connections instead of a new engine and connection
 for every query."""
 
-import multiprocessing
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import yaml
 from promptopt_dagster import sqlite_storage
 from promptopt_dagster.instance_config import sqlite_storage as sqlite_storage_entry
 from promptopt_dagster.sqlite_storage import CachedEngineSqliteStorage
+from promptopt_dagster_tests.support.forked import in_forked_child
 
 items = dg.DynamicPartitionsDefinition(name="sqlite_test_items")
 
@@ -148,24 +148,16 @@ def test_idle_pooled_connections_block_no_other_process(home: Path, other: str) 
         assert partitions_materialized(instance) == {"mine", "theirs", "again", "mine-after"}
 
 
-def _read_in_child(home: str, out: "multiprocessing.Queue[object]") -> None:
-    try:
-        with open_home(Path(home), cached=True) as instance:
-            out.put(sorted(partitions_materialized(instance)))
-    except BaseException as exc:  # reported to the parent, which asserts on it
-        out.put(repr(exc))
-
-
 def test_a_forked_child_opens_its_own_connections(home: Path) -> None:
     with open_home(home, cached=True) as instance:
         materialize(instance, "a")
-        ctx = multiprocessing.get_context("fork")
-        out: multiprocessing.Queue[object] = ctx.Queue()
-        child = ctx.Process(target=_read_in_child, args=(str(home), out))
-        child.start()
-        answer = out.get(timeout=60)
-        child.join(timeout=60)
-        assert answer == ["a"] and child.exitcode == 0
+
+        def read() -> list[str]:
+            with open_home(home, cached=True) as theirs:
+                return sorted(partitions_materialized(theirs))
+
+        answer, exitcode = in_forked_child(read)
+        assert answer == ["a"] and exitcode == 0
         materialize(instance, "b")  # the parent's connections still work
         assert partitions_materialized(instance) == {"a", "b"}
 
