@@ -48,6 +48,7 @@ comparison_job = dg.define_asset_job(
 )
 
 WORKERS_EXTRA = "pip install 'promptopt_dagster[workers]'"
+STEP_START_LIMIT = "promptopt_dagster.step_starts:StepStartLimit"
 
 
 # Celery settings that let a run ride through the faults of its broker and workers:
@@ -59,6 +60,8 @@ WORKERS_EXTRA = "pip install 'promptopt_dagster[workers]'"
 #   acknowledged only once the step ends, and a task whose process was lost goes back to the
 #   queue, so a worker runs the step again (its answered LLM calls come from the response
 #   cache). Each worker reserves one task at a time, so a lost worker holds no queued ones.
+#   A step whose process dies in each of MAX_STEP_STARTS starts fails instead of going back to
+#   the queue forever (step_starts.StepStartLimit, a task annotation the workers apply).
 # - a whole worker lost (its machine, or every process of it killed): its task goes to another
 #   worker once CELERY_VISIBILITY_TIMEOUT_S has passed (celery_config_source).
 # The workers take the same settings (deploy/celery/worker.yaml).
@@ -74,6 +77,7 @@ CELERY_FAULT_SETTINGS: dict[str, object] = {
     "task_acks_late": True,
     "task_reject_on_worker_lost": True,
     "worker_prefetch_multiplier": 1,
+    "task_annotations": STEP_START_LIMIT,
 }
 
 

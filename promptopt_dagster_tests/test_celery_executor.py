@@ -38,6 +38,7 @@ from promptopt_dagster.driver import (
 )
 from promptopt_dagster.partitions import evaluation_key
 from promptopt_dagster.settings import Settings
+from promptopt_dagster.step_starts import MAX_STEP_STARTS
 from promptopt_dagster_tests.support.celery_workers import WORKER_CONFIG, CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment
@@ -331,6 +332,48 @@ def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repea
         keys = answered_keys(answered)
         assert len(before_kill) >= BLOCK_AT - 1 and keys[: len(before_kill)] == before_kill
         assert len(keys) == len(set(keys)), "a request reached the model twice"
+
+
+def next_blocked_process(study: BlockedStudy, seen: list[int], timeout: float = 120) -> int:
+    """The pid of a process that reached the blocked LLM call (its marker) and is not in `seen`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        blocked = {int(p.suffix[1:]) for p in study.marker.parent.glob(f"{study.marker.name}.*")}
+        if fresh := blocked - set(seen):
+            return fresh.pop()
+        assert not study.running.done(), f"the run ended: {study.running.exception()}"
+        assert time.monotonic() < deadline, f"no new process reached the blocked call in {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def test_a_step_whose_process_dies_at_every_start_fails_the_run_instead_of_running_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+) -> None:
+    """Every process that runs baseline_predictions is SIGKILLed inside its first LLM call (a
+    step that runs out of memory each time): each time Celery puts the task back on the queue,
+    until the workers refuse a start beyond MAX_STEP_STARTS (step_starts.StepStartLimit); the
+    run fails naming the step, and the step is not started again."""
+    with study_blocked_in_a_step(tmp_path, monkeypatch, redis, postgres_db_url) as study:
+        killed: list[int] = []
+        while len(killed) < MAX_STEP_STARTS:
+            victim = next_blocked_process(study, killed)
+            os.kill(victim, signal.SIGKILL)
+            killed.append(victim)
+        refused = rf"step baseline_predictions was started {MAX_STEP_STARTS} times and its process died"
+        try:
+            with pytest.raises(RunFailedError, match=refused):
+                study.running.result(timeout=180)
+        finally:
+            study.release.touch()  # a start beyond the limit finishes, so teardown does not hang
+
+        [run] = study.instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.FAILURE
+        starts = [e for e in study.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+                  if e.step_key == "baseline_predictions"]
+        assert [e.dagster_event.pid for e in starts] == killed  # type: ignore[union-attr]
+        blocked = {int(p.suffix[1:]) for p in study.marker.parent.glob(f"{study.marker.name}.*")}
+        assert blocked == set(killed)  # no fourth start
 
 
 def short_visibility_worker_config(folder: Path, seconds: int) -> Path:
