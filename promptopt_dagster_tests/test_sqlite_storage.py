@@ -3,8 +3,6 @@ one engine per file and process and pooled connections instead of a new engine a
 for every query."""
 
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,24 +123,20 @@ def test_queries_reuse_open_connections(home: Path, connects: list[str]) -> None
         assert len(connects) - opened <= len(engines_under(home)) * sqlite_storage.POOL_SIZE
 
 
-WRITER = """
-import sys, dagster as dg
-from promptopt_dagster_tests.test_sqlite_storage import item_score, items, open_home
-from pathlib import Path
-with open_home(Path(sys.argv[1]), cached=sys.argv[2] == "cached") as instance:
-    instance.add_dynamic_partitions(items.name, [sys.argv[3]])
-    assert dg.materialize([item_score], instance=instance, partition_key=sys.argv[3]).success
-"""
-
-
 @pytest.mark.parametrize("other", ["cached", "dagster"])
 def test_idle_pooled_connections_block_no_other_process(home: Path, other: str) -> None:
-    """While this process holds idle connections to every file, another process (on either
-    storage) writes the same home, and this process reads its writes at once."""
+    """While this process holds idle connections to every file, another process (a forked
+    child, on either storage) writes the same home, and this process reads its writes at once."""
     with open_home(home, cached=True) as instance:
         materialize(instance, "mine")
         for key in ("theirs", "again"):
-            subprocess.run([sys.executable, "-c", WRITER, str(home), other, key], check=True, timeout=120)
+
+            def write(key: str = key) -> bool:
+                with open_home(home, cached=other == "cached") as theirs:
+                    theirs.add_dynamic_partitions(items.name, [key])
+                    return dg.materialize([item_score], instance=theirs, partition_key=key).success
+
+            assert in_forked_child(write) == (True, 0)
             assert key in partitions_materialized(instance)
         materialize(instance, "mine-after")
         assert partitions_materialized(instance) == {"mine", "theirs", "again", "mine-after"}
