@@ -144,9 +144,7 @@ def continue_study_sensor(
 EVALUATION = dg.AssetKey("prompt_evaluation")
 
 
-def _evaluation_requests(
-    pairs: list[tuple[str, str]], signatures: dict[str, str]
-) -> list[dg.RunRequest]:
+def _evaluation_requests(pairs: list[tuple[str, str]], signatures: dict[str, str]) -> list[dg.RunRequest]:
     """Idempotent: one run per prompt version x dataset x version of the dataset file."""
     return [
         dg.RunRequest(
@@ -166,9 +164,7 @@ def _compatible(store: PromptStore, version: str, info: evaluation_catalog.Datas
     return evaluation_catalog.missing_columns(prompt, study_config, info)
 
 
-@dg.sensor(
-    jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
-)
+@dg.sensor(jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_dataset_sensor(
     context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
 ) -> dg.SensorResult:
@@ -220,9 +216,7 @@ def new_dataset_sensor(
     )
 
 
-@dg.sensor(
-    jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
-)
+@dg.sensor(jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_prompt_version_sensor(
     context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
 ) -> dg.SensorResult:
@@ -253,9 +247,7 @@ def new_prompt_version_sensor(
     )
 
 
-@dg.sensor(
-    job=comparison_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
-)
+@dg.sensor(job=comparison_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def evaluation_comparison_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Refreshes evaluation_comparison once new evaluations have landed (cursor: the storage id of
     the latest prompt_evaluation materialization it has seen)."""
@@ -266,6 +258,4 @@ def evaluation_comparison_sensor(context: dg.SensorEvaluationContext) -> dg.Sens
     if not records:
         return dg.SensorResult(skip_reason="no new evaluation")
     latest = max(r.storage_id for r in records)
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"comparison/{latest}")], cursor=str(latest)
-    )
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"comparison/{latest}")], cursor=str(latest))
