@@ -1,4 +1,4 @@
-"""Peak memory of evaluating a prompt over a large dataset: chunked streaming (core/dataset_evaluation.py)
+"""Peak memory of evaluating a prompt over a large dataset: chunked streaming (core/sharded_evaluation.py)
 against loading the whole table at once, in the same run.
 
 Each way runs in its own child process (peak RSS only grows within a process), on the same
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from promptopt_dagster.core import dataset_evaluation
+from promptopt_dagster.core import evaluation_catalog, sharded_evaluation
 from promptopt_dagster.core.dataset import load_dataset
 from promptopt_dagster.core.inference import run_prompt
 from promptopt_dagster.core.scoring import evaluator_for, score_predictions
@@ -91,8 +91,8 @@ def run_child(mode: str, csv_path: Path, out_dir: Path, chunk_rows: int) -> dict
     baseline = peak_rss_mb()
     start = time.perf_counter()
     if mode == "chunked":
-        info = dataset_evaluation.inspect_dataset(csv_path.name, str(csv_path))
-        summary = dataset_evaluation.evaluate_dataset(
+        info = evaluation_catalog.inspect_dataset(csv_path.name, str(csv_path))
+        summary = sharded_evaluation.evaluate_dataset(
             llm, evaluator, s, prompt, info, str(out_dir), "bench:seed", chunk_rows
         )
         rows, score = summary.rows, summary.scores["exact_match"]
@@ -118,7 +118,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument("--chunk-rows", type=int, default=dataset_evaluation.DEFAULT_CHUNK_ROWS)
+    parser.add_argument("--chunk-rows", type=int, default=sharded_evaluation.DEFAULT_CHUNK_ROWS)
     parser.add_argument("--child", choices=["chunked", "whole"], help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)

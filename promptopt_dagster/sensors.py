@@ -7,7 +7,7 @@ import dagster as dg
 from dagster._core.storage.tags import RUN_KEY_TAG
 
 from promptopt_dagster.assets.backfill import DatasetsResource
-from promptopt_dagster.core import dataset_evaluation
+from promptopt_dagster.core import evaluation_catalog
 from promptopt_dagster.core.prompt_store import PromptStore, iteration_key
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.jobs import (
@@ -144,9 +144,7 @@ def continue_study_sensor(
 EVALUATION = dg.AssetKey("prompt_evaluation")
 
 
-def _evaluation_requests(
-    pairs: list[tuple[str, str]], signatures: dict[str, str]
-) -> list[dg.RunRequest]:
+def _evaluation_requests(pairs: list[tuple[str, str]], signatures: dict[str, str]) -> list[dg.RunRequest]:
     """Idempotent: one run per prompt version x dataset x version of the dataset file."""
     return [
         dg.RunRequest(
@@ -159,16 +157,14 @@ def _evaluation_requests(
     ]
 
 
-def _compatible(store: PromptStore, version: str, info: dataset_evaluation.DatasetInfo) -> list[str]:
+def _compatible(store: PromptStore, version: str, info: evaluation_catalog.DatasetInfo) -> list[str]:
     """Columns `info` lacks for `version` ([] when it can be evaluated there)."""
-    study, prompt_id = dataset_evaluation.parse_prompt_version(version)
+    study, prompt_id = evaluation_catalog.parse_prompt_version(version)
     prompt, study_config = store.load_prompt(study, prompt_id), store.load_study(study)
-    return dataset_evaluation.missing_columns(prompt, study_config, info)
+    return evaluation_catalog.missing_columns(prompt, study_config, info)
 
 
-@dg.sensor(
-    jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
-)
+@dg.sensor(jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_dataset_sensor(
     context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
 ) -> dg.SensorResult:
@@ -178,7 +174,7 @@ def new_dataset_sensor(
     store = prompt_store.store
     cursor = json.loads(context.cursor) if context.cursor else {}
     seen: dict[str, str] = cursor.get("files", {})
-    versions = dataset_evaluation.prompt_versions(store)
+    versions = evaluation_catalog.prompt_versions(store)
     versions_stamp = str(len(versions)) + ":" + (versions[-1] if versions else "")
     registered = set(context.instance.get_dynamic_partitions("dataset"))
     new: list[str] = []
@@ -187,7 +183,7 @@ def new_dataset_sensor(
     signatures: dict[str, str] = {}
     for name, uri in datasets.files().items():
         try:
-            sig = dataset_evaluation.signature(uri)
+            sig = evaluation_catalog.signature(uri)
             if seen.get(name) == sig and (name in registered or cursor.get("versions") == versions_stamp):
                 continue
             seen[name] = sig
@@ -220,9 +216,7 @@ def new_dataset_sensor(
     )
 
 
-@dg.sensor(
-    jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
-)
+@dg.sensor(jobs=[evaluation_job], minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_prompt_version_sensor(
     context: dg.SensorEvaluationContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
 ) -> dg.SensorResult:
@@ -230,7 +224,7 @@ def new_prompt_version_sensor(
     evaluated over the registered datasets."""
     store = prompt_store.store
     registered = set(context.instance.get_dynamic_partitions("prompt_version"))
-    new = [v for v in dataset_evaluation.prompt_versions(store) if v not in registered]
+    new = [v for v in evaluation_catalog.prompt_versions(store) if v not in registered]
     if not new:
         return dg.SensorResult(skip_reason=f"no new prompt version ({len(registered)} registered)")
     requests: list[dg.RunRequest] = []
@@ -253,9 +247,7 @@ def new_prompt_version_sensor(
     )
 
 
-@dg.sensor(
-    job=comparison_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING
-)
+@dg.sensor(job=comparison_job, minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING)
 def evaluation_comparison_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     """Refreshes evaluation_comparison once new evaluations have landed (cursor: the storage id of
     the latest prompt_evaluation materialization it has seen)."""
@@ -266,6 +258,4 @@ def evaluation_comparison_sensor(context: dg.SensorEvaluationContext) -> dg.Sens
     if not records:
         return dg.SensorResult(skip_reason="no new evaluation")
     latest = max(r.storage_id for r in records)
-    return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"comparison/{latest}")], cursor=str(latest)
-    )
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=f"comparison/{latest}")], cursor=str(latest))

@@ -13,7 +13,7 @@ import pytest
 
 from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
 from promptopt_dagster.assets.launch import StartStudyConfig, start_study_job
-from promptopt_dagster.core import dataset_evaluation, version_comparison
+from promptopt_dagster.core import evaluation_catalog, sharded_evaluation, version_comparison
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError
@@ -60,8 +60,8 @@ def reason(result: dg.SensorResult) -> str:
     return result.skip_reason.skip_message if result.skip_reason else ""
 
 
-def info_for(path: Path) -> dataset_evaluation.DatasetInfo:
-    return dataset_evaluation.inspect_dataset(path.name, str(path))
+def info_for(path: Path) -> evaluation_catalog.DatasetInfo:
+    return evaluation_catalog.inspect_dataset(path.name, str(path))
 
 
 # --- core -------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_evaluate_dataset_streams_chunks_and_scores_every_row(
     }[fmt]()
     llm = ScriptedLLM(primary_responder)
     good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
-    summary = dataset_evaluation.evaluate_dataset(
+    summary = sharded_evaluation.evaluate_dataset(
         llm,
         evaluator_for(study),
         study,
@@ -97,7 +97,7 @@ def test_evaluate_dataset_streams_chunks_and_scores_every_row(
     [part] = sorted((tmp_path / "out" / "predictions").iterdir())
     assert table.num_rows == 23 and pq.ParquetFile(part).metadata.num_row_groups == 5
     assert table.column("row_id").to_pylist()[:2] == ["1", "2"]
-    seed = dataset_evaluation.evaluate_dataset(
+    seed = sharded_evaluation.evaluate_dataset(
         llm, evaluator_for(study), study, study.seed_prompt_state(), info_for(path), str(tmp_path / "o2"), "s"
     )
     assert seed.scores["exact_match"] == 0.0  # the chatty seed never answers with the bare label
@@ -121,22 +121,22 @@ def test_shards_cover_every_row_once_and_add_up_to_the_unsharded_evaluation(
 
     llm = ScriptedLLM(every_third_wrong)
     evaluator = evaluator_for(study)
-    whole = dataset_evaluation.evaluate_dataset(
+    whole = sharded_evaluation.evaluate_dataset(
         llm, evaluator, study, prompt, info, str(tmp_path / "one"), "v"
     )
-    assert dataset_evaluation.count_rows(info) == 23
-    shards = dataset_evaluation.plan_shards(23, 10)
+    assert evaluation_catalog.count_rows(info) == 23
+    shards = sharded_evaluation.plan_shards(23, 10)
     assert [(s.start, s.stop) for s in shards] == [(0, 10), (10, 20), (20, 23)]
     out = str(tmp_path / "three")
     # a two-shard evaluation of before leaves parts the three-shard one must replace
-    for old in dataset_evaluation.plan_shards(23, 12):
-        dataset_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", old, chunk_rows=4)
+    for old in sharded_evaluation.plan_shards(23, 12):
+        sharded_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", old, chunk_rows=4)
     results = [
-        dataset_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", s, chunk_rows=4)
+        sharded_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", s, chunk_rows=4)
         for s in reversed(shards)  # the order shards finish in does not matter
     ]
     assert [r.rows for r in results] == [3, 10, 10] and [r.chunks for r in results] == [1, 3, 3]
-    merged = dataset_evaluation.merge_shards(study, prompt, info, out, "v", results)
+    merged = sharded_evaluation.merge_shards(study, prompt, info, out, "v", results)
     assert merged.rows == 23 and merged.chunks == 7
     assert merged.scores == pytest.approx(whole.scores) and 0 < merged.scores["exact_match"] < 1
     assert sorted(p.name for p in (tmp_path / "three" / "predictions").iterdir()) == [
@@ -149,12 +149,12 @@ def test_shards_cover_every_row_once_and_add_up_to_the_unsharded_evaluation(
     assert table["row_id"].tolist() == [str(i) for i in range(1, 24)] == expected["row_id"].tolist()
     assert table["prediction"].tolist() == expected["prediction"].tolist()
     with pytest.raises(DatasetError, match="do not cover the dataset"):
-        dataset_evaluation.merge_shards(study, prompt, info, out, "v", results[:2])
-    assert len(dataset_evaluation.shards_for(prompt, study, info, 10)) == 3
+        sharded_evaluation.merge_shards(study, prompt, info, out, "v", results[:2])
+    assert len(sharded_evaluation.shards_for(prompt, study, info, 10)) == 3
     header_only = tmp_path / "header.csv"
     header_only.write_text("id,review,label\n")
     with pytest.raises(DatasetError, match="no data rows"):
-        dataset_evaluation.shards_for(prompt, study, info_for(header_only), 10)
+        sharded_evaluation.shards_for(prompt, study, info_for(header_only), 10)
 
 
 def test_sidecar_renames_columns_and_names_the_reference(pipeline: Pipeline, tmp_path: Path) -> None:
@@ -162,15 +162,15 @@ def test_sidecar_renames_columns_and_names_the_reference(pipeline: Pipeline, tmp
     frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=10), dtype=str)
     path = tmp_path / "renamed.csv"
     frame.rename(columns={"review": "text", "label": "gold", "id": "key"}).to_csv(path, index=False)
-    missing = dataset_evaluation.missing_columns(study.seed_prompt_state(), study, info_for(path))
+    missing = evaluation_catalog.missing_columns(study.seed_prompt_state(), study, info_for(path))
     assert missing == ["review", "label"]
     (tmp_path / "renamed.yaml").write_text(
         "columns: {text: review}\nreference_column: gold\nid_column: key\n"
     )
     info = info_for(path)
-    assert dataset_evaluation.missing_columns(study.seed_prompt_state(), study, info) == []
+    assert evaluation_catalog.missing_columns(study.seed_prompt_state(), study, info) == []
     good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
-    summary = dataset_evaluation.evaluate_dataset(
+    summary = sharded_evaluation.evaluate_dataset(
         ScriptedLLM(primary_responder), evaluator_for(study), study, good, info, str(tmp_path / "o"), "v"
     )
     assert summary.scores["exact_match"] == 1.0
@@ -181,7 +181,7 @@ def test_missing_columns_is_a_clear_error(pipeline: Pipeline, tmp_path: Path) ->
     path = tmp_path / "other.csv"
     pd.DataFrame({"question": ["1+1"], "answer": ["2"]}).to_csv(path, index=False)
     with pytest.raises(DatasetError, match=r"\['review', 'label'\]"):
-        dataset_evaluation.evaluate_dataset(
+        sharded_evaluation.evaluate_dataset(
             ScriptedLLM(primary_responder),
             evaluator_for(pipeline.study),
             pipeline.study,
@@ -325,7 +325,7 @@ def test_prompt_version_not_applicable_to_a_dataset_is_recorded_not_failed(pipel
 
 
 def test_comparison_pivot_marks_not_applicable_pairs() -> None:
-    def summary(version: str, dataset: str, **kw: object) -> dataset_evaluation.EvaluationSummary:
+    def summary(version: str, dataset: str, **kw: object) -> sharded_evaluation.EvaluationSummary:
         fields: dict[str, object] = {
             "prompt_version": version,
             "study": "s",
@@ -340,7 +340,7 @@ def test_comparison_pivot_marks_not_applicable_pairs() -> None:
             "seconds": 0.0,
             "chunks": 1,
         }
-        return dataset_evaluation.EvaluationSummary.model_validate(fields | kw)
+        return sharded_evaluation.EvaluationSummary.model_validate(fields | kw)
 
     summaries = [
         summary("s:a", "x.csv"),

@@ -9,7 +9,7 @@ false, the missing columns named), so a backfill over "All" prompt versions ends
 unreadable dataset or a failing LLM fails the run. An evaluation is a graph of steps: a plan
 splits the dataset into shards of `shard_rows` rows, a step per shard evaluates it (several at
 once on Celery workers), a last step merges their results. The work is
-core/dataset_evaluation.py; this file only translates.
+core/evaluation_catalog.py and core/sharded_evaluation.py; this file only translates.
 """
 
 from collections.abc import Iterator
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from promptopt_dagster.assets.metadata import number, prompt_markdown, table_value, usage_metadata
-from promptopt_dagster.core import dataset_evaluation, version_comparison
+from promptopt_dagster.core import evaluation_catalog, sharded_evaluation, version_comparison
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.errors import PromptoptError
 from promptopt_dagster.instance_config import LLM_POOL
@@ -33,15 +33,15 @@ class DatasetsResource(dg.ConfigurableResource):
 
     uri: str
     auto_evaluate: bool = False  # sensors launch evaluations themselves (else: backfill from the UI)
-    chunk_rows: int = dataset_evaluation.DEFAULT_CHUNK_ROWS  # rows per chunk; bounds an evaluation's memory
+    chunk_rows: int = sharded_evaluation.DEFAULT_CHUNK_ROWS  # rows per chunk; bounds an evaluation's memory
     # rows per shard: each shard is a step of its own, so workers evaluate one dataset at once
-    shard_rows: int = dataset_evaluation.DEFAULT_SHARD_ROWS
+    shard_rows: int = sharded_evaluation.DEFAULT_SHARD_ROWS
 
     def files(self) -> dict[str, str]:
-        return dataset_evaluation.list_datasets(self.uri)
+        return evaluation_catalog.list_datasets(self.uri)
 
-    def inspect(self, name: str) -> dataset_evaluation.DatasetInfo:
-        return dataset_evaluation.inspect_dataset(name, join(self.uri, name))
+    def inspect(self, name: str) -> evaluation_catalog.DatasetInfo:
+        return evaluation_catalog.inspect_dataset(name, join(self.uri, name))
 
 
 class EvaluationTarget:
@@ -52,30 +52,30 @@ class EvaluationTarget:
     ) -> None:
         self.version, self.dataset = parse_evaluation_key(partition_key)
         store = prompt_store.store
-        study_name, prompt_id = dataset_evaluation.parse_prompt_version(self.version)
+        study_name, prompt_id = evaluation_catalog.parse_prompt_version(self.version)
         self.study = store.load_study(study_name)
         self.prompt = store.load_prompt(study_name, prompt_id)
         self.info = datasets.inspect(self.dataset)
-        self.out_dir = dataset_evaluation.evaluation_dir(store.root, self.version, self.dataset)
+        self.out_dir = sharded_evaluation.evaluation_dir(store.root, self.version, self.dataset)
 
     @property
     def applicable(self) -> bool:
-        return not dataset_evaluation.missing_columns(self.prompt, self.study, self.info)
+        return not evaluation_catalog.missing_columns(self.prompt, self.study, self.info)
 
 
 def _failure(exc: PromptoptError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=False)
 
 
-@dg.op(out=dg.DynamicOut(dataset_evaluation.Shard))
+@dg.op(out=dg.DynamicOut(sharded_evaluation.Shard))
 def plan_evaluation_shards(
     context: dg.OpExecutionContext, prompt_store: PromptStoreResource, datasets: DatasetsResource
-) -> Iterator[dg.DynamicOutput[dataset_evaluation.Shard]]:
+) -> Iterator[dg.DynamicOutput[sharded_evaluation.Shard]]:
     """Row ranges of `DatasetsResource.shard_rows` rows, one step each (a prompt version the
     dataset does not fit: one empty shard, so the evaluation still records why)."""
     try:
         target = EvaluationTarget(context.partition_key, prompt_store, datasets)
-        shards = dataset_evaluation.shards_for(target.prompt, target.study, target.info, datasets.shard_rows)
+        shards = sharded_evaluation.shards_for(target.prompt, target.study, target.info, datasets.shard_rows)
     except PromptoptError as exc:
         raise _failure(exc) from exc
     context.log.info(f"{target.dataset}: {len(shards)} shard(s) of at most {datasets.shard_rows} rows")
@@ -86,19 +86,19 @@ def plan_evaluation_shards(
 @dg.op(pool=LLM_POOL)
 def evaluate_evaluation_shard(
     context: dg.OpExecutionContext,
-    shard: dataset_evaluation.Shard,
+    shard: sharded_evaluation.Shard,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
     datasets: DatasetsResource,
-) -> dataset_evaluation.ShardResult:
+) -> sharded_evaluation.ShardResult:
     """The shard's rows through the prompt version, streamed in chunks into its part file."""
     try:
         target = EvaluationTarget(context.partition_key, prompt_store, datasets)
         if not target.applicable:
-            return dataset_evaluation.ShardResult(
+            return sharded_evaluation.ShardResult(
                 shard=shard, rows=0, failed_rows=0, sums={}, usage={}, chunks=0, seconds=0.0
             )
-        return dataset_evaluation.evaluate_shard(
+        return sharded_evaluation.evaluate_shard(
             llm.primary(target.study),
             evaluator_for(target.study),
             target.study,
@@ -117,21 +117,21 @@ def evaluate_evaluation_shard(
 @dg.op
 def merge_evaluation_shards(
     context: dg.OpExecutionContext,
-    results: list[dataset_evaluation.ShardResult],
+    results: list[sharded_evaluation.ShardResult],
     prompt_store: PromptStoreResource,
     datasets: DatasetsResource,
-) -> dataset_evaluation.EvaluationSummary:
+) -> sharded_evaluation.EvaluationSummary:
     """The shards' results as the evaluation's summary (or its not-applicable record)."""
     try:
         target = EvaluationTarget(context.partition_key, prompt_store, datasets)
         if not target.applicable:
-            summary = dataset_evaluation.record_not_applicable(
+            summary = sharded_evaluation.record_not_applicable(
                 target.study, target.prompt, target.info, target.out_dir, target.version
             )
             _warn_not_applicable(context, summary, target.info.uri)
             context.add_output_metadata(_not_applicable_metadata(summary))
             return summary
-        summary = dataset_evaluation.merge_shards(
+        summary = sharded_evaluation.merge_shards(
             target.study, target.prompt, target.info, target.out_dir, target.version, results
         )
     except PromptoptError as exc:
@@ -158,7 +158,7 @@ def merge_evaluation_shards(
 
 
 @dg.graph_asset(partitions_def=evaluation_partitions, group_name=GROUP, kinds={"parquet"}, code_version="2")
-def prompt_evaluation() -> dataset_evaluation.EvaluationSummary:
+def prompt_evaluation() -> sharded_evaluation.EvaluationSummary:
     """One prompt version (a study's seed or an accepted prompt) scored on one dataset file of
     the datasets location: the rows split into shards that run as separate steps (on Celery
     workers, at once, within the "llm" pool's limit), each streamed in chunks into its Parquet
@@ -168,9 +168,9 @@ def prompt_evaluation() -> dataset_evaluation.EvaluationSummary:
 
 
 def _warn_not_applicable(
-    context: dg.OpExecutionContext, summary: dataset_evaluation.EvaluationSummary, dataset_uri: str
+    context: dg.OpExecutionContext, summary: sharded_evaluation.EvaluationSummary, dataset_uri: str
 ) -> None:
-    sidecar = as_path(dataset_evaluation.sidecar_uri(dataset_uri)).name
+    sidecar = as_path(evaluation_catalog.sidecar_uri(dataset_uri)).name
     context.log.warning(
         f"prompt version {summary.prompt_version} is not applicable to dataset {summary.dataset}: it needs "
         f"column(s) {summary.missing_columns} (its template and its reference column), the dataset has "
@@ -180,7 +180,7 @@ def _warn_not_applicable(
     )
 
 
-def _not_applicable_metadata(summary: dataset_evaluation.EvaluationSummary) -> dict[str, object]:
+def _not_applicable_metadata(summary: sharded_evaluation.EvaluationSummary) -> dict[str, object]:
     """The metadata of a prompt version the dataset lacks columns for: no score, why not."""
     return {
         "applicable": False,

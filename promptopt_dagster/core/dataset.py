@@ -79,7 +79,7 @@ def _read_parquet(data: bytes) -> pd.DataFrame:
 @dataclass(frozen=True)
 class DatasetFormat:
     """A dataset file format: `read` loads a whole file (load_dataset); the evaluations over other
-    datasets (core/dataset_evaluation.py) stream the same formats in chunks."""
+    datasets (core/evaluation_catalog.py) stream the same formats in chunks."""
 
     name: str
     description: str

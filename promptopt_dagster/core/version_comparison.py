@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from promptopt_dagster.core.dataset_evaluation import EVALUATIONS_DIR, EvaluationSummary
+from promptopt_dagster.core.sharded_evaluation import EVALUATIONS_DIR, EvaluationSummary
 from promptopt_dagster.storage import join, list_files, read_text
 
 

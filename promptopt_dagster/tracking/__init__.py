@@ -5,6 +5,7 @@ nothing in `core/` or `optimizer/` imports it.
 """
 
 from promptopt_dagster.tracking.client import MlflowTracker
+from promptopt_dagster.tracking.connection import mlflow_global_uris
 from promptopt_dagster.tracking.errors import TrackingError
 from promptopt_dagster.tracking.iteration_log import (
     IterationLog,
@@ -14,7 +15,7 @@ from promptopt_dagster.tracking.iteration_log import (
 )
 from promptopt_dagster.tracking.layout import CHAMPION_ALIAS, TAG_PROMPT_ID, experiment_name, prompt_name
 from promptopt_dagster.tracking.outbox import PENDING_PREFIX
-from promptopt_dagster.tracking.store import RegisteredPrompt, mlflow_global_uris
+from promptopt_dagster.tracking.registry import RegisteredPrompt
 
 __all__ = [
     "CHAMPION_ALIAS",

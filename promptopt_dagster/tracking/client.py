@@ -28,6 +28,7 @@ import pandas as pd
 import requests
 
 from promptopt_dagster.redaction import is_secret_key, redact
+from promptopt_dagster.tracking.connection import default_artifact_root
 from promptopt_dagster.tracking.errors import TrackingError
 from promptopt_dagster.tracking.layout import (
     CHAMPION_ALIAS,
@@ -40,12 +41,9 @@ from promptopt_dagster.tracking.layout import (
     safe_items,
 )
 from promptopt_dagster.tracking.outbox import PENDING_PREFIX, Outbox, default_outbox
-from promptopt_dagster.tracking.store import (
-    LiveStore,
-    RegisteredPrompt,
-    default_artifact_root,
-    default_pip_requirements,
-)
+from promptopt_dagster.tracking.registry import RegisteredPrompt
+from promptopt_dagster.tracking.run_contents import default_pip_requirements
+from promptopt_dagster.tracking.store import LiveStore
 
 
 class MlflowTracker:
@@ -344,7 +342,7 @@ class MlflowTracker:
         """A prompt version; returns its number, or None if it was queued during an outage
         (pass ``champion=True`` to alias it in the same step, which also works when queued).
         Registered once: a version with the same ``promptopt.prompt_id`` tag (without one, the
-        same texts) is reused, also when processes register it at the same moment (`store.py`).
+        same texts) is reused, also when processes register it at the same moment (`registry.py`).
         With `run_id` the version is linked to that run (the run page lists its prompts)."""
         args = {
             "study": study,

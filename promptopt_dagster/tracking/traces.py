@@ -19,8 +19,9 @@ import pandas as pd
 
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.redaction import redact
+from promptopt_dagster.tracking.connection import mlflow_global_uris
 from promptopt_dagster.tracking.run_log import IterationValues
-from promptopt_dagster.tracking.store import LiveStore, mlflow_global_uris
+from promptopt_dagster.tracking.store import LiveStore
 
 MAX_TRACE_SPANS = 200
 TAG_TRACE_KEY = "promptopt.trace_key"

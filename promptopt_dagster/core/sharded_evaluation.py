@@ -1,17 +1,5 @@
-"""Evaluations of prompt versions over other datasets, in bounded memory (no Dagster here).
-
-Convention for the datasets location (a local folder or a gs:// prefix, settings.datasets_uri):
-
-- every file directly in it in a dataset format (core/dataset.py FORMATS: ``*.csv``, ``*.jsonl`` /
-  ``*.ndjson`` and ``*.parquet`` / ``*.pq``) is a dataset; its file name is its partition key;
-- an optional sidecar ``<file stem>.yaml`` next to it (``reviews.yaml`` for ``reviews.csv``)
-  says how to read it: ``reference_column`` (default: each study's own reference column),
-  ``id_column`` (default: the row number), ``columns`` (a renaming, file column -> study
-  column, e.g. ``{text: review}``) and a free-text ``description``;
-- a prompt version can be evaluated on a dataset when the dataset has every column its template
-  uses (``{column}``) and the reference column. Other input columns of the study are optional.
-  A prompt version that needs a column the dataset lacks is *not applicable* to it: its
-  evaluation records that (`record_not_applicable`, the missing columns named) instead of a score.
+"""Evaluations of prompt versions over other datasets, in bounded memory (no Dagster here); what
+they pair up, and how a dataset file is read, is `evaluation_catalog.py`'s.
 
 A dataset is split into shards (row ranges) that separate steps evaluate, at once where there
 are several workers; a shard is read in chunks of rows (pyarrow streaming readers), each chunk
@@ -22,72 +10,42 @@ the number of rows. `merge_shards` adds the shards' sums up into one summary.
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
-from promptopt_dagster.core.dataset import CSV, FORMATS, JSONL, PARQUET, extension, format_of
+from promptopt_dagster.core.evaluation_catalog import (
+    DatasetInfo,
+    count_rows,
+    iter_batches,
+    missing_columns,
+    read_error,
+    reference_for,
+    sidecar_uri,
+    source_columns,
+)
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.metrics import EvaluatorService
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.scoring import score_predictions
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError
 from promptopt_dagster.llm.base import LLMClient, Usage
-from promptopt_dagster.storage import (
-    as_path,
-    delete,
-    exists,
-    join,
-    list_files,
-    read_text,
-    redact,
-    with_retries,
-    write_text,
-)
+from promptopt_dagster.storage import as_path, delete, join, list_files, write_text
 
 DEFAULT_CHUNK_ROWS = 1000
 # Rows one evaluation step takes on: a 100k-row dataset is ten steps that workers share.
 DEFAULT_SHARD_ROWS = 10_000
-# Bytes pyarrow's CSV / JSON readers parse at once: with the chunk size, what bounds memory.
-READ_BLOCK_BYTES = 1 << 20
 EVALUATIONS_DIR = "evaluations"
 # The folder of an evaluation's scored rows: one Parquet part file per shard.
 PREDICTIONS_DIR = "predictions"
 
 Progress = Callable[[str], None]
-
-
-class DatasetSpec(BaseModel):
-    """The optional sidecar ``<stem>.yaml`` of a dataset file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    reference_column: str | None = Field(None, description="the expected output; default: the study's")
-    id_column: str | None = Field(None, description="stable row id; default: the 1-based row number")
-    columns: dict[str, str] = Field(default_factory=dict, description="rename: file column -> study column")
-    description: str = ""
-
-
-class DatasetInfo(BaseModel):
-    """A dataset file as the sensors see it: its columns (after the sidecar's renaming)."""
-
-    name: str
-    uri: str
-    columns: list[str]
-    spec: DatasetSpec
-    signature: str
 
 
 class EvaluationSummary(BaseModel):
@@ -116,169 +74,6 @@ class EvaluationSummary(BaseModel):
         if self.applicable:
             return "scored"
         return f"not applicable: lacks {', '.join(self.missing_columns)}"
-
-
-# --- prompt versions -----------------------------------------------------------------------------
-
-
-def prompt_version_key(study: str, prompt_id: str) -> str:
-    """The partition key of a prompt version: ``<study>:<prompt id>``."""
-    return f"{study}:{prompt_id}"
-
-
-def parse_prompt_version(key: str) -> tuple[str, str]:
-    """(study, prompt id) of a prompt version key."""
-    study, sep, prompt_id = key.partition(":")
-    if not sep or not study or not prompt_id:
-        raise DatasetError(f"prompt version key {key!r} is not of the form '<study>:<prompt id>'")
-    return study, prompt_id
-
-
-def prompt_versions(store: PromptStore) -> list[str]:
-    """The versions worth comparing elsewhere: every study's seed and every accepted prompt."""
-    keys: list[str] = []
-    for study in store.studies():
-        keys.append(prompt_version_key(study, f"{study}-seed"))
-        for record in sorted(store.records(study), key=lambda r: r.iteration):
-            if record.accepted and record.accepted_id:
-                keys.append(prompt_version_key(study, record.accepted_id))
-    return list(dict.fromkeys(keys))
-
-
-# --- the datasets location ----------------------------------------------------------------------
-
-
-def list_datasets(folder: str) -> dict[str, str]:
-    """Dataset files directly in `folder` (local or gs://): {file name: uri}, sorted."""
-    return {as_path(f).name: f for f in list_files(folder, "*") if extension(f) in FORMATS}
-
-
-def sidecar_uri(dataset_uri: str) -> str:
-    path = as_path(dataset_uri)
-    return str(path.parent / f"{path.stem}.yaml")
-
-
-def load_spec(dataset_uri: str) -> DatasetSpec:
-    """The dataset's sidecar, or the defaults when it has none."""
-    uri = sidecar_uri(dataset_uri)
-    if not exists(uri):
-        return DatasetSpec()
-    try:
-        raw = yaml.safe_load(read_text(uri)) or {}
-        return DatasetSpec.model_validate(raw)
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise DatasetError(
-            f"sidecar {redact(uri)} of dataset {as_path(dataset_uri).name} is invalid: {exc}. It may set "
-            "reference_column, id_column, columns (file column -> study column) and description."
-        ) from exc
-
-
-def signature(uri: str) -> str:
-    """Changes when the file changes (size and modification time, or the GCS generation)."""
-    info: dict[str, Any] = with_retries("stat", uri, lambda fs, p: fs.info(p))
-    stamp = info.get("generation") or info.get("mtime") or info.get("updated") or info.get("etag") or ""
-    return f"{info.get('size', '')}-{stamp}"
-
-
-def _open(uri: str) -> Any:
-    try:
-        return as_path(uri).open("rb")
-    except FileNotFoundError as exc:
-        raise DatasetError(f"dataset file {redact(uri)} does not exist") from exc
-
-
-def file_columns(uri: str) -> list[str]:
-    """The file's columns, read from its header, first line or Parquet footer only."""
-    ext = extension(uri)
-    fmt = format_of(uri)
-    shown = redact(uri)
-    if fmt is None:
-        raise DatasetError(f"{shown}: unsupported extension {ext!r}; use one of {tuple(FORMATS)}")
-    try:
-        with _open(uri) as handle:
-            if fmt is PARQUET:
-                return [str(n) for n in pq.ParquetFile(handle).schema_arrow.names]
-            first = handle.readline().decode("utf-8").strip()
-            if not first:
-                raise DatasetError(f"dataset {shown} is empty; add a header row and data rows")
-            if fmt is CSV:
-                header = next(csv.reader([first]))
-                if handle.readline().strip() == b"":
-                    raise DatasetError(f"dataset {shown} has a header but no data rows; add rows")
-                return [h.strip() for h in header]
-            return [str(k) for k in pajson.read_json(io.BytesIO(first.encode())).column_names]
-    except DatasetError:
-        raise
-    except Exception as exc:  # pyarrow / csv / unicode errors all mean "not readable as that format"
-        raise DatasetError(
-            f"could not read dataset {shown}: {type(exc).__name__}: {str(exc)[:300]}. Check that the file "
-            f"is valid {ext[1:].upper()} and that its extension matches its format."
-        ) from exc
-
-
-def inspect_dataset(name: str, uri: str) -> DatasetInfo:
-    """Read the header and the sidecar; DatasetError when either is unusable."""
-    spec = load_spec(uri)
-    raw = file_columns(uri)
-    unknown = sorted(set(spec.columns) - set(raw))
-    if unknown or (spec.id_column and spec.id_column not in raw):
-        bad = unknown or [spec.id_column]
-        raise DatasetError(
-            f"sidecar {redact(sidecar_uri(uri))} names column(s) {bad} that {name} does not have; "
-            f"its columns are {raw}"
-        )
-    columns = [spec.columns.get(c, c) for c in raw]
-    if spec.reference_column and spec.reference_column not in columns:
-        raise DatasetError(
-            f"sidecar {redact(sidecar_uri(uri))} names reference_column {spec.reference_column!r}, "
-            f"which {name} does not have; its columns are {columns}"
-        )
-    return DatasetInfo(name=name, uri=uri, columns=columns, spec=spec, signature=signature(uri))
-
-
-def reference_for(study: StudyConfig, spec: DatasetSpec) -> str:
-    return spec.reference_column or study.reference_column
-
-
-def missing_columns(prompt: PromptState, study: StudyConfig, info: DatasetInfo) -> list[str]:
-    """Columns the prompt's template and the reference need that the dataset lacks."""
-    needed = [*sorted(prompt.placeholders()), reference_for(study, info.spec)]
-    return [c for c in needed if c not in info.columns]
-
-
-# --- streaming ----------------------------------------------------------------------------------
-
-
-def _source_columns(spec: DatasetSpec, wanted: list[str]) -> dict[str, str]:
-    """{file column: study column} for the study columns in `wanted` the file has."""
-    back = {v: k for k, v in spec.columns.items()}
-    return {back.get(c, c): c for c in wanted}
-
-
-def iter_batches(uri: str, columns: list[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    """The file's `columns` (file names) in record batches of at most `chunk_rows` rows; CSV
-    values stay strings as written. Only one block of the file is in memory at a time."""
-    fmt = format_of(uri)
-    with _open(uri) as handle:
-        if fmt is PARQUET:
-            batches: Iterator[pa.RecordBatch] = pq.ParquetFile(handle).iter_batches(
-                batch_size=chunk_rows, columns=columns
-            )
-        elif fmt is CSV:
-            batches = pacsv.open_csv(
-                handle,
-                read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
-                convert_options=pacsv.ConvertOptions(
-                    include_columns=columns, column_types={c: pa.string() for c in columns}
-                ),
-            )
-        else:
-            batches = pajson.open_json(handle, read_options=pajson.ReadOptions(block_size=READ_BLOCK_BYTES))
-        for batch in batches:
-            if fmt is JSONL:
-                batch = batch.select(columns)
-            for start in range(0, batch.num_rows, chunk_rows):
-                yield batch.slice(start, chunk_rows)
 
 
 def _as_text(series: pd.Series) -> pd.Series:
@@ -347,33 +142,6 @@ def _check_applicable(
         )
 
 
-def _read_error(info: DatasetInfo, rows: int, exc: Exception) -> DatasetError:
-    return DatasetError(
-        f"could not read dataset {info.name} after {rows} rows: {type(exc).__name__}: {str(exc)[:300]}. "
-        "Check that the file is well formed and its values consistent from row to row."
-    )
-
-
-def count_rows(info: DatasetInfo) -> int:
-    """The dataset's data rows, read in blocks (Parquet: from its footer)."""
-    if format_of(info.uri) is PARQUET:
-        with _open(info.uri) as handle:
-            try:
-                return pq.ParquetFile(handle).metadata.num_rows
-            except pa.ArrowException as exc:
-                raise _read_error(info, 0, exc) from exc
-    first = next(iter(_source_columns(info.spec, info.columns[:1])), None)
-    if first is None:
-        raise DatasetError(f"dataset {info.name} has no columns; add a header row and data rows")
-    rows = 0
-    try:
-        for batch in iter_batches(info.uri, [first], 1 << 16):
-            rows += batch.num_rows
-    except (pa.ArrowException, KeyError, UnicodeDecodeError) as exc:
-        raise _read_error(info, rows, exc) from exc
-    return rows
-
-
 def plan_shards(rows: int, shard_rows: int) -> list[Shard]:
     """Consecutive row ranges of at most `shard_rows` rows covering `rows` rows."""
     if shard_rows < 1:
@@ -434,7 +202,7 @@ def evaluate_shard(
     wanted = [c for c in [*study.input_columns, reference] if c in info.columns]
     if info.spec.id_column:
         wanted.append(info.spec.columns.get(info.spec.id_column, info.spec.id_column))
-    rename = _source_columns(info.spec, list(dict.fromkeys(wanted)))
+    rename = source_columns(info.spec, list(dict.fromkeys(wanted)))
     metrics = evaluator.metric_names
     schema = _output_schema(study, metrics)
     sums = dict.fromkeys(metrics, 0.0)
@@ -479,7 +247,7 @@ def evaluate_shard(
     except DatasetError:
         raise
     except (pa.ArrowException, KeyError, UnicodeDecodeError) as exc:
-        raise _read_error(info, shard.start + rows, exc) from exc
+        raise read_error(info, shard.start + rows, exc) from exc
     return ShardResult(
         shard=shard,
         rows=rows,
