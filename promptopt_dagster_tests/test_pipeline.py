@@ -117,14 +117,14 @@ def test_a_stopped_study_has_a_partition_for_each_iteration_that_ran_and_no_othe
     iterations it ran, so the UI shows no missing iteration and "materialize missing" has nothing
     to run."""
     with dg.instance_for_test() as instance:
-        short = make_pipeline(tmp_path, instance)
-        longer = make_pipeline(tmp_path, instance, name="longer", max_iterations=3)
+        short = make_pipeline(tmp_path, instance, max_iterations=1)
+        longer = make_pipeline(tmp_path, instance, name="longer", max_iterations=2)
         ran: dict[str, list[int]] = {}
         for p in (short, longer):
             p.store.register_study(p.study)
             drive(p.defs, p.instance, p.study.name)
             ran[p.study.name] = sorted(r.iteration for r in p.store.records(p.study.name))
-        assert ran["scripted"] == [0, 1] and len(ran["longer"]) > 2
+        assert ran == {"scripted": [0], "longer": [0, 1]}
         decided = instance.get_materialized_partitions(dg.AssetKey("iteration_decision"))
         for name, iterations in ran.items():
             keys = [study_iteration_key(name, i) for i in iterations]
