@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import requests
 from dagster_graphql import DagsterGraphQLClient
 
-from promptopt_dagster_tests.support.server_process import ServerProcess
+from promptopt_dagster_tests.support.server_process import ServerHandle, ServerProcess
 
 LOCATION = "promptopt_dagster_tests.support.fake_location"
 REPOSITORY = "__repository__"
@@ -56,15 +56,18 @@ def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: fl
 
 
 @dataclass
-class DagsterDev:
-    """One `dagster dev` process group and the folders it writes."""
+class DagsterDev(ServerHandle):
+    """One `dagster dev` process group and the folders it writes. `stop()` sends SIGTERM to the
+    group (webserver, daemon, code server, runs), SIGKILL after 30 s, and returns the exit code
+    of `dagster dev`."""
 
     root: Path
     port: int
-    process: ServerProcess = field(init=False)
+    _server: ServerProcess = field(init=False)
+    stop_timeout = 30.0
 
     def __post_init__(self) -> None:
-        self.process = ServerProcess("dagster dev", log_path=self.root / "dagster_dev.log")
+        self._server = ServerProcess("dagster dev", log_path=self.root / "dagster_dev.log")
 
     @property
     def home(self) -> Path:
@@ -84,7 +87,7 @@ class DagsterDev:
 
     @property
     def log_path(self) -> Path:
-        return self.process.log_path
+        return self._server.log_path
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "PROMPTOPT_"))}
@@ -97,16 +100,17 @@ class DagsterDev:
         )
         return env
 
-    def start(self) -> None:
+    def start(self) -> DagsterDev:
         """Start it and wait until the code location is loaded (a load error fails at once)."""
         self.dagster_home.mkdir(parents=True, exist_ok=True)
         self.datasets.mkdir(parents=True, exist_ok=True)
         (self.dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
         dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
         cmd = [dagster, "dev", "-h", "127.0.0.1", "-p", str(self.port), "-m", LOCATION]
-        self.process.start(
+        self._server.start(
             cmd, ready=self._location_loaded, timeout=180, every=0.5, cwd=self.root, env=self.env()
         )
+        return self
 
     def _location_loaded(self) -> bool:
         try:
@@ -126,13 +130,8 @@ class DagsterDev:
             raise AssertionError(f"code location failed to load: {errors[0]['message']}")
         return any(e["loadStatus"] == "LOADED" and e["locationOrLoadError"] for e in entries)
 
-    def stop(self) -> int | None:
-        """SIGTERM to the process group (webserver, daemon, code server, runs), SIGKILL after 30 s;
-        the exit code of `dagster dev`."""
-        return self.process.stop(timeout=30)
-
     def log_tail(self, chars: int = 4000) -> str:
-        return self.process.log_text()[-chars:]
+        return self.log_text()[-chars:]
 
     # --- GraphQL ------------------------------------------------------------------------------
 

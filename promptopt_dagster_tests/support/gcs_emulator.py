@@ -41,14 +41,18 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
-from promptopt_dagster_tests.support.server_process import HOST, ServerProcess, free_port, http_ready
+from promptopt_dagster_tests.support.server_process import (
+    HOST,
+    ServerHandle,
+    ServerProcess,
+    free_port,
+    http_ready,
+)
 
 # Must precede the first `import gcsfs` (see above); harmless if the caller already set it.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
@@ -57,19 +61,13 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 
 
-def _emulator_executable() -> str:
-    """The console script next to the running interpreter (the project's .venv/bin)."""
-    candidate = Path(sys.executable).parent / "gcp-storage-emulator"
-    if candidate.exists():
-        return str(candidate)
-    raise FileNotFoundError(
-        f"gcp-storage-emulator not found next to {sys.executable}; "
-        "install the dev extras: pip install -e '.[dev]'"
-    )
+class GcsEmulator(ServerHandle):
+    """One `gcp-storage-emulator` process with a default bucket (support/server_process.py).
+    `restart()` keeps the port; in-memory data is lost (only the empty default bucket exists
+    afterwards) unless the emulator was created with `data_dir`. `stop()` escalates to SIGKILL after 5 s."""
 
-
-class GcsEmulator:
-    """One `gcp-storage-emulator` process with a default bucket (support/server_process.py)."""
+    _server: ServerProcess
+    stop_timeout = STOP_TIMEOUT_S
 
     def __init__(
         self,
@@ -85,21 +83,13 @@ class GcsEmulator:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    @property
-    def pid(self) -> int:
-        return self._server.pid
-
-    @property
-    def running(self) -> bool:
-        return self._server.running
-
     def start(self) -> GcsEmulator:
         """Start it and wait until its default bucket answers 200."""
         if self.running:
             return self
         storage = ["--in-memory"] if self.data_dir is None else []
         cmd = [
-            _emulator_executable(),
+            self._venv_script("gcp-storage-emulator", "install the dev extras: pip install -e '.[dev]'"),
             *([] if self.data_dir is None else [f"--data-dir={self.data_dir}"]),
             "start",
             f"--host={HOST}",
@@ -111,30 +101,6 @@ class GcsEmulator:
         ready = http_ready(f"{self.endpoint}/storage/v1/b/{self.bucket}")
         self._server.start(cmd, ready=ready, timeout=START_TIMEOUT_S)
         return self
-
-    def stop(self) -> None:
-        """Terminate the process group by its pid (SIGKILL after 5 s) and wait for it."""
-        self._server.stop(timeout=STOP_TIMEOUT_S)
-
-    def restart(self) -> GcsEmulator:
-        """Stop and start again on the same port. In-memory data is lost (only the empty default
-        bucket exists afterwards) unless the emulator was created with `data_dir`."""
-        self.stop()
-        return self.start()
-
-    def log_text(self) -> str:
-        return self._server.log_text()
-
-    def close(self) -> None:
-        self._server.close()
-
-    def __enter__(self) -> GcsEmulator:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # --- client configuration ------------------------------------------------------------------
 

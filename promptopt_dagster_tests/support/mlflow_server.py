@@ -17,13 +17,11 @@ is switched off. The whole process group is signalled on stop, so no worker is l
 from __future__ import annotations
 
 import os
-import sys
 import time
-from pathlib import Path
-from types import TracebackType
 
 from promptopt_dagster_tests.support.server_process import (
     HOST,
+    ServerHandle,
     ServerProcess,
     free_port,
     http_ready,
@@ -34,15 +32,11 @@ START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 10.0
 
 
-def _mlflow_executable() -> str:
-    candidate = Path(sys.executable).parent / "mlflow"
-    if candidate.exists():
-        return str(candidate)
-    raise FileNotFoundError(f"the mlflow console script is not next to {sys.executable}; pip install mlflow")
-
-
-class MlflowServer:
+class MlflowServer(ServerHandle):
     """One `mlflow server` with proxied artifacts (``--serve-artifacts``)."""
+
+    _server: ServerProcess
+    stop_timeout = STOP_TIMEOUT_S
 
     def __init__(
         self,
@@ -59,20 +53,12 @@ class MlflowServer:
         self._server = ServerProcess("mlflow server")
         self.startup_seconds: float | None = None
 
-    @property
-    def pid(self) -> int:
-        return self._server.pid
-
-    @property
-    def running(self) -> bool:
-        return self._server.running
-
     def start(self) -> MlflowServer:
         """Start it and wait until /health answers 200."""
         if self.running:
             return self
         cmd = [
-            _mlflow_executable(),
+            self._venv_script("mlflow", "pip install mlflow"),
             "server",
             "--host",
             HOST,
@@ -94,23 +80,10 @@ class MlflowServer:
         self.startup_seconds = time.monotonic() - started
         return self
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
         """SIGTERM to the server's process group, SIGKILL after a timeout, and wait until the port
         is free again (workers may outlive the leader by a moment)."""
-        if self._server.stop(timeout=STOP_TIMEOUT_S) is not None:
+        code = super().stop()
+        if code is not None:
             wait_port_free(self.port, timeout=STOP_TIMEOUT_S)
-
-    def log_text(self) -> str:
-        return self._server.log_text()
-
-    def close(self) -> None:
-        self.stop()
-        self._server.close()
-
-    def __enter__(self) -> MlflowServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        return code

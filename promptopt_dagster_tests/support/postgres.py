@@ -48,7 +48,6 @@ import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import dagster as dg
@@ -56,7 +55,13 @@ import yaml
 from dagster_postgres import DagsterPostgresStorage
 
 from promptopt_dagster.instance_config import postgres_storage
-from promptopt_dagster_tests.support.server_process import HOST, ServerProcess, ServerStartError, free_port
+from promptopt_dagster_tests.support.server_process import (
+    HOST,
+    ServerHandle,
+    ServerProcess,
+    ServerStartError,
+    free_port,
+)
 
 USER = "promptopt"
 PASSWORD = "promptopt-test-pw"
@@ -104,8 +109,12 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-class PostgresServer:
-    """One PostgreSQL server in a temporary folder, on 127.0.0.1 at a free port."""
+class PostgresServer(ServerHandle):
+    """One PostgreSQL server in a temporary folder, on 127.0.0.1 at a free port. `restart()` keeps
+    the data and the port; open connections break."""
+
+    stop_signal = signal.SIGINT  # PostgreSQL's fast shutdown
+    stop_timeout = STOP_TIMEOUT_S
 
     def __init__(self, bindir: str | os.PathLike[str] | None = None) -> None:
         self.bindir = Path(bindir) if bindir is not None else find_bindir()
@@ -165,16 +174,6 @@ class PostgresServer:
         return result
 
     # --- lifecycle -------------------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the server is not running; call start() first")
-        return self._server.pid
-
-    @property
-    def running(self) -> bool:
-        return self._server is not None and self._server.running
 
     def start(self) -> PostgresServer:
         """initdb (first time only), then start the postmaster and wait until it accepts
@@ -250,37 +249,12 @@ class PostgresServer:
         cmd += ["-U", USER, "-t", "2"]
         return subprocess.run(cmd, capture_output=True, env=_clean_env()).returncode == 0
 
-    def stop(self) -> None:
-        """SIGINT (fast shutdown) to the postmaster's group by its pid; SIGKILL after 30 s."""
-        if self._server is not None:
-            self._server.stop(timeout=STOP_TIMEOUT_S, sig=signal.SIGINT)
-
-    def restart(self) -> PostgresServer:
-        """Stop and start again on the same port; the data stays. Open connections break."""
-        self.stop()
-        return self.start()
-
     def close(self) -> None:
         """Stop the server and remove its temporary folder."""
-        self.stop()
+        super().close()
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
             self.root = None
-
-    def log_text(self) -> str:
-        return self._server.log_text() if self._server is not None else ""
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run: remove the temporary folder here
-            raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     # --- databases -------------------------------------------------------------------------------
 

@@ -12,9 +12,8 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from types import TracebackType
 
-from promptopt_dagster_tests.support.server_process import HOST, ServerProcess, free_port
+from promptopt_dagster_tests.support.server_process import HOST, ServerHandle, ServerProcess, free_port
 
 START_TIMEOUT_S = 20.0
 
@@ -43,19 +42,17 @@ def answers_ping(port: int, host: str = HOST) -> bool:
         return False
 
 
-class RedisServer:
+class RedisServer(ServerHandle):
     """One ``redis-server`` process on 127.0.0.1 at a free port, with nothing persisted; with
     `password`, clients must authenticate (``requirepass``) and `url` carries it."""
+
+    _server: ServerProcess
 
     def __init__(self, port: int | None = None, password: str | None = None) -> None:
         self.port = port or free_port()
         self.password = password
         self._dir = Path(tempfile.mkdtemp(prefix="promptopt-redis-"))
         self._server = ServerProcess("redis-server", log_path=self._dir / "redis.log")
-
-    @property
-    def pid(self) -> int:
-        return self._server.pid
 
     def url(self, db: int = 0) -> str:
         auth = f":{self.password}@" if self.password else ""
@@ -64,28 +61,24 @@ class RedisServer:
     def start(self) -> RedisServer:
         cmd = [
             find_redis_server(),
-            "--bind", HOST,
-            "--port", str(self.port),
-            "--dir", str(self._dir),
-            "--save", "",
-            "--appendonly", "no",
-            "--daemonize", "no",
+            "--bind",
+            HOST,
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self._dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
             *(["--requirepass", self.password] if self.password else []),
         ]
         self._server.start(cmd, ready=lambda: answers_ping(self.port), timeout=START_TIMEOUT_S)
         return self
 
-    def stop(self) -> None:
-        self._server.stop()
-
     def close(self) -> None:
-        self._server.close()
+        """Stop it and remove its temporary folder."""
+        super().close()
         shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -17,6 +17,10 @@ SIGTERM are reset to their defaults (a parent started without job control ignore
 ignored signal stays ignored across exec). On Linux the child also gets `death_signal` (SIGTERM
 unless told otherwise) when the thread that started it dies, so a killed pytest leaves no orphan
 server: start servers from a thread that lives as long as they should (pytest's main thread does).
+
+`ServerHandle` is the base of the wrappers that hold one `ServerProcess` (GcsEmulator,
+MlflowServer, PostgresServer, RedisServer, VertexServerProcess, DagsterDev): each implements
+`start()` and what is its own.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 HOST = "127.0.0.1"
 POLL_S = 0.05
@@ -244,3 +249,67 @@ class ServerProcess:
         if self._own_log:
             with contextlib.suppress(OSError):
                 self.log_path.unlink()
+
+
+class ServerHandle:
+    """The lifecycle of a test wrapper around one `ServerProcess`, `_server` (None until the
+    subclass makes it): pid, running, stop, restart, close, log_text, and use as a context manager
+    (a failed start closes). A subclass implements `start()`, returning self. `stop()` sends
+    `stop_signal` to the process group by its pid, SIGKILL if the leader outlives `stop_timeout` s."""
+
+    _server: ServerProcess | None = None
+    stop_timeout: float = 10.0
+    stop_signal: int = signal.SIGTERM
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None and self._server.running
+
+    @property
+    def pid(self) -> int:
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} is not started; call start() first")
+        return self._server.pid
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    @staticmethod
+    def _venv_script(name: str, install_hint: str) -> str:
+        """The console script `name` next to the running interpreter (the project's .venv/bin)."""
+        candidate = Path(sys.executable).parent / name
+        if candidate.exists():
+            return str(candidate)
+        raise FileNotFoundError(f"{name} not found next to {sys.executable}; {install_hint}")
+
+    def stop(self) -> int | None:
+        """The leader's exit code (None if nothing was started since the last stop)."""
+        if self._server is None:
+            return None
+        return self._server.stop(timeout=self.stop_timeout, sig=self.stop_signal)
+
+    def restart(self) -> Self:
+        """Stop and start again."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop, and remove the log file if the `ServerProcess` made it."""
+        self.stop()
+        if self._server is not None:
+            self._server.close()
+
+    def log_text(self) -> str:
+        return self._server.log_text() if self._server is not None else ""
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ will not run
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

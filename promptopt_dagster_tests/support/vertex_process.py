@@ -13,18 +13,25 @@ import argparse
 import signal
 import sys
 import threading
-from types import TracebackType
 
-from promptopt_dagster_tests.support.server_process import HOST, ServerProcess, free_port, tcp_ready
+from promptopt_dagster_tests.support.server_process import (
+    HOST,
+    ServerHandle,
+    ServerProcess,
+    free_port,
+    tcp_ready,
+)
 from promptopt_dagster_tests.support.vertex_server import VertexServer
 
 MODULE = "promptopt_dagster_tests.support.vertex_process"
 START_TIMEOUT_S = 30.0
 
 
-class VertexServerProcess:
+class VertexServerProcess(ServerHandle):
     """`VertexServer` with the echo responder in a child process (support/server_process.py),
     ready once its port accepts connections, stopped by its pid."""
+
+    _server: ServerProcess
 
     def __init__(self, latency_ms: float = 0.0, port: int | None = None) -> None:
         self.latency_ms = latency_ms
@@ -32,25 +39,10 @@ class VertexServerProcess:
         self.base_url = f"http://{HOST}:{self.port}"
         self._server = ServerProcess("fake-vertex-server")
 
-    @property
-    def pid(self) -> int:
-        return self._server.pid
-
     def start(self) -> VertexServerProcess:
         cmd = [sys.executable, "-m", MODULE, "--port", str(self.port), "--latency-ms", str(self.latency_ms)]
         self._server.start(cmd, ready=tcp_ready(self.port), timeout=START_TIMEOUT_S)
         return self
-
-    def stop(self) -> None:
-        self._server.stop()
-
-    def __enter__(self) -> VertexServerProcess:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._server.close()
 
 
 def main(argv: list[str] | None = None) -> None:
