@@ -16,6 +16,8 @@ from a per-process cache:
   runs) read and write the same files as they do with Dagster's storage;
 - a forked child drops the parent's connections and opens its own;
 - `wipe` drops the engines of the files it deletes before deleting them;
+- schema checks Dagster repeats before most statements are answered once per file (below), and
+  commits in WAL mode do not wait for the disk (`_wal_with_normal_sync`);
 - the files, tables and layout under `base_dir` are Dagster's own: a home written by either
   class is read by the other.
 
@@ -37,6 +39,7 @@ Select it in `dagster.yaml` (the CLI writes this unless DAGSTER_PG_URL is set)::
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -85,12 +88,30 @@ def engine_for(conn_string: str, timeout: float | None = None) -> sa.Engine:
                 max_overflow=MAX_OVERFLOW,
                 connect_args=connect_args,
             )
+            sa.event.listen(engine, "connect", _wal_with_normal_sync)
             _engines[key] = engine
             if len(_engines) > MAX_ENGINES:
                 _engines.popitem(last=False)
         else:
             _engines.move_to_end(key)
         return engine
+
+
+def _wal_with_normal_sync(dbapi_connection: Any, _record: Any) -> None:
+    """WAL mode (Dagster puts each of its files in it when it creates them; here it is set on
+    connecting, so that a new file's first connection has it too) and `synchronous=NORMAL`: a
+    commit no longer waits for the disk (fsync); the WAL is synced at checkpoints. A crash of the
+    process loses nothing committed; a power cut or an OS crash may lose the last transactions,
+    never the file's consistency. A file another process holds in another journal mode keeps it,
+    and SQLite's default, FULL."""
+    cursor = dbapi_connection.cursor()
+    try:
+        if cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal":
+            cursor.execute("PRAGMA synchronous=NORMAL")
+    except sqlite3.OperationalError:  # locked by another process: leave the file as it is
+        pass
+    finally:
+        cursor.close()
 
 
 def forget_engines() -> None:

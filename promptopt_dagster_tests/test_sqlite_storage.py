@@ -123,6 +123,55 @@ def test_queries_reuse_open_connections(home: Path, connects: list[str]) -> None
         assert len(connects) - opened <= len(engines_under(home)) * sqlite_storage.POOL_SIZE
 
 
+@pytest.fixture
+def statements() -> Iterator[list[str]]:
+    """Every SQL statement any engine of this process executes, whitespace collapsed."""
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(" ".join(statement.split()))
+
+    sa.event.listen(sa.engine.Engine, "before_cursor_execute", record)
+    yield seen
+    sa.event.remove(sa.engine.Engine, "before_cursor_execute", record)
+
+
+SCHEMA_CHECKS = ('PRAGMA main.table_info("dynamic_partitions")', 'PRAGMA main.table_xinfo("asset_keys")')
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_schema_checks_are_answered_once_per_file(home: Path, statements: list[str], cached: bool) -> None:
+    """Dagster checks the partitions table before each partition lookup and the asset_keys
+    columns before each asset write; the CLI's storage asks each once per file and process."""
+    with open_home(home, cached) as instance:
+        materialize(instance, "a")
+        statements.clear()
+        materialize(instance, "b")
+        checks = [s for s in statements if s in SCHEMA_CHECKS]
+    # at most the creation of the new run's own file; Dagster's storage asks before each lookup
+    assert len(checks) <= 1 if cached else len(checks) > 3, checks
+
+
+def test_connections_to_wal_files_commit_without_waiting_for_the_disk(home: Path) -> None:
+    """synchronous=NORMAL (1) on every pooled connection to a file in WAL mode: Dagster puts each
+    of its files in WAL mode."""
+    with open_home(home, cached=True) as instance:
+        run_id = materialize(instance, "a")
+        for _ in range(3):  # connections opened after each file's first
+            instance.all_logs(run_id)
+            partitions_materialized(instance)
+        checked = 0
+        for (conn_string, _), engine in list(sqlite_storage._engines.items()):
+            if str(home) not in conn_string:
+                continue
+            with engine.connect() as conn:
+                mode = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+                sync = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+            assert mode == "wal" and sync == 1, (conn_string, mode, sync)
+            checked += 1
+        assert checked >= 4
+
+
 @pytest.mark.parametrize("other", ["cached", "dagster"])
 def test_idle_pooled_connections_block_no_other_process(home: Path, other: str) -> None:
     """While this process holds idle connections to every file, another process (a forked
