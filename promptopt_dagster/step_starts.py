@@ -24,7 +24,7 @@ STARTED = "Executing steps {step} in celery worker"
 
 
 class StepLostTooOftenError(PromptoptError):
-    """A step's process died in every one of its MAX_STEP_STARTS starts."""
+    """A step was started MAX_STEP_STARTS times since its submission and never finished."""
 
 
 def starts_since_submission(instance: dg.DagsterInstance, run_id: str, step_key: str) -> int:
@@ -58,10 +58,10 @@ def refuse_a_step_lost_too_often(
             starts = starts_since_submission(instance, step_args.run_id, step_key)
             if starts >= MAX_STEP_STARTS:
                 raise StepLostTooOftenError(
-                    f"step {step_key} was started {starts} times and its process died each time "
-                    "(killed by the system, e.g. out of memory, or crashed); not starting it again. "
-                    "Replies it received are in the response cache: fix the cause (a larger "
-                    "worker, smaller chunks) and re-execute the run from its failure"
+                    f"step {step_key} was started {starts} times and never finished: its process "
+                    "was killed each time (e.g. out of memory) or its worker was lost; not starting "
+                    "it again. Replies it received are in the response cache: fix the cause (a "
+                    "larger worker, smaller chunks) and re-execute the run from its failure"
                 )
     finally:
         instance.dispose()

@@ -360,7 +360,7 @@ def test_a_step_whose_process_dies_at_every_start_fails_the_run_instead_of_runni
             victim = next_blocked_process(study, killed)
             os.kill(victim, signal.SIGKILL)
             killed.append(victim)
-        refused = rf"step baseline_predictions was started {MAX_STEP_STARTS} times and its process died"
+        refused = rf"step baseline_predictions was started {MAX_STEP_STARTS} times and never finished"
         try:
             with pytest.raises(RunFailedError, match=refused):
                 study.running.result(timeout=180)
