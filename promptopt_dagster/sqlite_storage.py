@@ -42,8 +42,9 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
@@ -114,6 +115,16 @@ def _wal_with_normal_sync(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _schema_fact(key: tuple[str, str], check: Callable[[], bool]) -> bool:
+    """`check()`, asked until it first says yes for `key` (database URL, fact), then known."""
+    if key in _schema_present:
+        return True
+    if not check():
+        return False
+    _schema_present.add(key)
+    return True
+
+
 def forget_engines() -> None:
     """Drop every engine of this process, closing their idle connections."""
     with _lock:
@@ -167,30 +178,25 @@ class CachedEngineEventLogStorage(SqliteEventLogStorage):
     def has_table(self, table_name: str) -> bool:
         # Without `_db_lock`, as Dagster's: it is asked while this thread holds an index connection.
         conn_string = self.conn_string_for_shard(INDEX_SHARD_NAME)
-        key = (conn_string, f"table {table_name}")
-        if key not in _schema_present:
+
+        def check() -> bool:
             engine = engine_for(conn_string, SQLITE_BUSY_TIMEOUT_SECONDS)
             with engine.connect() as conn:
-                if not engine.dialect.has_table(conn, table_name):
-                    return False
-            _schema_present.add(key)
-        return True
+                return bool(engine.dialect.has_table(conn, table_name))
+
+        return _schema_fact((conn_string, f"table {table_name}"), check)
 
     def _has_asset_key_col_on_connection(self, conn: sa.Connection, column_name: str) -> bool:
-        key = (str(conn.engine.url), f"asset_keys column {column_name}")
-        if key not in _schema_present:
-            if not super()._has_asset_key_col_on_connection(conn, column_name):
-                return False
-            _schema_present.add(key)
-        return True
+        return _schema_fact(
+            (str(conn.engine.url), f"asset_keys column {column_name}"),
+            partial(super()._has_asset_key_col_on_connection, conn, column_name),
+        )
 
     def has_secondary_index(self, name: str) -> bool:
-        key = (self.conn_string_for_shard(INDEX_SHARD_NAME), f"secondary index {name}")
-        if key not in _schema_present:
-            if not super().has_secondary_index(name):
-                return False
-            _schema_present.add(key)
-        return True
+        return _schema_fact(
+            (self.conn_string_for_shard(INDEX_SHARD_NAME), f"secondary index {name}"),
+            partial(super().has_secondary_index, name),
+        )
 
     def wipe(self) -> None:
         """Deletes the run files: the engines go first, so no connection writes to a deleted file."""
