@@ -55,6 +55,7 @@ from promptopt_dagster_tests.support.scripted_cli import (
     BLOCKED_ENV,
     RELEASE_ENV,
     answered_keys,
+    blocked_pids,
     wait_for_marker,
 )
 from promptopt_dagster_tests.support.vertex_server import FaultSchedule, VertexServer
@@ -338,8 +339,7 @@ def next_blocked_process(study: BlockedStudy, seen: list[int], timeout: float = 
     """The pid of a process that reached the blocked LLM call (its marker) and is not in `seen`."""
     deadline = time.monotonic() + timeout
     while True:
-        blocked = {int(p.suffix[1:]) for p in study.marker.parent.glob(f"{study.marker.name}.*")}
-        if fresh := blocked - set(seen):
+        if fresh := blocked_pids(study.marker) - set(seen):
             return fresh.pop()
         assert not study.running.done(), f"the run ended: {study.running.exception()}"
         assert time.monotonic() < deadline, f"no new process reached the blocked call in {timeout:.0f} s"
@@ -372,8 +372,7 @@ def test_a_step_whose_process_dies_at_every_start_fails_the_run_instead_of_runni
         starts = [e for e in study.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
                   if e.step_key == "baseline_predictions"]
         assert [e.dagster_event.pid for e in starts] == killed  # type: ignore[union-attr]
-        blocked = {int(p.suffix[1:]) for p in study.marker.parent.glob(f"{study.marker.name}.*")}
-        assert blocked == set(killed)  # no fourth start
+        assert blocked_pids(study.marker) == set(killed)  # no fourth start
 
 
 def short_visibility_worker_config(folder: Path, seconds: int) -> Path:
@@ -480,16 +479,13 @@ def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
         key = str(evaluation_key(f"{STUDY}:{STUDY}-seed", "fresh.csv"))
         running = pool.submit(execute, defs, instance, EVALUATION_JOB, key, {}, location=LOCATION)
 
-        def blocked() -> set[int]:
-            return {int(p.name.rsplit(".", 1)[1]) for p in tmp_path.glob(f"{marker.name}.*")}
-
         # both workers' step processes inside an LLM call at once (each blocks on its first)
         deadline = time.monotonic() + 180
-        while len(blocked()) < 2:
+        while len(blocked_pids(marker)) < 2:
             assert not running.done(), f"the run ended: {running.exception()}"
-            assert time.monotonic() < deadline, f"processes inside an LLM call: {blocked()}"
+            assert time.monotonic() < deadline, f"processes inside an LLM call: {blocked_pids(marker)}"
             time.sleep(0.05)
-        in_calls = blocked()
+        in_calls = blocked_pids(marker)
         assert {os.getpgid(pid) for pid in in_calls} == set(workers.pids)  # one in each worker
         release.touch()
         running.result(timeout=300)

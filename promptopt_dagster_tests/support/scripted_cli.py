@@ -55,6 +55,12 @@ def start_blocked_child(study: Path, env: dict[str, str]) -> subprocess.Popen[st
     )
 
 
+def blocked_pids(marker: Path) -> set[int]:
+    """The pids of every process that reached its blocked call: each also writes
+    `<marker>.<pid>` next to `marker`."""
+    return {int(p.name.rsplit(".", 1)[1]) for p in marker.parent.glob(f"{marker.name}.*")}
+
+
 def wait_for_marker(marker: Path, failure: Callable[[], str | None], timeout: float = 120) -> None:
     """Until `marker` exists (a blocked scripted call wrote it). `failure()` says why waiting is
     pointless (the process that should get there ended), or None; either fails the test."""
