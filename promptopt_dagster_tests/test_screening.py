@@ -1,5 +1,6 @@
-"""Screening stops a candidate that can no longer match the incumbent on the minibatch, and
-never one that still could: the same candidates reach validation as with full screening."""
+"""Screening stops a candidate that can no longer match the incumbent on the minibatch, or no
+longer enter the best screened there, and never one that still could: the same candidates reach
+validation as with full screening."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from promptopt_dagster.core.iteration import SCREEN_BLOCK, screen_and_confirm, screen_candidate
+from promptopt_dagster.core.iteration import (
+    SCREEN_BLOCK,
+    screen_and_confirm,
+    screen_candidate,
+    screening_bar,
+)
 from promptopt_dagster.core.records import Candidate
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study_data import load_study_data
@@ -77,3 +83,54 @@ def test_a_stopped_candidate_is_not_validated_and_a_reachable_one_is(tmp_path: P
     assert by[(chatty.prompt.id, "train")] == SCREEN_BLOCK and (chatty.prompt.id, "val") not in by
     assert by[(good.prompt.id, "train")] == 12 and by[(good.prompt.id, "val")] == n_val
     assert llm.calls == SCREEN_BLOCK + 12 + n_val
+
+
+@pytest.mark.parametrize(
+    ("full", "incumbent", "top", "bar"),
+    [
+        ([], 0.0, 2, 0.0),  # nothing screened yet: the incumbent's score
+        ([0.9], 0.0, 2, 0.0),  # one of two places still open
+        ([0.9, 0.5], 0.0, 2, 0.5),  # the lower of the best two
+        ([0.9, 0.5, 0.7], 0.0, 2, 0.7),
+        ([0.9, 0.5], 0.6, 2, 0.6),  # never below the incumbent
+        ([0.4], 0.0, 1, 0.4),
+    ],
+)
+def test_the_screening_bar_is_the_lowest_place_among_the_best_screened(
+    full: list[float], incumbent: float, top: int, bar: float
+) -> None:
+    assert screening_bar(full, incumbent, top) == pytest.approx(bar)
+
+
+def test_racing_stops_a_candidate_that_cannot_enter_the_best_two_and_validates_the_same_two(
+    tmp_path: Path,
+) -> None:
+    """Against a seed at zero, two candidates right on every row set the bar at 1.0: a third
+    that misses its first rows stops after one block instead of spending the whole minibatch,
+    and the two validated are those full screening would validate."""
+    study = scripted_study(tmp_path, minibatch_size=12)
+    data = load_study_data(study)
+    good = [
+        Candidate(
+            prompt=study.seed_prompt_state().child(LABEL_RULE + extra, "{review}"), strategy="add_format_rule"
+        )
+        for extra in ("", " Be brief.")
+    ]
+    chatty = Candidate(
+        prompt=study.seed_prompt_state().child("Say what you think.", "{review}"), strategy="reflect"
+    )
+    n_val = len(data.iteration_rows(0).query("split == 'val'"))
+
+    raced = ScriptedLLM(primary_responder)
+    preds = screen_and_confirm(raced, evaluator_for(study), data, [*good, chatty], 0.0, iteration=0)
+    by = preds.groupby(["candidate_id", "split"]).size().to_dict()
+    assert by[(chatty.prompt.id, "train")] == SCREEN_BLOCK and (chatty.prompt.id, "val") not in by
+    assert all(by[(g.prompt.id, "train")] == 12 and by[(g.prompt.id, "val")] == n_val for g in good)
+    assert raced.calls == 2 * 12 + SCREEN_BLOCK + 2 * n_val
+
+    # screened first, the chatty candidate has nothing to race against: every row, not validated
+    full = ScriptedLLM(primary_responder)
+    preds = screen_and_confirm(full, evaluator_for(study), data, [chatty, *good], 0.0, iteration=0)
+    validated = set(preds.loc[preds["split"] == "val", "candidate_id"])
+    assert validated == {g.prompt.id for g in good}
+    assert full.calls == 3 * 12 + 2 * n_val

@@ -48,13 +48,14 @@ def screen_candidate(
     study: StudyConfig,
     prompt: PromptState,
     train: pd.DataFrame,
-    incumbent_train_score: float,
+    bar: float,
     block: int = SCREEN_BLOCK,
 ) -> pd.DataFrame:
     """The candidate's predictions on the minibatch `train`, block by block, stopping once even
-    a perfect score on the rows left could not bring its mean up to the incumbent's: such a
-    candidate never goes on to validation, so its remaining rows would be calls spent for
-    nothing. Per-row scores of every metric here are at most 1."""
+    a perfect score on the rows left could not bring its mean up to `bar` (the incumbent's
+    minibatch score, or a higher one candidates already screened set): such a candidate never
+    goes on to validation, so its remaining rows would be calls spent for nothing. Per-row
+    scores of every metric here are at most 1."""
     n = len(train)
     frames, total, done = [], 0.0, 0
     for start in range(0, n, max(1, block)):
@@ -63,9 +64,21 @@ def screen_candidate(
         frames.append(preds)
         total += float(scored["score"].sum())
         done += len(preds)
-        if done < n and (total + (n - done)) / n < incumbent_train_score - EPS:
+        if done < n and (total + (n - done)) / n < bar - EPS:
             break
     return pd.concat(frames, ignore_index=True)
+
+
+def screening_bar(full_scores: list[float], incumbent_train_score: float, confirm_top: int) -> float:
+    """The minibatch score a candidate must still be able to reach to be worth screening on:
+    the incumbent's, or, once `confirm_top` candidates were screened on every row, the lowest
+    of the best `confirm_top` of them. A candidate that cannot reach it is beaten on the
+    minibatch by `confirm_top` others and would not be validated, so stopping it changes
+    nothing but the calls spent (racing)."""
+    best = sorted(full_scores, reverse=True)[: max(1, confirm_top)]
+    if len(best) < max(1, confirm_top):
+        return incumbent_train_score
+    return max(incumbent_train_score, best[-1])
 
 
 def screen_and_confirm(
@@ -79,8 +92,9 @@ def screen_and_confirm(
     progress: Progress | None = None,
     calls_left: int | None = None,
 ) -> pd.DataFrame:
-    """Every candidate on the train minibatch (`screen_candidate`: stopped early once it cannot
-    match the incumbent there); those that match or beat the incumbent there, the
+    """Every candidate on the train minibatch (`screen_candidate`: stopped early once it can
+    neither match the incumbent there nor enter the best `confirm_top`, see `screening_bar`);
+    those that match or beat the incumbent there, the
     best `confirm_top`, on validation, as many as `calls_left` (the budget, None for none) pays
     for after screening; propose_candidates keeps at least one validation affordable. Returns
     all predictions with a `candidate_id` column."""
@@ -90,18 +104,22 @@ def screen_and_confirm(
     val = rows[rows["split"] == "val"]
     frames = []
     scores = []
+    full_scores: list[float] = []
     for i, cand in enumerate(candidates):
         if progress:
             progress(f"screening candidate {i + 1}/{len(candidates)} ({cand.strategy})")
-        preds = screen_candidate(llm, evaluator, study, cand.prompt, train, incumbent_train_score)
+        bar = screening_bar(full_scores, incumbent_train_score, confirm_top)
+        preds = screen_candidate(llm, evaluator, study, cand.prompt, train, bar)
         scored, agg = score_predictions(evaluator, preds, study.target_metric, ["split"])
+        if len(preds) == len(train):
+            full_scores.append(float(agg["train"][study.target_metric]))
         frames.append(preds.assign(candidate_id=cand.prompt.id))
         if calls_left is not None:
             calls_left -= live_calls(preds)
         if progress and len(preds) < len(train):
             progress(
                 f"candidate {i + 1} ({cand.strategy}) stopped after {len(preds)} of {len(train)} minibatch "
-                "rows: it can no longer match the incumbent there"
+                f"rows: it can no longer reach {bar:.2f} there (the incumbent or the best screened)"
             )
         scores.append(score_of(cand, agg["train"][study.target_metric]))
     if calls_left is not None:
