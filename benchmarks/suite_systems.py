@@ -278,6 +278,7 @@ def run_ours(llm: LocalLLM, task: Task, budget: int) -> SystemResult:
         "best_val_score": last.best_val_score,
         "accepted": [r.iteration for r in records if r.accepted],
         "strategies": [[c.strategy for c in r.candidates] for r in records],
+        "iteration_details": [iteration_detail(r) for r in records],
     }
     if last.total_calls > budget:
         result.notes.append(f"spent {last.total_calls} calls, over the {budget}-call budget")
@@ -286,6 +287,22 @@ def run_ours(llm: LocalLLM, task: Task, budget: int) -> SystemResult:
     result.test_score, result.test_calls, result.test_seconds = score_prompt(llm, task, champion)
     result.extra["trajectory"] = champion_trajectory(llm, task, records)
     return result
+
+
+def iteration_detail(record: Any) -> dict[str, Any]:
+    """Where an iteration's calls went: the incumbent's scores, and each candidate's strategy,
+    minibatch rows screened, minibatch and validation scores (train and val only, never test)."""
+    return {
+        "iteration": record.iteration,
+        "calls": int(record.calls),
+        "incumbent": [round(record.incumbent_train_score, 3), round(record.incumbent_val_score, 3)],
+        "candidates": [
+            [c.strategy, c.screened_rows, round(c.train_score, 3),
+             None if c.val_score is None else round(c.val_score, 3)]
+            for c in record.candidates
+        ],
+        "accepted": record.accepted,
+    }
 
 
 def champion_trajectory(llm: LocalLLM, task: Task, records: list[Any]) -> list[dict[str, Any]]:

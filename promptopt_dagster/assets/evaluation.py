@@ -55,7 +55,8 @@ SCORE_COLUMNS = [
         "screened_rows",
         "int",
         description="minibatch rows train_score is over; fewer than the minibatch when screening "
-        "stopped early because the candidate could no longer match the incumbent",
+        "stopped early because the candidate could no longer match the incumbent or enter the best "
+        "two screened",
     ),
     dg.TableColumn(
         "val_score",

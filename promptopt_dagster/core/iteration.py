@@ -5,7 +5,8 @@
 2. evaluation            score_predictions (core/scoring.py)
 3. refinement            propose_candidates (core/proposal.py, the optimizer package)
 4. refined inference     screen_and_confirm: every candidate on the minibatch (stopped early
-                         once it cannot match the incumbent there), the best on val
+                         once it cannot match the incumbent or enter the best screened there),
+                         the best on val
 5. evaluation + decision candidate_scores (core/scoring.py), then decide
 
 The rows come from load_study_data (core/study_data.py); the budget rules from core/budget.py.
@@ -38,7 +39,7 @@ Progress = Callable[[str], None]
 # halving in its smallest form), when the budget allows.
 CONFIRM_TOP = 2
 # Minibatch rows a candidate is screened on at a time: after each block, a candidate that can no
-# longer match the incumbent's minibatch score (even with every remaining row right) stops.
+# longer reach the screening bar (even with every remaining row right) stops.
 SCREEN_BLOCK = 4
 
 

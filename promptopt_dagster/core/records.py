@@ -23,7 +23,8 @@ class CandidateScore(BaseModel):
     val_score: float | None = None
     predicted_score: float | None = None
     # minibatch rows train_score is over: fewer than the minibatch when screening stopped early
-    # (the candidate could no longer match the incumbent there); None in older records
+    # (the candidate could no longer match the incumbent there, or enter the best screened);
+    # None in older records
     screened_rows: int | None = None
     parts: dict | None = None  # what it was composed from (optimizer.parts.PromptParts)
 
