@@ -1,5 +1,5 @@
-"""What the iteration assets share: the study and iteration of their partition, the study's rows,
-and metadata.
+"""What the iteration assets share: their decorator, the study and iteration of their partition,
+the study's rows, and metadata.
 
 Every step of an iteration needs the study's registered config and most need its rows. Within one
 run they are loaded once: the config is cached per (run id, prompt store root, study), and the
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import dagster as dg
 
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.core.study_data import StudyData, load_study_data
-from promptopt_dagster.partitions import parse_key
+from promptopt_dagster.partitions import parse_key, study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 
 GROUP = "iteration"
@@ -28,6 +29,14 @@ _CACHE_SIZE = 8
 _lock = threading.Lock()
 _studies: OrderedDict[tuple[str, str, str], StudyConfig] = OrderedDict()
 _data: OrderedDict[int, tuple[StudyConfig, StudyData]] = OrderedDict()
+
+
+def iteration_asset(
+    *, kinds: set[str], **asset_args: Any
+) -> Callable[[Callable[..., Any]], dg.AssetsDefinition]:
+    """`dg.asset` for a step of an iteration: partitioned by (study, iteration) and in the group
+    the iteration job selects, so no step can be left out of the job or keyed differently."""
+    return dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds=kinds, **asset_args)
 
 
 class StudyIteration(NamedTuple):

@@ -8,7 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from promptopt_dagster.assets.checks import DECISION_CHECKS, decision_checks
-from promptopt_dagster.assets.common import GROUP, study_data, study_iteration
+from promptopt_dagster.assets.common import iteration_asset, study_data, study_iteration
 from promptopt_dagster.assets.metadata import number, prompt_markdown
 from promptopt_dagster.core.inference import usage_of
 from promptopt_dagster.core.iteration import decide
@@ -17,18 +17,11 @@ from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.records import IterationRecord
 from promptopt_dagster.core.report import stop_summary
 from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
-from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 from promptopt_dagster.study_runs import REGISTRATION
 
 
-@dg.asset(
-    partitions_def=study_iteration_partitions,
-    group_name=GROUP,
-    kinds={"python"},
-    check_specs=DECISION_CHECKS,
-    dagster_type=IterationRecord,
-)
+@iteration_asset(kinds={"python"}, check_specs=DECISION_CHECKS, dagster_type=IterationRecord)
 def iteration_decision(
     context: dg.AssetExecutionContext,
     prompt_store: PromptStoreResource,

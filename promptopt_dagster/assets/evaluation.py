@@ -9,7 +9,7 @@ from promptopt_dagster.assets.checks import (
     baseline_metrics_checks,
     candidate_metrics_checks,
 )
-from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.common import iteration_asset, study_iteration
 from promptopt_dagster.assets.metadata import number, table_value
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.scoring import (
@@ -19,17 +19,10 @@ from promptopt_dagster.core.scoring import (
     evaluate_incumbent,
     evaluator_for,
 )
-from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 
 
-@dg.asset(
-    partitions_def=study_iteration_partitions,
-    group_name=GROUP,
-    kinds={"python"},
-    check_specs=BASELINE_METRICS_CHECKS,
-    dagster_type=EvaluationMetrics,
-)
+@iteration_asset(kinds={"python"}, check_specs=BASELINE_METRICS_CHECKS, dagster_type=EvaluationMetrics)
 def baseline_metrics(
     context: dg.AssetExecutionContext, prompt_store: PromptStoreResource, baseline_predictions: pd.DataFrame
 ) -> dg.MaterializeResult:
@@ -74,13 +67,7 @@ SCORE_COLUMNS = [
 ]
 
 
-@dg.asset(
-    partitions_def=study_iteration_partitions,
-    group_name=GROUP,
-    kinds={"python"},
-    check_specs=CANDIDATE_METRICS_CHECKS,
-    dagster_type=CandidateMetrics,
-)
+@iteration_asset(kinds={"python"}, check_specs=CANDIDATE_METRICS_CHECKS, dagster_type=CandidateMetrics)
 def candidate_metrics(
     context: dg.AssetExecutionContext,
     prompt_store: PromptStoreResource,

@@ -9,24 +9,19 @@ from promptopt_dagster.assets.checks import (
     baseline_predictions_checks,
     candidate_predictions_checks,
 )
-from promptopt_dagster.assets.common import GROUP, study_data, study_iteration
+from promptopt_dagster.assets.common import iteration_asset, study_data, study_iteration
 from promptopt_dagster.assets.metadata import markdown_table, usage_metadata
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.scoring import EvaluationMetrics, evaluator_for
-from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.instance_config import LLM_POOL
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
 
-@dg.asset(
-    partitions_def=study_iteration_partitions,
-    group_name=GROUP,
-    kinds={"pandas"},
-    check_specs=BASELINE_PREDICTIONS_CHECKS,
-    dagster_type=pd.DataFrame,
-    pool="llm",
+@iteration_asset(
+    kinds={"pandas"}, check_specs=BASELINE_PREDICTIONS_CHECKS, dagster_type=pd.DataFrame, pool=LLM_POOL
 )
 def baseline_predictions(
     context: dg.AssetExecutionContext,
@@ -59,13 +54,8 @@ def baseline_predictions(
     )
 
 
-@dg.asset(
-    partitions_def=study_iteration_partitions,
-    group_name=GROUP,
-    kinds={"pandas"},
-    check_specs=CANDIDATE_PREDICTIONS_CHECKS,
-    dagster_type=pd.DataFrame,
-    pool="llm",
+@iteration_asset(
+    kinds={"pandas"}, check_specs=CANDIDATE_PREDICTIONS_CHECKS, dagster_type=pd.DataFrame, pool=LLM_POOL
 )
 def candidate_predictions(
     context: dg.AssetExecutionContext,

@@ -14,12 +14,11 @@ from typing import Any
 import dagster as dg
 from pydantic import BaseModel, Field
 
-from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.common import iteration_asset, study_iteration
 from promptopt_dagster.assets.metadata import number
 from promptopt_dagster.assets.tracking import dagster_tags
 from promptopt_dagster.core.meta_model import MetaModel, history_from_store, save_to_store, training_frame
 from promptopt_dagster.core.prompt_store import iteration_key
-from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.redaction import redact
 from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource, PromptStoreResource
 
@@ -35,12 +34,7 @@ class MetaModelFit(BaseModel):
     cv: dict[str, Any] = Field(default_factory=dict)
 
 
-@dg.asset(
-    partitions_def=study_iteration_partitions,
-    group_name=GROUP,
-    kinds={"sklearn", "mlflow"},
-    deps=["iteration_decision"],
-)
+@iteration_asset(kinds={"sklearn", "mlflow"}, deps=["iteration_decision"])
 def meta_model(
     context: dg.AssetExecutionContext,
     prompt_store: PromptStoreResource,

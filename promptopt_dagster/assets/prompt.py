@@ -2,14 +2,13 @@
 
 import dagster as dg
 
-from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.common import iteration_asset, study_iteration
 from promptopt_dagster.assets.metadata import prompt_markdown
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.resources import PromptStoreResource
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"})
+@iteration_asset(kinds={"python"})
 def current_prompt(context: dg.AssetExecutionContext, prompt_store: PromptStoreResource) -> PromptState:
     """The incumbent prompt, loaded through the prompt store: iteration N+1 cannot depend on
     iteration N as an asset (Dagster forbids the cycle), so lineage is kept by parent_id."""

@@ -3,17 +3,17 @@
 import dagster as dg
 import pandas as pd
 
-from promptopt_dagster.assets.common import GROUP, study_data, study_iteration
+from promptopt_dagster.assets.common import iteration_asset, study_data, study_iteration
 from promptopt_dagster.assets.metadata import number, prompt_markdown
 from promptopt_dagster.core.meta_model import ranking_plan
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet, propose_candidates
 from promptopt_dagster.core.scoring import EvaluationMetrics
-from promptopt_dagster.partitions import study_iteration_partitions
+from promptopt_dagster.instance_config import LLM_POOL
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"python"}, pool="llm")
+@iteration_asset(kinds={"python"}, pool=LLM_POOL)
 def candidate_prompts(
     context: dg.AssetExecutionContext,
     llm: LLMResource,

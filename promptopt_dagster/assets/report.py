@@ -7,6 +7,7 @@ from promptopt_dagster.assets.metadata import markdown_table, number, prompt_mar
 from promptopt_dagster.core.report import StudyReport, build_report, stop_summary
 from promptopt_dagster.core.scoring import evaluator_for
 from promptopt_dagster.core.study_data import load_study_data
+from promptopt_dagster.instance_config import LLM_POOL
 from promptopt_dagster.partitions import study_partitions
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
 from promptopt_dagster.study_runs import REGISTRATION
@@ -21,7 +22,7 @@ ITERATION_COLUMNS = (
 )
 
 
-@dg.asset(partitions_def=study_partitions, group_name="report", kinds={"python"}, pool="llm")
+@dg.asset(partitions_def=study_partitions, group_name="report", kinds={"python"}, pool=LLM_POOL)
 def study_report(
     context: dg.AssetExecutionContext, llm: LLMResource, prompt_store: PromptStoreResource
 ) -> StudyReport:

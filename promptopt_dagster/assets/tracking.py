@@ -9,13 +9,12 @@ import dagster as dg
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from promptopt_dagster.assets.common import GROUP, study_iteration
+from promptopt_dagster.assets.common import iteration_asset, study_iteration
 from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.records import IterationRecord
 from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
 from promptopt_dagster.core.study import ModelConfig
-from promptopt_dagster.partitions import study_iteration_partitions
 from promptopt_dagster.redaction import redact
 from promptopt_dagster.resources import LLMResource, MlflowTrackerResource, PromptStoreResource
 from promptopt_dagster.tracking import build_iteration_log, experiment_name, log_iteration, prompt_name
@@ -63,7 +62,7 @@ def iteration_started_at(context: dg.AssetExecutionContext) -> float | None:
     return context.instance.get_run_stats(run_id).start_time
 
 
-@dg.asset(partitions_def=study_iteration_partitions, group_name=GROUP, kinds={"mlflow"})
+@iteration_asset(kinds={"mlflow"})
 def iteration_tracking(
     context: dg.AssetExecutionContext,
     mlflow: MlflowTrackerResource,
