@@ -64,6 +64,19 @@ def info_for(path: Path) -> evaluation_catalog.DatasetInfo:
     return evaluation_catalog.inspect_dataset(path.name, str(path))
 
 
+def dataset_as(fmt: str, tmp_path: Path, rows: int = 23) -> Path:
+    """The scripted sentiment dataset of `rows` rows written as tmp_path/more.<fmt> (csv, jsonl or
+    parquet), every value a string."""
+    frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=rows), dtype=str)
+    path = tmp_path / f"more.{fmt}"
+    {
+        "csv": lambda: frame.to_csv(path, index=False),
+        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+        "parquet": lambda: frame.to_parquet(path),
+    }[fmt]()
+    return path
+
+
 # --- core -------------------------------------------------------------------------------------
 
 
@@ -72,25 +85,13 @@ def test_evaluate_dataset_streams_chunks_and_scores_every_row(
     pipeline: Pipeline, tmp_path: Path, fmt: str
 ) -> None:
     study = pipeline.study
-    frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=23), dtype=str)
-    path = tmp_path / f"more.{fmt}"
-    {
-        "csv": lambda: frame.to_csv(path, index=False),
-        "jsonl": lambda: frame.to_json(path, orient="records", lines=True),
-        "parquet": lambda: frame.to_parquet(path),
-    }[fmt]()
+    path = dataset_as(fmt, tmp_path)
     llm = ScriptedLLM(primary_responder)
     good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
-    summary = sharded_evaluation.evaluate_dataset(
-        llm,
-        evaluator_for(study),
-        study,
-        good,
-        info_for(path),
-        str(tmp_path / "out"),
-        "scripted:x",
-        chunk_rows=5,
+    evaluation = sharded_evaluation.Evaluation(
+        "scripted:x", study, good, info_for(path), str(tmp_path / "out")
     )
+    summary = sharded_evaluation.evaluate_dataset(llm, evaluator_for(study), evaluation, chunk_rows=5)
     assert summary.rows == 23 and summary.chunks == 5 and llm.calls == 23
     assert summary.scores["exact_match"] == 1.0 and 0.99 < summary.scores["f1"] <= 1.0
     table = pq.read_table(summary.predictions_uri)
@@ -98,7 +99,11 @@ def test_evaluate_dataset_streams_chunks_and_scores_every_row(
     assert table.num_rows == 23 and pq.ParquetFile(part).metadata.num_row_groups == 5
     assert table.column("row_id").to_pylist()[:2] == ["1", "2"]
     seed = sharded_evaluation.evaluate_dataset(
-        llm, evaluator_for(study), study, study.seed_prompt_state(), info_for(path), str(tmp_path / "o2"), "s"
+        llm,
+        evaluator_for(study),
+        sharded_evaluation.Evaluation(
+            "s", study, study.seed_prompt_state(), info_for(path), str(tmp_path / "o2")
+        ),
     )
     assert seed.scores["exact_match"] == 0.0  # the chatty seed never answers with the bare label
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == 23
@@ -109,10 +114,7 @@ def test_shards_cover_every_row_once_and_add_up_to_the_unsharded_evaluation(
     pipeline: Pipeline, tmp_path: Path, fmt: str
 ) -> None:
     study = pipeline.study
-    frame = pd.read_csv(write_dataset(tmp_path / "src.csv", rows=23), dtype=str)
-    path = tmp_path / f"more.{fmt}"
-    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path)
-    info = info_for(path)
+    info = info_for(dataset_as(fmt, tmp_path))
     prompt = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
 
     def every_third_wrong(request: ChatRequest) -> str:
@@ -122,21 +124,21 @@ def test_shards_cover_every_row_once_and_add_up_to_the_unsharded_evaluation(
     llm = ScriptedLLM(every_third_wrong)
     evaluator = evaluator_for(study)
     whole = sharded_evaluation.evaluate_dataset(
-        llm, evaluator, study, prompt, info, str(tmp_path / "one"), "v"
+        llm, evaluator, sharded_evaluation.Evaluation("v", study, prompt, info, str(tmp_path / "one"))
     )
     assert evaluation_catalog.count_rows(info) == 23
     shards = sharded_evaluation.plan_shards(23, 10)
     assert [(s.start, s.stop) for s in shards] == [(0, 10), (10, 20), (20, 23)]
-    out = str(tmp_path / "three")
+    three = sharded_evaluation.Evaluation("v", study, prompt, info, str(tmp_path / "three"))
     # a two-shard evaluation of before leaves parts the three-shard one must replace
     for old in sharded_evaluation.plan_shards(23, 12):
-        sharded_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", old, chunk_rows=4)
+        sharded_evaluation.evaluate_shard(llm, evaluator, three, old, chunk_rows=4)
     results = [
-        sharded_evaluation.evaluate_shard(llm, evaluator, study, prompt, info, out, "v", s, chunk_rows=4)
+        sharded_evaluation.evaluate_shard(llm, evaluator, three, s, chunk_rows=4)
         for s in reversed(shards)  # the order shards finish in does not matter
     ]
     assert [r.rows for r in results] == [3, 10, 10] and [r.chunks for r in results] == [1, 3, 3]
-    merged = sharded_evaluation.merge_shards(study, prompt, info, out, "v", results)
+    merged = sharded_evaluation.merge_shards(three, results)
     assert merged.rows == 23 and merged.chunks == 7
     assert merged.scores == pytest.approx(whole.scores) and 0 < merged.scores["exact_match"] < 1
     assert sorted(p.name for p in (tmp_path / "three" / "predictions").iterdir()) == [
@@ -149,7 +151,7 @@ def test_shards_cover_every_row_once_and_add_up_to_the_unsharded_evaluation(
     assert table["row_id"].tolist() == [str(i) for i in range(1, 24)] == expected["row_id"].tolist()
     assert table["prediction"].tolist() == expected["prediction"].tolist()
     with pytest.raises(DatasetError, match="do not cover the dataset"):
-        sharded_evaluation.merge_shards(study, prompt, info, out, "v", results[:2])
+        sharded_evaluation.merge_shards(three, results[:2])
     assert len(sharded_evaluation.shards_for(prompt, study, info, 10)) == 3
     header_only = tmp_path / "header.csv"
     header_only.write_text("id,review,label\n")
@@ -171,7 +173,9 @@ def test_sidecar_renames_columns_and_names_the_reference(pipeline: Pipeline, tmp
     assert evaluation_catalog.missing_columns(study.seed_prompt_state(), study, info) == []
     good = study.seed_prompt_state().child(FORMAT_RULE, "{review}")
     summary = sharded_evaluation.evaluate_dataset(
-        ScriptedLLM(primary_responder), evaluator_for(study), study, good, info, str(tmp_path / "o"), "v"
+        ScriptedLLM(primary_responder),
+        evaluator_for(study),
+        sharded_evaluation.Evaluation("v", study, good, info, str(tmp_path / "o")),
     )
     assert summary.scores["exact_match"] == 1.0
     assert pq.read_table(summary.predictions_uri).column("row_id").to_pylist()[0] == "r000"
@@ -184,11 +188,13 @@ def test_missing_columns_is_a_clear_error(pipeline: Pipeline, tmp_path: Path) ->
         sharded_evaluation.evaluate_dataset(
             ScriptedLLM(primary_responder),
             evaluator_for(pipeline.study),
-            pipeline.study,
-            pipeline.study.seed_prompt_state(),
-            info_for(path),
-            str(tmp_path / "o"),
-            "scripted:scripted-seed",
+            sharded_evaluation.Evaluation(
+                "scripted:scripted-seed",
+                pipeline.study,
+                pipeline.study.seed_prompt_state(),
+                info_for(path),
+                str(tmp_path / "o"),
+            ),
         )
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"not parquet at all")

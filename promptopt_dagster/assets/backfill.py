@@ -44,23 +44,20 @@ class DatasetsResource(dg.ConfigurableResource):
         return evaluation_catalog.inspect_dataset(name, join(self.uri, name))
 
 
-class EvaluationTarget:
+def _evaluation(
+    partition_key: str, prompt_store: PromptStoreResource, datasets: DatasetsResource
+) -> sharded_evaluation.Evaluation:
     """The prompt version and dataset of an evaluation partition, loaded once per step."""
-
-    def __init__(
-        self, partition_key: str, prompt_store: PromptStoreResource, datasets: DatasetsResource
-    ) -> None:
-        self.version, self.dataset = parse_evaluation_key(partition_key)
-        store = prompt_store.store
-        study_name, prompt_id = evaluation_catalog.parse_prompt_version(self.version)
-        self.study = store.load_study(study_name)
-        self.prompt = store.load_prompt(study_name, prompt_id)
-        self.info = datasets.inspect(self.dataset)
-        self.out_dir = sharded_evaluation.evaluation_dir(store.root, self.version, self.dataset)
-
-    @property
-    def applicable(self) -> bool:
-        return not evaluation_catalog.missing_columns(self.prompt, self.study, self.info)
+    version, dataset = parse_evaluation_key(partition_key)
+    store = prompt_store.store
+    study_name, prompt_id = evaluation_catalog.parse_prompt_version(version)
+    return sharded_evaluation.Evaluation(
+        prompt_version=version,
+        study=store.load_study(study_name),
+        prompt=store.load_prompt(study_name, prompt_id),
+        info=datasets.inspect(dataset),
+        out_dir=sharded_evaluation.evaluation_dir(store.root, version, dataset),
+    )
 
 
 def _failure(exc: PromptoptError) -> dg.Failure:
@@ -74,11 +71,13 @@ def plan_evaluation_shards(
     """Row ranges of `DatasetsResource.shard_rows` rows, one step each (a prompt version the
     dataset does not fit: one empty shard, so the evaluation still records why)."""
     try:
-        target = EvaluationTarget(context.partition_key, prompt_store, datasets)
-        shards = sharded_evaluation.shards_for(target.prompt, target.study, target.info, datasets.shard_rows)
+        evaluation = _evaluation(context.partition_key, prompt_store, datasets)
+        shards = sharded_evaluation.shards_for(
+            evaluation.prompt, evaluation.study, evaluation.info, datasets.shard_rows
+        )
     except PromptoptError as exc:
         raise _failure(exc) from exc
-    context.log.info(f"{target.dataset}: {len(shards)} shard(s) of at most {datasets.shard_rows} rows")
+    context.log.info(f"{evaluation.info.name}: {len(shards)} shard(s) of at most {datasets.shard_rows} rows")
     for shard in shards:
         yield dg.DynamicOutput(shard, mapping_key=f"shard_{shard.index}")
 
@@ -93,19 +92,15 @@ def evaluate_evaluation_shard(
 ) -> sharded_evaluation.ShardResult:
     """The shard's rows through the prompt version, streamed in chunks into its part file."""
     try:
-        target = EvaluationTarget(context.partition_key, prompt_store, datasets)
-        if not target.applicable:
+        evaluation = _evaluation(context.partition_key, prompt_store, datasets)
+        if not evaluation.applicable:
             return sharded_evaluation.ShardResult(
                 shard=shard, rows=0, failed_rows=0, sums={}, usage={}, chunks=0, seconds=0.0
             )
         return sharded_evaluation.evaluate_shard(
-            llm.primary(target.study),
-            evaluator_for(target.study),
-            target.study,
-            target.prompt,
-            target.info,
-            target.out_dir,
-            target.version,
+            llm.primary(evaluation.study),
+            evaluator_for(evaluation.study),
+            evaluation,
             shard,
             chunk_rows=datasets.chunk_rows,
             progress=context.log.info,
@@ -123,17 +118,13 @@ def merge_evaluation_shards(
 ) -> sharded_evaluation.EvaluationSummary:
     """The shards' results as the evaluation's summary (or its not-applicable record)."""
     try:
-        target = EvaluationTarget(context.partition_key, prompt_store, datasets)
-        if not target.applicable:
-            summary = sharded_evaluation.record_not_applicable(
-                target.study, target.prompt, target.info, target.out_dir, target.version
-            )
-            _warn_not_applicable(context, summary, target.info.uri)
+        evaluation = _evaluation(context.partition_key, prompt_store, datasets)
+        if not evaluation.applicable:
+            summary = sharded_evaluation.record_not_applicable(evaluation)
+            _warn_not_applicable(context, summary, evaluation.info.uri)
             context.add_output_metadata(_not_applicable_metadata(summary))
             return summary
-        summary = sharded_evaluation.merge_shards(
-            target.study, target.prompt, target.info, target.out_dir, target.version, results
-        )
+        summary = sharded_evaluation.merge_shards(evaluation, results)
     except PromptoptError as exc:
         raise _failure(exc) from exc
     context.add_output_metadata(
@@ -141,16 +132,16 @@ def merge_evaluation_shards(
             "applicable": True,
             "score": number(summary.scores[summary.target_metric]),
             "target_metric": summary.target_metric,
-            "study": target.study.name,
-            "prompt_id": target.prompt.id,
-            "dataset": target.dataset,
+            "study": evaluation.study.name,
+            "prompt_id": evaluation.prompt.id,
+            "dataset": evaluation.info.name,
             "rows": summary.rows,
             "failed_rows": summary.failed_rows,
             **{f"score_{m}": number(v) for m, v in summary.scores.items()},
             "chunks": summary.chunks,
             "shards": len(results),
             "predictions": dg.MetadataValue.path(summary.predictions_uri),
-            "prompt": prompt_markdown(target.prompt.system_prompt, target.prompt.output_prompt),
+            "prompt": prompt_markdown(evaluation.prompt.system_prompt, evaluation.prompt.output_prompt),
         }
         | usage_metadata(summary.usage)
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -103,6 +104,23 @@ def evaluation_dir(root: str, prompt_version: str, dataset: str) -> str:
     return join(root, EVALUATIONS_DIR, f"prompt_version={prompt_version}", f"dataset={dataset}")
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One prompt version (`prompt` of `study`, named `prompt_version`) on one dataset, and the
+    folder its results go to: what every step of an evaluation works on."""
+
+    prompt_version: str
+    study: StudyConfig
+    prompt: PromptState
+    info: DatasetInfo
+    out_dir: str
+
+    @property
+    def applicable(self) -> bool:
+        """Whether the dataset has every column the prompt version's template and reference need."""
+        return not missing_columns(self.prompt, self.study, self.info)
+
+
 class Shard(BaseModel):
     """Rows [start, stop) of a dataset (stop None: to the end), evaluated by one step; the steps of
     one evaluation can run at once on different workers."""
@@ -128,15 +146,14 @@ class ShardResult(BaseModel):
     seconds: float
 
 
-def _check_applicable(
-    prompt: PromptState, study: StudyConfig, info: DatasetInfo, prompt_version: str
-) -> None:
-    missing = missing_columns(prompt, study, info)
+def _check_applicable(evaluation: Evaluation) -> None:
+    info = evaluation.info
+    missing = missing_columns(evaluation.prompt, evaluation.study, info)
     if missing:
         raise DatasetError(
-            f"prompt version {prompt_version} cannot be evaluated on dataset {info.name}: its template "
-            f"and reference need column(s) {missing}, which the dataset lacks (it has {info.columns}). "
-            "Evaluate it on a dataset with those columns, or add a sidecar "
+            f"prompt version {evaluation.prompt_version} cannot be evaluated on dataset {info.name}: "
+            f"its template and reference need column(s) {missing}, which the dataset lacks (it has "
+            f"{info.columns}). Evaluate it on a dataset with those columns, or add a sidecar "
             f"{as_path(sidecar_uri(info.uri)).name} that renames the file's columns "
             "(columns: {file column: study column}) or names the reference_column."
         )
@@ -183,19 +200,16 @@ def _shard_batches(uri: str, columns: list[str], chunk_rows: int, shard: Shard) 
 def evaluate_shard(
     llm: LLMClient,
     evaluator: EvaluatorService,
-    study: StudyConfig,
-    prompt: PromptState,
-    info: DatasetInfo,
-    out_dir: str,
-    prompt_version: str,
+    evaluation: Evaluation,
     shard: Shard,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Progress | None = None,
 ) -> ShardResult:
-    """Run `prompt` over the shard's rows chunk by chunk, writing the scored rows to the shard's
+    """Run the prompt over the shard's rows chunk by chunk, writing the scored rows to the shard's
     part file (`Shard.part_uri`). Raises DatasetError naming the columns when the dataset lacks
     what the prompt needs, or naming the row where the file stops being readable."""
-    _check_applicable(prompt, study, info, prompt_version)
+    _check_applicable(evaluation)
+    study, prompt, info = evaluation.study, evaluation.prompt, evaluation.info
     if chunk_rows < 1:
         raise DatasetError(f"chunk_rows must be at least 1, got {chunk_rows}")
     reference = reference_for(study, info.spec)
@@ -209,7 +223,7 @@ def evaluate_shard(
     usage = Usage()
     rows = failed = chunks = 0
     start = time.perf_counter()
-    target = as_path(shard.part_uri(out_dir))
+    target = as_path(shard.part_uri(evaluation.out_dir))
     if target.protocol in ("", "file", "local"):
         target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -263,21 +277,15 @@ def _of(shard: Shard) -> str:
     return "" if shard.count == 1 else f" in shard {shard.index + 1}/{shard.count}"
 
 
-def merge_shards(
-    study: StudyConfig,
-    prompt: PromptState,
-    info: DatasetInfo,
-    out_dir: str,
-    prompt_version: str,
-    results: list[ShardResult],
-) -> EvaluationSummary:
+def merge_shards(evaluation: Evaluation, results: list[ShardResult]) -> EvaluationSummary:
     """The evaluation's summary from its shards' results, written to ``<out_dir>/summary.json``;
     part files of an earlier evaluation with another number of shards are removed."""
+    info, out_dir = evaluation.info, evaluation.out_dir
     counts = {r.shard.count for r in results}
     if len(counts) != 1 or sorted(r.shard.index for r in results) != list(range(counts.pop())):
         got = sorted((r.shard.index, r.shard.count) for r in results)
         raise DatasetError(
-            f"evaluation {prompt_version} on {info.name}: shards {got} do not cover the dataset"
+            f"evaluation {evaluation.prompt_version} on {info.name}: shards {got} do not cover the dataset"
         )
     rows = sum(r.rows for r in results)
     if rows == 0:
@@ -288,11 +296,7 @@ def merge_shards(
     for r in results:
         usage = usage + Usage.from_dict(r.usage)
     summary = _write_summary(
-        out_dir,
-        study,
-        prompt,
-        info,
-        prompt_version,
+        evaluation,
         rows=rows,
         failed_rows=sum(r.failed_rows for r in results),
         scores={m: sum(r.sums[m] for r in results) / rows for m in metrics},
@@ -313,59 +317,41 @@ def merge_shards(
 def evaluate_dataset(
     llm: LLMClient,
     evaluator: EvaluatorService,
-    study: StudyConfig,
-    prompt: PromptState,
-    info: DatasetInfo,
-    out_dir: str,
-    prompt_version: str,
+    evaluation: Evaluation,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Progress | None = None,
 ) -> EvaluationSummary:
-    """Run `prompt` over every row of the dataset in one shard, chunk by chunk, into
+    """Run the prompt over every row of the dataset in one shard, chunk by chunk, into
     ``<out_dir>/predictions/``; writes ``summary.json`` there and returns it."""
     whole = Shard(index=0, count=1)
-    result = evaluate_shard(
-        llm, evaluator, study, prompt, info, out_dir, prompt_version, whole, chunk_rows, progress
-    )
-    return merge_shards(study, prompt, info, out_dir, prompt_version, [result])
+    result = evaluate_shard(llm, evaluator, evaluation, whole, chunk_rows, progress)
+    return merge_shards(evaluation, [result])
 
 
-def _write_summary(
-    out_dir: str,
-    study: StudyConfig,
-    prompt: PromptState,
-    info: DatasetInfo,
-    prompt_version: str,
-    **outcome: Any,
-) -> EvaluationSummary:
+def _write_summary(evaluation: Evaluation, **outcome: Any) -> EvaluationSummary:
     """The summary of one prompt version on one dataset, written to ``<out_dir>/summary.json``."""
     summary = EvaluationSummary(
-        prompt_version=prompt_version,
-        study=study.name,
-        prompt_id=prompt.id,
-        dataset=info.name,
-        target_metric=study.target_metric,
+        prompt_version=evaluation.prompt_version,
+        study=evaluation.study.name,
+        prompt_id=evaluation.prompt.id,
+        dataset=evaluation.info.name,
+        target_metric=evaluation.study.target_metric,
         **outcome,
     )
-    write_text(join(out_dir, "summary.json"), summary.model_dump_json(indent=2))
+    write_text(join(evaluation.out_dir, "summary.json"), summary.model_dump_json(indent=2))
     return summary
 
 
-def record_not_applicable(
-    study: StudyConfig, prompt: PromptState, info: DatasetInfo, out_dir: str, prompt_version: str
-) -> EvaluationSummary:
+def record_not_applicable(evaluation: Evaluation) -> EvaluationSummary:
     """The evaluation of a prompt version on a dataset lacking columns it needs: no LLM call, a
     summary (``applicable`` false, the missing columns named) written to ``<out_dir>/summary.json``
     in place of any earlier one, so the comparison shows the pair as not applicable."""
-    missing = missing_columns(prompt, study, info)
+    info = evaluation.info
+    missing = missing_columns(evaluation.prompt, evaluation.study, info)
     if not missing:
-        raise ValueError(f"prompt version {prompt_version} is applicable to dataset {info.name}")
+        raise ValueError(f"prompt version {evaluation.prompt_version} is applicable to dataset {info.name}")
     return _write_summary(
-        out_dir,
-        study,
-        prompt,
-        info,
-        prompt_version,
+        evaluation,
         rows=0,
         failed_rows=0,
         scores={},
