@@ -19,6 +19,7 @@ from promptopt_dagster.optimizer.parts import infer_format_rule
 from promptopt_dagster.optimizer.reply import parse_proposals, reflection_messages
 from promptopt_dagster.optimizer.selection import choose_for_validation, pick_winner
 from promptopt_dagster.optimizer.strategies.edits import shorten
+from promptopt_dagster_tests.support.proposal import label_task_context
 
 TRAIN = pd.DataFrame(
     {
@@ -32,20 +33,14 @@ TRAIN = pd.DataFrame(
 def ctx(**kw: object) -> ProposalContext:
     args: dict[str, object] = dict(
         incumbent=PromptState(system_prompt="", output_prompt="{text}"),
-        metric="exact_match",
         incumbent_score=0.2,
         failures=[Failure(inputs={"text": "text 1"}, expected="TECH", got="It is about technology.")],
         history=[HistoryEntry(system_prompt="Classify.", score=0.1)],
         train=TRAIN,
-        minibatch_ids={"r0", "r1"},
-        input_columns=["text"],
-        reference_column="label",
-        iteration=0,
-        seed=0,
         format_rule=infer_format_rule(TRAIN["label"].tolist()),
     )
     args.update(kw)
-    return ProposalContext(**args)  # type: ignore[arg-type]
+    return label_task_context(**args)
 
 
 def good_reply(request: ChatRequest) -> str:

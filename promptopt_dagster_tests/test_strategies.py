@@ -23,6 +23,7 @@ from promptopt_dagster.optimizer.parts import PromptParts, choose_demonstrations
 from promptopt_dagster.optimizer.selection import pick_winner
 from promptopt_dagster.optimizer.strategies import STRATEGY_NAMES
 from promptopt_dagster.optimizer.strategies.restate import as_template
+from promptopt_dagster_tests.support.proposal import label_task_context
 
 ROWS = [
     ("What would you say about the phone case: it fits exactly as described.", "positive"),
@@ -128,19 +129,12 @@ def test_compose_puts_instruction_rule_framing_and_demonstrations_in_order() -> 
 
 
 def _context(incumbent: PromptState, tried: list[Tried] | None = None) -> ProposalContext:
-    train = _train()
-    return ProposalContext(
+    return label_task_context(
         incumbent=incumbent,
-        metric="exact_match",
         incumbent_score=0.0,
         failures=[Failure(inputs={"text": "item 5"}, expected="A", got="I think it is A")],
         history=[],
-        train=train,
-        minibatch_ids={"r0", "r1"},
-        input_columns=["text"],
-        reference_column="label",
-        iteration=0,
-        seed=0,
+        train=_train(),
         tried=tried or [],
         format_rule="Answer with exactly one of: A, B, C. Reply with that label only, no other words.",
     )
