@@ -4,7 +4,6 @@ an outage that loses nothing, and the optimizer with and without the meta-model.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 from collections.abc import Iterator
@@ -28,10 +27,7 @@ from promptopt_dagster.core.proposal import propose_candidates
 from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS
 from promptopt_dagster.driver import drive
-from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
-from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource
-from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster.tracking import (
     CHAMPION_ALIAS,
     MlflowTracker,
@@ -40,27 +36,8 @@ from promptopt_dagster.tracking import (
     prompt_name,
 )
 from promptopt_dagster_tests.support.mlflow_server import MlflowServer
-from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
+from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline, with_tracking
 from promptopt_dagster_tests.support.scripted import optimizer_responder, primary_responder
-
-
-def tracked(p: Pipeline, tracking_uri: str, outbox: Path, **policy: object) -> Pipeline:
-    """The conftest pipeline plus the tracking assets and their resources."""
-    resources = {
-        **p.defs.resources,
-        "mlflow": MlflowTrackerResource(
-            tracking_uri=tracking_uri, ui_url="http://127.0.0.1:5999", outbox_path=str(outbox)
-        ),
-        "meta_model_policy": MetaModelResource(**policy),  # type: ignore[arg-type]
-    }
-    defs = dg.Definitions(
-        assets=[*ASSETS, *TRACKING_ASSETS],
-        jobs=[iteration_job, report_job],
-        sensors=[new_study_sensor, continue_study_sensor],
-        resources=resources,
-        executor=dg.in_process_executor,  # as definitions.py with the default DAGSTER_EXECUTOR
-    )
-    return dataclasses.replace(p, defs=defs)
 
 
 def pipeline_in(folder: Path, instance: dg.DagsterInstance, **overrides: object) -> Pipeline:
@@ -113,7 +90,7 @@ def test_the_driven_study_is_in_mlflow_runs_metrics_artifacts_and_prompt_registr
     # Studies share the server's store: a name of its own keeps the assertions exact.
     name = f"tracked_{tmp_path.name[-12:].lower().replace('-', '_')}".strip("_")
     p = pipeline_in(tmp_path / "p", pipeline.instance, name=name)
-    p = tracked(p, tracking_uri, tmp_path / "outbox.jsonl")
+    p = with_tracking(p, tracking_uri, tmp_path / "outbox.jsonl")
     p.store.register_study(p.study)
     result = drive(p.defs, p.instance, name)
     assert [r.job for r in result.runs] == ["iteration_job", "iteration_job", "report_job"]
@@ -245,7 +222,7 @@ def test_an_mlflow_outage_loses_nothing_and_is_replayed(
 ) -> None:
     mlflow_server.stop()  # down for the whole study: it still finishes, its writes queued
     try:
-        p = tracked(pipeline, mlflow_server.url, tmp_path / "outbox.jsonl")
+        p = with_tracking(pipeline, mlflow_server.url, tmp_path / "outbox.jsonl")
         p.store.register_study(p.study)
         result = drive(p.defs, p.instance, "scripted")
         assert [r.job for r in result.runs] == ["iteration_job", "iteration_job", "report_job"]
@@ -360,7 +337,7 @@ def test_meta_model_asset_trains_on_every_study_and_gates_on_cv_quality(
     with dg.instance_for_test() as instance:
         # Both studies in one prompt store, so the model sees the history across studies.
         shared = pipeline_in(tmp_path / "shared_p", instance, name="alpha", max_iterations=1)
-        p = tracked(shared, sqlite_uri, tmp_path / "outbox.jsonl", min_spearman=2.0)
+        p = with_tracking(shared, sqlite_uri, tmp_path / "outbox.jsonl", min_spearman=2.0)
         p.store.register_study(p.study)
         beta = pipeline_in(tmp_path / "beta_p", instance, name="beta", max_iterations=1).study
         p.store.register_study(beta)

@@ -17,12 +17,9 @@ from mlflow import MlflowClient
 from promptopt_dagster.core.records import IterationRecord
 from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS
 from promptopt_dagster.driver import drive
-from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
-from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource
-from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster.tracking import experiment_name, prompt_name
-from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
+from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline, with_tracking
 
 STUDY = "ui_study"
 
@@ -42,22 +39,7 @@ def tracked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tracked]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     with dg.DagsterInstance.ephemeral(tempdir=str(root / "dagster")) as instance:
         (root / "p").mkdir()
-        p = make_pipeline(root / "p", instance, name=STUDY)
-        resources = {
-            **p.defs.resources,
-            "mlflow": MlflowTrackerResource(
-                tracking_uri=uri, ui_url="http://127.0.0.1:5999", outbox_path=str(root / "outbox.jsonl")
-            ),
-            "meta_model_policy": MetaModelResource(),
-        }
-        defs = dg.Definitions(
-            assets=[*ASSETS, *TRACKING_ASSETS],
-            jobs=[iteration_job, report_job],
-            sensors=[new_study_sensor, continue_study_sensor],
-            resources=resources,
-            executor=dg.in_process_executor,  # as definitions.py with the default DAGSTER_EXECUTOR
-        )
-        p = dataclasses.replace(p, defs=defs)
+        p = with_tracking(make_pipeline(root / "p", instance, name=STUDY), uri, root / "outbox.jsonl")
         p.store.register_study(p.study)
         drive(p.defs, p.instance, STUDY)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -4,12 +4,13 @@ scripted one, on a Dagster instance the caller brings; one sensor tick as the da
 iteration materialized.
 
 The asset graph is `ASSETS` without the tracking assets (they need MLflow, and a new MLflow store
-costs seconds per test: test_tracking_pipeline.py adds them) and without the backfill assets
-(test_backfill.py runs them with their own resources); `build_definitions` has them all."""
+costs seconds per test: `with_tracking` adds them for the tests that want them) and without the
+backfill assets (test_backfill.py runs them with their own resources); `build_definitions` has them
+all."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dagster as dg
@@ -17,11 +18,11 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import StudyConfig
-from promptopt_dagster.definitions import ASSETS, build_resources
+from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS, build_resources
 from promptopt_dagster.driver import apply_partition_requests
 from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
-from promptopt_dagster.resources import PromptStoreResource
+from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource, PromptStoreResource
 from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.scripted import (
@@ -72,8 +73,9 @@ def make_pipeline(
     """PROMPTOPT_HOME is `tmp_path`: the store is tmp_path/store, the LLM response cache is in
     tmp_path/cache (or in the database `cache_url`, LLM_CACHE_URL), the study
     (support/scripted.py) and its dataset are written to `tmp_path`."""
-    settings = IsolatedSettings(PROMPTOPT_HOME=tmp_path, LLM_CACHE_ENABLED=cache_enabled,
-                                LLM_CACHE_URL=cache_url)
+    settings = IsolatedSettings(
+        PROMPTOPT_HOME=tmp_path, LLM_CACHE_ENABLED=cache_enabled, LLM_CACHE_URL=cache_url
+    )
     llm = scripted_llm_resource(settings)
     resources = {**build_resources(settings), "llm": llm}
     defs = dg.Definitions(
@@ -86,6 +88,26 @@ def make_pipeline(
     assert isinstance(store_resource, PromptStoreResource)
     study = scripted_study(tmp_path, **study_overrides)
     return Pipeline(defs, instance, store_resource.store, llm, study, Path(settings.storage_root))
+
+
+def with_tracking(p: Pipeline, tracking_uri: str, outbox: Path, **policy: object) -> Pipeline:
+    """`p` plus the tracking assets and their resources: MLflow at `tracking_uri` (writes queued in
+    `outbox` while it is down) and the meta-model `policy` (MetaModelResource's fields)."""
+    resources = {
+        **p.defs.resources,
+        "mlflow": MlflowTrackerResource(
+            tracking_uri=tracking_uri, ui_url="http://127.0.0.1:5999", outbox_path=str(outbox)
+        ),
+        "meta_model_policy": MetaModelResource(**policy),  # type: ignore[arg-type]
+    }
+    defs = dg.Definitions(
+        assets=[*ASSETS, *TRACKING_ASSETS],
+        jobs=[iteration_job, report_job],
+        sensors=[new_study_sensor, continue_study_sensor],
+        resources=resources,
+        executor=dg.in_process_executor,  # as definitions.py with the default DAGSTER_EXECUTOR
+    )
+    return replace(p, defs=defs)
 
 
 def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
