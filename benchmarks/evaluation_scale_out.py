@@ -134,7 +134,11 @@ def orchestrate() -> int:
 
 
 def run_round(
-    workers: int, args: argparse.Namespace, tmp: Path, pg: PostgresServer, redis: RedisServer,
+    workers: int,
+    args: argparse.Namespace,
+    tmp: Path,
+    pg: PostgresServer,
+    redis: RedisServer,
     server: VertexServer,
 ) -> Round:
     label = f"w{workers}"
@@ -160,7 +164,11 @@ def run_round(
         server.clear()
         started = time.monotonic()
         proc = subprocess.run(
-            [sys.executable, __file__, "--orchestrate"], cwd=root, env=env, capture_output=True, text=True,
+            [sys.executable, __file__, "--orchestrate"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=RUN_TIMEOUT_S,
         )
         wall = time.monotonic() - started
@@ -174,8 +182,15 @@ def run_round(
         print(f"--- {label} failed; its output ends:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     peak = peak or float(out.get("peak_mb", 0.0))
     rows = int(out.get("rows", 0))
-    return Round(workers, wall, rows, len(server.generate_requests()), server.max_in_flight, peak,
-                 proc.returncode == 0 and rows == args.rows and out.get("failed") == "0")
+    return Round(
+        workers,
+        wall,
+        rows,
+        len(server.generate_requests()),
+        server.max_in_flight,
+        peak,
+        proc.returncode == 0 and rows == args.rows and out.get("failed") == "0",
+    )
 
 
 def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
@@ -183,11 +198,15 @@ def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
     bound = quota / (args.latency_ms / 1000.0)
     celery = [r for r in rounds if r.workers]
     first = min(celery, key=lambda r: r.workers) if celery else None
-    print(f"\n{args.rows} rows in shards of {args.shard_rows}, latency {args.latency_ms:.0f} ms, "
-          f"quota {args.pool_limit} x {args.vertex_concurrency} = {quota} in flight "
-          f"(at most {bound:.0f} rows/s)")
-    head = (f"{'executor':<14}{'wall s':>8}{'rows/s':>8}{'speed-up':>10}{'linear':>8}"
-            f"{'requests':>10}{'max in flight':>15}{'peak MB':>9}{'ok':>5}")
+    print(
+        f"\n{args.rows} rows in shards of {args.shard_rows}, latency {args.latency_ms:.0f} ms, "
+        f"quota {args.pool_limit} x {args.vertex_concurrency} = {quota} in flight "
+        f"(at most {bound:.0f} rows/s)"
+    )
+    head = (
+        f"{'executor':<14}{'wall s':>8}{'rows/s':>8}{'speed-up':>10}{'linear':>8}"
+        f"{'requests':>10}{'max in flight':>15}{'peak MB':>9}{'ok':>5}"
+    )
     print_head(head)
     for r in rounds:
         name = executor_name(r.workers)
@@ -196,8 +215,10 @@ def print_table(rounds: list[Round], args: argparse.Namespace) -> None:
             s = first.wall_s / r.wall_s
             speed, linear = f"{s:.2f}", f"{s / (r.workers / first.workers):.2f}"
         ok = "yes" if r.ok and r.max_in_flight <= quota else "NO"
-        print(f"{name:<14}{r.wall_s:>8.1f}{r.rows / r.wall_s:>8.1f}{speed:>10}{linear:>8}"
-              f"{r.requests:>10}{f'{r.max_in_flight} / {quota}':>15}{r.peak_mb:>9.0f}{ok:>5}")
+        print(
+            f"{name:<14}{r.wall_s:>8.1f}{r.rows / r.wall_s:>8.1f}{speed:>10}{linear:>8}"
+            f"{r.requests:>10}{f'{r.max_in_flight} / {quota}':>15}{r.peak_mb:>9.0f}{ok:>5}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
