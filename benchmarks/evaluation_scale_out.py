@@ -59,15 +59,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_out import executor_name, print_head, round_environment  # noqa: E402
+from scale_out import executor_name, print_head, round_environment, run_rounds  # noqa: E402
 
 from promptopt_dagster import storage  # noqa: E402
 from promptopt_dagster.settings import Settings  # noqa: E402
 from promptopt_dagster_tests.support.celery_workers import CeleryWorkers  # noqa: E402
-from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment  # noqa: E402
 from promptopt_dagster_tests.support.postgres import PostgresServer  # noqa: E402
 from promptopt_dagster_tests.support.redis_server import RedisServer  # noqa: E402
-from promptopt_dagster_tests.support.scripted import gemini_responder, write_dataset, write_study  # noqa: E402
+from promptopt_dagster_tests.support.scripted import write_dataset, write_study  # noqa: E402
 from promptopt_dagster_tests.support.vertex_server import VertexServer  # noqa: E402
 
 BUCKET = "promptopt-eval-scale"
@@ -237,22 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         return orchestrate()
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
 
-    rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="promptopt-evalscale-") as tmp_dir:
         tmp = Path(tmp_dir)
         args.dataset = write_dataset(tmp / DATASET, rows=args.rows)
-        with (
-            PostgresServer() as pg,
-            RedisServer() as redis,
-            GcsEmulator(bucket=BUCKET) as bucket,
-            emulator_environment(bucket),
-            VertexServer(responder=gemini_responder, latency=args.latency_ms / 1000.0) as server,
-        ):
-            for workers in ([] if args.no_baseline else [0]) + counts:
-                what = f"{workers} celery worker(s)" if workers else "in_process"
-                print(f"round: {what} ...", flush=True)
-                rounds.append(run_round(workers, args, tmp, pg, redis, server))
-                print(f"  {rounds[-1].wall_s:.1f} s", flush=True)
+        rounds = run_rounds(counts, args, BUCKET, tmp, run_round)
     print_table(rounds, args)
     quota = args.pool_limit * args.vertex_concurrency
     return 0 if all(r.ok and r.max_in_flight <= quota for r in rounds) else 1

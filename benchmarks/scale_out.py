@@ -85,8 +85,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -310,6 +312,38 @@ def run_round(
     )
 
 
+class Timed(Protocol):
+    """What `run_rounds` reads of a round: its wall time, printed as each round ends."""
+
+    wall_s: float
+
+
+R = TypeVar("R", bound=Timed)
+RunRound = Callable[[int, argparse.Namespace, Path, PostgresServer, RedisServer, VertexServer], R]
+
+
+def run_rounds(
+    counts: list[int], args: argparse.Namespace, bucket: str, tmp: Path, run_round: RunRound[R]
+) -> list[R]:
+    """`run_round` for the in-process baseline (unless --no-baseline), then for each of `counts`
+    Celery workers, on servers started once for every round and stopped by pid (each helper's
+    close) however we leave."""
+    rounds: list[R] = []
+    with (
+        PostgresServer() as pg,
+        RedisServer() as redis,
+        GcsEmulator(bucket=bucket) as emulator,
+        emulator_environment(emulator),  # this process and its children reach the emulator
+        VertexServer(responder=gemini_responder, latency=args.latency_ms / 1000.0) as server,
+    ):
+        for workers in ([] if args.no_baseline else [0]) + counts:
+            what = f"{workers} celery worker(s)" if workers else "in_process"
+            print(f"round: {what} ...", flush=True)
+            rounds.append(run_round(workers, args, tmp, pg, redis, server))
+            print(f"  {rounds[-1].wall_s:.1f} s", flush=True)
+    return rounds
+
+
 def executor_name(workers: int) -> str:
     """A round's row label: 0 workers is the in-process baseline."""
     return f"celery x{workers}" if workers else "in_process"
@@ -407,22 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",") if w.strip()]
 
-    rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="promptopt-scale-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        # Started once for every round, stopped by pid (each helper's close) however we leave.
-        with (
-            PostgresServer() as pg,
-            RedisServer() as redis,
-            GcsEmulator(bucket=BUCKET) as bucket,
-            emulator_environment(bucket),  # this process and its children reach the emulator
-            VertexServer(responder=gemini_responder, latency=args.latency_ms / 1000.0) as server,
-        ):
-            for workers in ([] if args.no_baseline else [0]) + counts:
-                what = f"{workers} celery worker(s)" if workers else "in_process"
-                print(f"round: {what} ...", flush=True)
-                rounds.append(run_round(workers, args, tmp, pg, redis, server))
-                print(f"  {rounds[-1].wall_s:.1f} s", flush=True)
+        rounds = run_rounds(counts, args, BUCKET, Path(tmp_dir), run_round)
     print_table(rounds, args)
     print_cpu(rounds)
     print_steps(rounds)
