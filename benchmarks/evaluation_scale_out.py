@@ -59,15 +59,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scale_out import executor_name, print_head, round_environment, run_rounds  # noqa: E402
+from scale_out import Servers, executor_name, print_head, round_environment, run_rounds  # noqa: E402
 
 from promptopt_dagster import storage  # noqa: E402
 from promptopt_dagster.settings import Settings  # noqa: E402
 from promptopt_dagster_tests.support.celery_workers import CeleryWorkers  # noqa: E402
-from promptopt_dagster_tests.support.postgres import PostgresServer  # noqa: E402
-from promptopt_dagster_tests.support.redis_server import RedisServer  # noqa: E402
 from promptopt_dagster_tests.support.scripted import write_dataset, write_study  # noqa: E402
-from promptopt_dagster_tests.support.vertex_server import VertexServer  # noqa: E402
 
 BUCKET = "promptopt-eval-scale"
 STUDY = "evalscale"
@@ -132,17 +129,10 @@ def orchestrate() -> int:
     return 0
 
 
-def run_round(
-    workers: int,
-    args: argparse.Namespace,
-    tmp: Path,
-    pg: PostgresServer,
-    redis: RedisServer,
-    server: VertexServer,
-) -> Round:
+def run_round(workers: int, args: argparse.Namespace, tmp: Path, servers: Servers) -> Round:
     label = f"w{workers}"
     root = tmp / label
-    env = round_environment(workers, args, root, BUCKET, pg, redis, server)
+    env = round_environment(workers, args, root, BUCKET, servers)
     env.update(EVALUATION_SHARD_ROWS=str(args.shard_rows), EVALUATION_CHUNK_ROWS=str(args.chunk_rows))
     if not workers:
         env["EVAL_SCALE_SELF_PEAK"] = "1"
@@ -160,7 +150,7 @@ def run_round(
         if pool:
             pool.start()
             env = pool.env
-        server.clear()
+        servers.vertex.clear()
         started = time.monotonic()
         proc = subprocess.run(
             [sys.executable, __file__, "--orchestrate"],
@@ -185,8 +175,8 @@ def run_round(
         workers,
         wall,
         rows,
-        len(server.generate_requests()),
-        server.max_in_flight,
+        len(servers.vertex.generate_requests()),
+        servers.vertex.max_in_flight,
         peak,
         proc.returncode == 0 and rows == args.rows and out.get("failed") == "0",
     )

@@ -185,6 +185,15 @@ def step_times(pg_url: str) -> StepTimes:
     return times
 
 
+@dataclass(frozen=True)
+class Servers:
+    """The servers every round shares: `run_rounds` starts them once for all rounds."""
+
+    pg: PostgresServer
+    redis: RedisServer
+    vertex: VertexServer
+
+
 def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
     """The caller's environment without our variables, plus `values`."""
     env = {k: v for k, v in base.items() if not k.startswith(OURS)}
@@ -193,23 +202,17 @@ def child_env(base: dict[str, str], **values: str) -> dict[str, str]:
 
 
 def round_environment(
-    workers: int,
-    args: argparse.Namespace,
-    root: Path,
-    bucket: str,
-    pg: PostgresServer,
-    redis: RedisServer,
-    server: VertexServer,
+    workers: int, args: argparse.Namespace, root: Path, bucket: str, servers: Servers
 ) -> dict[str, str]:
     """A round's environment under `root`: a fresh database with Dagster's tables (no run of an
     earlier round is seen), DAGSTER_HOME with the instance file the CLI would write (written
     before the workers start, since they load the instance from it too), assets under the
-    round's prefix of `bucket`, the Vertex client pointed at `server`, Celery on `redis` when
-    `workers` > 0."""
+    round's prefix of `bucket`, the Vertex client pointed at the fake Vertex server, Celery on
+    Redis when `workers` > 0."""
     label = f"w{workers}"
     home = root / "dagster"
     home.mkdir(parents=True)
-    pg_url = pg.create_database(template=pg.dagster_template())
+    pg_url = servers.pg.create_database(template=servers.pg.dagster_template())
     env = child_env(
         dict(os.environ),
         PROMPTOPT_HOME=str(root / "project"),
@@ -220,7 +223,7 @@ def round_environment(
         GCS_BUCKET_NAME=bucket,
         GCS_PREFIX=label,
         VERTEX_PROJECT_ID="scale-project",
-        VERTEX_API_ENDPOINT=server.base_url,
+        VERTEX_API_ENDPOINT=servers.vertex.base_url,
         VERTEX_ACCESS_TOKEN=TOKEN,
         VERTEX_CONCURRENCY=str(args.vertex_concurrency),
         VERTEX_TIMEOUT_S="600",
@@ -229,7 +232,7 @@ def round_environment(
         PYTHONUNBUFFERED="1",
     )
     if workers:
-        env.update(CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1))
+        env.update(CELERY_BROKER_URL=servers.redis.url(0), CELERY_BACKEND_URL=servers.redis.url(1))
     settings = Settings(DAGSTER_PG_URL=pg_url, LLM_POOL_LIMIT=args.pool_limit)
     text = plan_instance_file(None, settings).text
     assert text is not None
@@ -237,19 +240,12 @@ def round_environment(
     return env
 
 
-def run_round(
-    workers: int,
-    args: argparse.Namespace,
-    tmp: Path,
-    pg: PostgresServer,
-    redis: RedisServer,
-    server: VertexServer,
-) -> Round:
+def run_round(workers: int, args: argparse.Namespace, tmp: Path, servers: Servers) -> Round:
     """N `promptopt run` processes at once on a fresh database and DAGSTER_HOME; with `workers`
     > 0 their steps run on that many Celery workers started for this round."""
     label = f"w{workers}"
     root = tmp / label
-    env = round_environment(workers, args, root, BUCKET, pg, redis, server)
+    env = round_environment(workers, args, root, BUCKET, servers)
     pg_url = env["DAGSTER_PG_URL"]
 
     studies = []
@@ -268,7 +264,7 @@ def run_round(
         if pool:
             pool.start()
             env = pool.env  # the same PATH and PYTHONPATH as the workers
-        server.clear()
+        servers.vertex.clear()
         with CpuUsage(own_role="benchmark + fake Vertex server") as cpu:
             started = time.monotonic()
             for name, path in studies:
@@ -303,8 +299,8 @@ def run_round(
     return Round(
         workers,
         wall,
-        len(server.generate_requests()),
-        server.max_in_flight,
+        len(servers.vertex.generate_requests()),
+        servers.vertex.max_in_flight,
         failed,
         cpu.by_role(),
         cpu.machine_busy_s,
@@ -319,7 +315,7 @@ class Timed(Protocol):
 
 
 R = TypeVar("R", bound=Timed)
-RunRound = Callable[[int, argparse.Namespace, Path, PostgresServer, RedisServer, VertexServer], R]
+RunRound = Callable[[int, argparse.Namespace, Path, Servers], R]
 
 
 def run_rounds(
@@ -334,12 +330,13 @@ def run_rounds(
         RedisServer() as redis,
         GcsEmulator(bucket=bucket) as emulator,
         emulator_environment(emulator),  # this process and its children reach the emulator
-        VertexServer(responder=gemini_responder, latency=args.latency_ms / 1000.0) as server,
+        VertexServer(responder=gemini_responder, latency=args.latency_ms / 1000.0) as vertex,
     ):
+        servers = Servers(pg, redis, vertex)
         for workers in ([] if args.no_baseline else [0]) + counts:
             what = f"{workers} celery worker(s)" if workers else "in_process"
             print(f"round: {what} ...", flush=True)
-            rounds.append(run_round(workers, args, tmp, pg, redis, server))
+            rounds.append(run_round(workers, args, tmp, servers))
             print(f"  {rounds[-1].wall_s:.1f} s", flush=True)
     return rounds
 
