@@ -177,11 +177,17 @@ class MlflowTracker:
     # --- runs ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _run_args(params: Mapping[str, Any] | None, tags: Mapping[str, Any] | None) -> dict[str, Any]:
-        return {
+    def _run_args(
+        params: Mapping[str, Any] | None, tags: Mapping[str, Any] | None, start_time_ms: int | None = None
+    ) -> dict[str, Any]:
+        """What every run call sends along: MLflow-safe params and tags, and the start if given."""
+        args: dict[str, Any] = {
             "params": safe_items(params, MAX_PARAM_VAL_LENGTH),
             "tags": safe_items(tags, MAX_TAG_VAL_LENGTH),
         }
+        if start_time_ms is not None:
+            args["start_time_ms"] = int(start_time_ms)
+        return args
 
     def iteration_run(
         self,
@@ -195,9 +201,7 @@ class MlflowTracker:
         `start_time_ms` (epoch milliseconds) is when the iteration's work started, used when
         the run is created (default: now)."""
         check_id("study", study)
-        args: dict[str, Any] = {"study": study, "iteration": int(iteration), **self._run_args(params, tags)}
-        if start_time_ms is not None:
-            args["start_time_ms"] = int(start_time_ms)
+        args = {"study": study, "iteration": int(iteration), **self._run_args(params, tags, start_time_ms)}
         return self._call("iteration_run", args, create_key=[study, int(iteration)])
 
     def candidate_run(
@@ -211,9 +215,11 @@ class MlflowTracker:
         """A nested run for one candidate prompt under an iteration run (idempotent by candidate
         id); `start_time_ms` as for `iteration_run`."""
         check_id("candidate_id", candidate_id)
-        args = {"parent_run_id": parent_run_id, "candidate_id": candidate_id, **self._run_args(params, tags)}
-        if start_time_ms is not None:
-            args["start_time_ms"] = int(start_time_ms)
+        args = {
+            "parent_run_id": parent_run_id,
+            "candidate_id": candidate_id,
+            **self._run_args(params, tags, start_time_ms),
+        }
         return self._call("candidate_run", args, create_key=[self.resolve(parent_run_id), candidate_id])
 
     def keyed_run(
