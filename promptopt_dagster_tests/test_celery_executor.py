@@ -114,8 +114,13 @@ COMMON = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
 
 def run_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
     """The reference: the study with every step in this process (assets under GCS_PREFIX ref)."""
-    reference = use_settings(monkeypatch, **COMMON, PROMPTOPT_HOME=str(tmp_path / "ref"),
-                             GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
+    reference = use_settings(
+        monkeypatch,
+        **COMMON,
+        PROMPTOPT_HOME=str(tmp_path / "ref"),
+        GCS_PREFIX="ref",
+        DAGSTER_EXECUTOR="in_process",
+    )
     ref_defs = build_fake_definitions(reference)
     register(ref_defs, tmp_path)
     with dg.instance_for_test() as ref_instance:
@@ -129,9 +134,15 @@ def celery_settings(
 ) -> Settings:
     """Steps on Celery through `redis`, the instance in `home`, assets under GCS_PREFIX celery."""
     return use_settings(
-        monkeypatch, **COMMON, PROMPTOPT_HOME=str(tmp_path / "celery"), GCS_PREFIX="celery",
-        DAGSTER_EXECUTOR="celery", DAGSTER_HOME=str(home),
-        CELERY_BROKER_URL=redis.url(0), CELERY_BACKEND_URL=redis.url(1), **extra,
+        monkeypatch,
+        **COMMON,
+        PROMPTOPT_HOME=str(tmp_path / "celery"),
+        GCS_PREFIX="celery",
+        DAGSTER_EXECUTOR="celery",
+        DAGSTER_HOME=str(home),
+        CELERY_BROKER_URL=redis.url(0),
+        CELERY_BACKEND_URL=redis.url(1),
+        **extra,
     )
 
 
@@ -146,7 +157,10 @@ def asset_files(prefix: str) -> set[str]:
 
 
 def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
 ) -> None:
     ref_defs = run_in_process(tmp_path, monkeypatch)
@@ -168,8 +182,11 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         worker_pids = workers.pids
         runs = instance.get_runs()
         assert {run.job_name for run in runs} == {ITERATION_JOB, REPORT_JOB}
-        step_keys = [e.step_key for run in runs
-                     for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)]
+        step_keys = [
+            e.step_key
+            for run in runs
+            for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+        ]
         assert sorted(heard) == sorted(step_keys) and "current_prompt" in heard
         for run in runs:
             assert run.status == dg.DagsterRunStatus.SUCCESS
@@ -233,8 +250,13 @@ class BlockedStudy:
 
 @contextlib.contextmanager
 def study_blocked_in_a_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis: RedisServer, db_url: str,
-    workers: int = 1, worker_config: Path = WORKER_CONFIG, **extra: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    redis: RedisServer,
+    db_url: str,
+    workers: int = 1,
+    worker_config: Path = WORKER_CONFIG,
+    **extra: str,
 ) -> Iterator[BlockedStudy]:
     """The study on `workers` Celery workers (instance on `db_url`), returned once a worker is
     inside the blocked LLM call; `extra` settings (e.g. BLOCK_AT_ENV) go to every process."""
@@ -264,12 +286,18 @@ def baseline_starts_of_a_finished_study(instance: dg.DagsterInstance, result: Dr
     assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
     assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
     [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
-    return [e for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
-            if e.step_key == "baseline_predictions"]
+    return [
+        e
+        for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
+        if e.step_key == "baseline_predictions"
+    ]
 
 
 def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
 ) -> None:
     """Redis (broker and result backend, nothing persisted) goes down for REDIS_DOWN_S while the
@@ -293,7 +321,10 @@ def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
 
 
 def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repeating_answered_calls(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
 ) -> None:
     """The pool process running baseline_predictions is SIGKILLed inside its BLOCK_AT-th LLM
@@ -303,7 +334,12 @@ def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repea
     ref_defs = run_in_process(tmp_path, monkeypatch)
     answered = tmp_path / "answered.txt"
     with study_blocked_in_a_step(
-        tmp_path, monkeypatch, redis, postgres_db_url, workers=2, LLM_CACHE_URL=postgres_db_url,
+        tmp_path,
+        monkeypatch,
+        redis,
+        postgres_db_url,
+        workers=2,
+        LLM_CACHE_URL=postgres_db_url,
         **{BLOCK_AT_ENV: str(BLOCK_AT), ANSWERED_ENV: str(answered)},
     ) as study:
         victim = int(study.marker.read_text())
@@ -347,7 +383,10 @@ def next_blocked_process(study: BlockedStudy, seen: list[int], timeout: float = 
 
 
 def test_a_step_whose_process_dies_at_every_start_fails_the_run_instead_of_running_forever(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
 ) -> None:
     """Every process that runs baseline_predictions is SIGKILLed inside its first LLM call (a
@@ -369,8 +408,11 @@ def test_a_step_whose_process_dies_at_every_start_fails_the_run_instead_of_runni
 
         [run] = study.instance.get_runs()
         assert run.status == dg.DagsterRunStatus.FAILURE
-        starts = [e for e in study.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
-                  if e.step_key == "baseline_predictions"]
+        starts = [
+            e
+            for e in study.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
+            if e.step_key == "baseline_predictions"
+        ]
         assert [e.dagster_event.pid for e in starts] == killed  # type: ignore[union-attr]
         assert blocked_pids(study.marker) == set(killed)  # no fourth start
 
@@ -387,7 +429,10 @@ def short_visibility_worker_config(folder: Path, seconds: int) -> Path:
 
 
 def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
 ) -> None:
     """Every process of the worker running baseline_predictions is SIGKILLed inside its first
@@ -397,7 +442,12 @@ def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
     ref_defs = run_in_process(tmp_path, monkeypatch)
     config = short_visibility_worker_config(tmp_path, VISIBILITY_S)
     with study_blocked_in_a_step(
-        tmp_path, monkeypatch, redis, postgres_db_url, workers=2, worker_config=config,
+        tmp_path,
+        monkeypatch,
+        redis,
+        postgres_db_url,
+        workers=2,
+        worker_config=config,
         CELERY_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
     ) as study:
         victim = int(study.marker.read_text())
@@ -426,8 +476,12 @@ def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
 
 
 def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
-    postgres_server: PostgresServer, postgres_db_url: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
+    postgres_server: PostgresServer,  # noqa: F811
+    postgres_db_url: str,  # noqa: F811
 ) -> None:
     """The instance's PostgreSQL server restarts while a worker is inside the first primary LLM
     call: the worker's and the executor's next writes (fresh connections) reach the restarted
@@ -451,7 +505,10 @@ def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
 
 
 def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
 ) -> None:
     """A 20-row dataset in shards of 5 (EVALUATION_SHARD_ROWS) on two workers: each worker's
@@ -459,7 +516,11 @@ def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
     evaluation are inside LLM calls at once in two processes; then the run merges all four."""
     home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
     settings = celery_settings(
-        tmp_path, monkeypatch, redis, home, EVALUATION_SHARD_ROWS="5",
+        tmp_path,
+        monkeypatch,
+        redis,
+        home,
+        EVALUATION_SHARD_ROWS="5",
         **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)},
     )
     with (
@@ -509,7 +570,10 @@ def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
 
 
 def test_a_study_on_workers_with_30_percent_of_vertex_calls_failing_ends_as_a_clean_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: GcsEmulator, redis: RedisServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
     postgres_db_url: str,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -519,13 +583,23 @@ def test_a_study_on_workers_with_30_percent_of_vertex_calls_failing_ends_as_a_cl
     in one process against the server without faults, and no prediction row carries an error."""
     with VertexServer(responder=gemini_responder) as server:
         vertex = {
-            "VERTEX_PROJECT_ID": "celery-project", "VERTEX_API_ENDPOINT": server.base_url,
-            "VERTEX_ACCESS_TOKEN": "celery-token", "VERTEX_BATCH_MODE": "online",
-            "VERTEX_TIMEOUT_S": "1.0", "VERTEX_BACKOFF_INITIAL_S": "0.05", "VERTEX_BACKOFF_MAX_S": "0.5",
+            "VERTEX_PROJECT_ID": "celery-project",
+            "VERTEX_API_ENDPOINT": server.base_url,
+            "VERTEX_ACCESS_TOKEN": "celery-token",
+            "VERTEX_BATCH_MODE": "online",
+            "VERTEX_TIMEOUT_S": "1.0",
+            "VERTEX_BACKOFF_INITIAL_S": "0.05",
+            "VERTEX_BACKOFF_MAX_S": "0.5",
             "NO_GCE_CHECK": "true",
         }
-        reference = use_settings(monkeypatch, **COMMON, **vertex, PROMPTOPT_HOME=str(tmp_path / "ref"),
-                                 GCS_PREFIX="ref", DAGSTER_EXECUTOR="in_process")
+        reference = use_settings(
+            monkeypatch,
+            **COMMON,
+            **vertex,
+            PROMPTOPT_HOME=str(tmp_path / "ref"),
+            GCS_PREFIX="ref",
+            DAGSTER_EXECUTOR="in_process",
+        )
         ref_defs = build_definitions(reference)
         register(ref_defs, tmp_path)
         with dg.instance_for_test() as ref_instance:
@@ -553,8 +627,10 @@ def test_a_study_on_workers_with_30_percent_of_vertex_calls_failing_ends_as_a_cl
             ]
         faulty_requests = len(server.generate_requests())
         with capsys.disabled():
-            print(f"\nclean, in process: {clean_requests} generateContent requests; faulty, on 2 workers: "
-                  f"{faulty_requests}, injected {dict(schedule.injected)}")
+            print(
+                f"\nclean, in process: {clean_requests} generateContent requests; faulty, on 2 workers: "
+                f"{faulty_requests}, injected {dict(schedule.injected)}"
+            )
         assert {"429", "500", "timeout", "malformed_json"} <= set(schedule.injected)
         assert faulty_requests > clean_requests  # the failed attempts were retried
         assert predictions and all(frame["error"].isna().all() for frame in predictions)
