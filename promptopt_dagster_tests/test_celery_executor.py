@@ -14,7 +14,7 @@ import io
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +90,38 @@ def bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[GcsEmula
         yield emulator
 
 
+@dataclass
+class Services:
+    """What every test here runs on: its temporary folder (the working directory), its
+    environment (which the workers inherit, the GCS emulator's bucket in it), Redis as broker and
+    result backend, and a PostgreSQL database for the Dagster instance."""
+
+    tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch
+    redis: RedisServer
+    db_url: str
+
+    @property
+    def home(self) -> Path:
+        """DAGSTER_HOME of the instance the runs on Celery use."""
+        return self.tmp_path / "dagster"
+
+    def instance(self) -> dg.DagsterInstance:
+        """The instance the study's runs and the workers share (dispose it: `with`)."""
+        return postgres_instance(self.db_url, self.home)
+
+
+@pytest.fixture
+def services(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    bucket: GcsEmulator,
+    redis: RedisServer,
+    postgres_db_url: str,  # noqa: F811
+) -> Services:
+    return Services(tmp_path, monkeypatch, redis, postgres_db_url)
+
+
 def use_settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
     """Settings as every process reads them: from the environment, which the workers inherit."""
     for key, value in values.items():
@@ -112,36 +144,39 @@ def register(defs: dg.Definitions, tmp_path: Path, name: str = STUDY) -> str:
 COMMON = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
 
 
-def run_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dg.Definitions:
-    """The reference: the study with every step in this process (assets under GCS_PREFIX ref)."""
+def run_in_process(
+    services: Services, build: Callable[[Settings], dg.Definitions] = build_fake_definitions, **extra: str
+) -> dg.Definitions:
+    """The reference: the study with every step in this process (assets under GCS_PREFIX ref), on
+    the definitions `build` makes of the settings with `extra`."""
     reference = use_settings(
-        monkeypatch,
+        services.monkeypatch,
         **COMMON,
-        PROMPTOPT_HOME=str(tmp_path / "ref"),
+        **extra,
+        PROMPTOPT_HOME=str(services.tmp_path / "ref"),
         GCS_PREFIX="ref",
         DAGSTER_EXECUTOR="in_process",
     )
-    ref_defs = build_fake_definitions(reference)
-    register(ref_defs, tmp_path)
+    ref_defs = build(reference)
+    register(ref_defs, services.tmp_path)
     with dg.instance_for_test() as ref_instance:
         ref_runs = drive(ref_defs, ref_instance, STUDY)
     assert [r.job for r in ref_runs.runs] == [ITERATION_JOB, REPORT_JOB]
     return ref_defs
 
 
-def celery_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis: RedisServer, home: Path, **extra: str
-) -> Settings:
-    """Steps on Celery through `redis`, the instance in `home`, assets under GCS_PREFIX celery."""
+def celery_settings(services: Services, **extra: str) -> Settings:
+    """Steps on Celery through the services' Redis, the instance in their `home`, assets under
+    GCS_PREFIX celery."""
     return use_settings(
-        monkeypatch,
+        services.monkeypatch,
         **COMMON,
-        PROMPTOPT_HOME=str(tmp_path / "celery"),
+        PROMPTOPT_HOME=str(services.tmp_path / "celery"),
         GCS_PREFIX="celery",
         DAGSTER_EXECUTOR="celery",
-        DAGSTER_HOME=str(home),
-        CELERY_BROKER_URL=redis.url(0),
-        CELERY_BACKEND_URL=redis.url(1),
+        DAGSTER_HOME=str(services.home),
+        CELERY_BROKER_URL=services.redis.url(0),
+        CELERY_BACKEND_URL=services.redis.url(1),
         **extra,
     )
 
@@ -156,18 +191,31 @@ def asset_files(prefix: str) -> set[str]:
     return {uri.removeprefix(root) for uri in storage.list_files(root, "**/*")}
 
 
+def assert_as_in_one_process(defs: dg.Definitions, ref_defs: dg.Definitions) -> None:
+    """The study on Celery took the reference's decisions and wrote the same asset files."""
+    assert decisions(defs) == decisions(ref_defs)
+    assert asset_files("celery") == asset_files("ref")
+
+
+def assert_finished(instance: dg.DagsterInstance, result: DriveResult) -> None:
+    """Every run of the study (its iteration and its report) succeeded."""
+    assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
+    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
+
+
+def iteration_step_starts(instance: dg.DagsterInstance) -> list[Any]:
+    """The STEP_START events of the study's iteration run."""
+    [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
+    return instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
+
+
 def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
+    tmp_path: Path, services: Services
 ) -> None:
-    ref_defs = run_in_process(tmp_path, monkeypatch)
-    home = tmp_path / "dagster"
-    settings = celery_settings(tmp_path, monkeypatch, redis, home)
+    ref_defs = run_in_process(services)
+    settings = celery_settings(services)
     with (
-        postgres_instance(postgres_db_url, home) as instance,
+        services.instance() as instance,
         CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
     ):
         defs = build_fake_definitions(settings)
@@ -250,22 +298,15 @@ class BlockedStudy:
 
 @contextlib.contextmanager
 def study_blocked_in_a_step(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    redis: RedisServer,
-    db_url: str,
-    workers: int = 1,
-    worker_config: Path = WORKER_CONFIG,
-    **extra: str,
+    services: Services, workers: int = 1, worker_config: Path = WORKER_CONFIG, **extra: str
 ) -> Iterator[BlockedStudy]:
-    """The study on `workers` Celery workers (instance on `db_url`), returned once a worker is
-    inside the blocked LLM call; `extra` settings (e.g. BLOCK_AT_ENV) go to every process."""
-    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
-    settings = celery_settings(
-        tmp_path, monkeypatch, redis, home, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}, **extra
-    )
+    """The study on `workers` Celery workers, returned once a worker is inside the blocked LLM
+    call; `extra` settings (e.g. BLOCK_AT_ENV) go to every process."""
+    tmp_path = services.tmp_path
+    marker, release = tmp_path / "in-llm-call", tmp_path / "release"
+    settings = celery_settings(services, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}, **extra)
     with (
-        postgres_instance(db_url, home) as instance,
+        services.instance() as instance,
         CeleryWorkers(workers, dict(os.environ), cwd=tmp_path, config=worker_config) as started,
         ThreadPoolExecutor(1) as pool,
     ):
@@ -283,30 +324,19 @@ def study_blocked_in_a_step(
 def baseline_starts_of_a_finished_study(instance: dg.DagsterInstance, result: DriveResult) -> list[Any]:
     """The STEP_START events of baseline_predictions in the study's iteration run, once every
     run of the study (its iteration and its report) succeeded."""
-    assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
-    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
-    [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
-    return [
-        e
-        for e in instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
-        if e.step_key == "baseline_predictions"
-    ]
+    assert_finished(instance, result)
+    return [e for e in iteration_step_starts(instance) if e.step_key == "baseline_predictions"]
 
 
-def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
-) -> None:
+def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(services: Services) -> None:
     """Redis (broker and result backend, nothing persisted) goes down for REDIS_DOWN_S while the
     worker is inside the first primary LLM call, and comes back empty: the worker's result
     write and the executor's polls wait for it (CELERY_FAULT_SETTINGS), the next steps go
     through the new broker, and the study ends as in one process."""
-    ref_defs = run_in_process(tmp_path, monkeypatch)
+    ref_defs = run_in_process(services)
+    redis = services.redis
     # until the worker is inside baseline_predictions' first LLM call
-    with study_blocked_in_a_step(tmp_path, monkeypatch, redis, postgres_db_url) as study:
+    with study_blocked_in_a_step(services) as study:
         old_pid = redis.pid
         redis.stop()
         study.release.touch()  # the step finishes while Redis is down: its result write must wait
@@ -314,32 +344,23 @@ def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(
         redis.start()
         result = study.running.result(timeout=300)
         assert redis.pid != old_pid
-        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
-        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in study.instance.get_runs())
-        assert decisions(study.defs) == decisions(ref_defs)
-        assert asset_files("celery") == asset_files("ref")
+        assert_finished(study.instance, result)
+        assert_as_in_one_process(study.defs, ref_defs)
 
 
 def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repeating_answered_calls(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
+    tmp_path: Path, services: Services
 ) -> None:
     """The pool process running baseline_predictions is SIGKILLed inside its BLOCK_AT-th LLM
     call: Celery puts the task back on the queue (CELERY_FAULT_SETTINGS), a worker runs the step
     again, the replies answered before the kill come from the shared response cache (PostgreSQL,
     LLM_CACHE_URL), and the study ends as in one process."""
-    ref_defs = run_in_process(tmp_path, monkeypatch)
+    ref_defs = run_in_process(services)
     answered = tmp_path / "answered.txt"
     with study_blocked_in_a_step(
-        tmp_path,
-        monkeypatch,
-        redis,
-        postgres_db_url,
+        services,
         workers=2,
-        LLM_CACHE_URL=postgres_db_url,
+        LLM_CACHE_URL=services.db_url,
         **{BLOCK_AT_ENV: str(BLOCK_AT), ANSWERED_ENV: str(answered)},
     ) as study:
         victim = int(study.marker.read_text())
@@ -383,17 +404,13 @@ def next_blocked_process(study: BlockedStudy, seen: list[int], timeout: float = 
 
 
 def test_a_step_whose_process_dies_at_every_start_fails_the_run_instead_of_running_forever(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
+    services: Services,
 ) -> None:
     """Every process that runs baseline_predictions is SIGKILLed inside its first LLM call (a
     step that runs out of memory each time): each time Celery puts the task back on the queue,
     until the workers refuse a start beyond MAX_STEP_STARTS (step_starts.StepStartLimit); the
     run fails naming the step, and the step is not started again."""
-    with study_blocked_in_a_step(tmp_path, monkeypatch, redis, postgres_db_url) as study:
+    with study_blocked_in_a_step(services) as study:
         killed: list[int] = []
         while len(killed) < MAX_STEP_STARTS:
             victim = next_blocked_process(study, killed)
@@ -429,23 +446,16 @@ def short_visibility_worker_config(folder: Path, seconds: int) -> Path:
 
 
 def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
+    tmp_path: Path, services: Services
 ) -> None:
     """Every process of the worker running baseline_predictions is SIGKILLed inside its first
     LLM call (a lost machine): nothing of it is left to hand the task back, so the other worker
     takes it once the visibility timeout (CELERY_VISIBILITY_TIMEOUT_S) has passed, and the
     study ends as in one process."""
-    ref_defs = run_in_process(tmp_path, monkeypatch)
+    ref_defs = run_in_process(services)
     config = short_visibility_worker_config(tmp_path, VISIBILITY_S)
     with study_blocked_in_a_step(
-        tmp_path,
-        monkeypatch,
-        redis,
-        postgres_db_url,
+        services,
         workers=2,
         worker_config=config,
         CELERY_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
@@ -471,60 +481,41 @@ def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
         handed_over = starts[1].timestamp
         assert handed_over > killed_at
         assert handed_over - submitted >= VISIBILITY_S - 1, (handed_over - submitted, killed_at - submitted)
-        assert decisions(study.defs) == decisions(ref_defs)
-        assert asset_files("celery") == asset_files("ref")
+        assert_as_in_one_process(study.defs, ref_defs)
 
 
 def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
+    services: Services,
     postgres_server: PostgresServer,  # noqa: F811
-    postgres_db_url: str,  # noqa: F811
 ) -> None:
     """The instance's PostgreSQL server restarts while a worker is inside the first primary LLM
     call: the worker's and the executor's next writes (fresh connections) reach the restarted
     server, and the study ends as in one process, each step run once."""
-    ref_defs = run_in_process(tmp_path, monkeypatch)
-    with study_blocked_in_a_step(tmp_path, monkeypatch, redis, postgres_db_url) as study:
+    ref_defs = run_in_process(services)
+    with study_blocked_in_a_step(services) as study:
         old_pid = postgres_server.pid
         postgres_server.restart()
         study.release.touch()
         result = study.running.result(timeout=300)
-        instance = study.instance
         assert postgres_server.pid != old_pid
-        assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
-        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
-        [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
-        started = instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
-        steps = [entry.step_key for entry in started]
+        assert_finished(study.instance, result)
+        steps = [entry.step_key for entry in iteration_step_starts(study.instance)]
         assert len(steps) == len(set(steps)), steps
-        assert decisions(study.defs) == decisions(ref_defs)
-        assert asset_files("celery") == asset_files("ref")
+        assert_as_in_one_process(study.defs, ref_defs)
 
 
 def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
+    tmp_path: Path, services: Services
 ) -> None:
     """A 20-row dataset in shards of 5 (EVALUATION_SHARD_ROWS) on two workers: each worker's
     step process is held inside its first LLM call until both are, so two shards of the same
     evaluation are inside LLM calls at once in two processes; then the run merges all four."""
-    home, marker, release = tmp_path / "dagster", tmp_path / "in-llm-call", tmp_path / "release"
+    marker, release = tmp_path / "in-llm-call", tmp_path / "release"
     settings = celery_settings(
-        tmp_path,
-        monkeypatch,
-        redis,
-        home,
-        EVALUATION_SHARD_ROWS="5",
-        **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)},
+        services, EVALUATION_SHARD_ROWS="5", **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}
     )
     with (
-        postgres_instance(postgres_db_url, home) as instance,
+        services.instance() as instance,
         CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
         ThreadPoolExecutor(1) as pool,
     ):
@@ -570,12 +561,7 @@ def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(
 
 
 def test_a_study_on_workers_with_30_percent_of_vertex_calls_failing_ends_as_a_clean_run(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
-    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path, services: Services, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The real Vertex client on the workers, against the fake Vertex server failing a
     deterministic 30% of all generateContent attempts (429 with Retry-After, 500, timeouts,
@@ -592,26 +578,14 @@ def test_a_study_on_workers_with_30_percent_of_vertex_calls_failing_ends_as_a_cl
             "VERTEX_BACKOFF_MAX_S": "0.5",
             "NO_GCE_CHECK": "true",
         }
-        reference = use_settings(
-            monkeypatch,
-            **COMMON,
-            **vertex,
-            PROMPTOPT_HOME=str(tmp_path / "ref"),
-            GCS_PREFIX="ref",
-            DAGSTER_EXECUTOR="in_process",
-        )
-        ref_defs = build_definitions(reference)
-        register(ref_defs, tmp_path)
-        with dg.instance_for_test() as ref_instance:
-            drive(ref_defs, ref_instance, STUDY)
+        ref_defs = run_in_process(services, build_definitions, **vertex)
         clean_requests = len(server.generate_requests())
 
         server.clear()
         server.schedule = schedule = FaultSchedule(rate=0.3, retry_after=0.2)
-        home = tmp_path / "dagster"
-        settings = celery_settings(tmp_path, monkeypatch, redis, home, **vertex)
+        settings = celery_settings(services, **vertex)
         with (
-            postgres_instance(postgres_db_url, home) as instance,
+            services.instance() as instance,
             CeleryWorkers(2, dict(os.environ), cwd=tmp_path) as workers,
         ):
             defs = build_definitions(settings)
@@ -634,5 +608,4 @@ def test_a_study_on_workers_with_30_percent_of_vertex_calls_failing_ends_as_a_cl
         assert {"429", "500", "timeout", "malformed_json"} <= set(schedule.injected)
         assert faulty_requests > clean_requests  # the failed attempts were retried
         assert predictions and all(frame["error"].isna().all() for frame in predictions)
-        assert decisions(defs) == decisions(ref_defs)
-        assert asset_files("celery") == asset_files("ref")
+        assert_as_in_one_process(defs, ref_defs)
