@@ -352,3 +352,29 @@ def test_sizes_measured_with_another_instruction_are_measured_again_before_a_red
     )
     [cand] = result.candidates
     assert len(PromptParts.of(cand.prompt).demo_ids) == 4  # not another draw of 2
+
+
+def test_stack_puts_the_format_rule_the_frame_and_add_examples_first_set_on_a_bare_prompt() -> None:
+    result = Optimizer(_optimizer_llm([]), strategies=["add_examples", "stack"]).propose(
+        _context(SEED), 2, StrategyBandit(STRATEGY_NAMES)
+    )
+    by = {c.strategy: c.prompt for c in result.candidates}
+    examples, stacked = PromptParts.of(by["add_examples"]), PromptParts.of(by["stack"])
+    assert stacked.demo_ids == examples.demo_ids and len(stacked.demo_ids) == 4
+    assert not set(stacked.demo_ids) & {"r0", "r1"}  # never a minibatch row
+    assert stacked.format_rule == _context(SEED).format_rule
+    assert (examples.answer_parser, stacked.answer_parser) == ("raw", "answer_field")
+    # the demonstrations answer in the frame the reply is parsed from
+    assert "Output: Answer: " in by["stack"].system_prompt
+    assert by["stack"].parse("It is B.\nAnswer: B") == "B"
+
+
+def test_stack_leaves_a_prompt_with_demonstrations_or_a_parser_alone() -> None:
+    stack = Optimizer(_optimizer_llm([]), strategies=["stack"])
+    with_demos = SEED.child("", "{text}", "raw", parts=PromptParts("", "{text}", demo_ids=("r5",)).to_dict())
+    framed = SEED.child(
+        "", "{text}", "first_line", parts=PromptParts("", "{text}", answer_parser="first_line").to_dict()
+    )
+    for incumbent in (with_demos, framed):
+        result = stack.propose(_context(incumbent), 2, StrategyBandit(STRATEGY_NAMES))
+        assert result.candidates == [] and result.attempted == ["stack"]
