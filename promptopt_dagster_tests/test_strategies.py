@@ -369,6 +369,15 @@ def test_stack_puts_the_format_rule_the_frame_and_add_examples_first_set_on_a_ba
     assert by["stack"].parse("It is B.\nAnswer: B") == "B"
 
 
+def test_stack_is_measured_once_per_study() -> None:
+    stack = Optimizer(_optimizer_llm([]), strategies=["stack"])
+    measured = [
+        Tried(PromptParts("", "{text}", demo_ids=("r5",), answer_parser="answer_field"), "stack", 0.2, None)
+    ]
+    assert stack.propose(_context(SEED, measured), 2, StrategyBandit(STRATEGY_NAMES)).candidates == []
+    assert len(stack.propose(_context(SEED), 2, StrategyBandit(STRATEGY_NAMES)).candidates) == 1
+
+
 def test_stack_leaves_a_prompt_with_demonstrations_or_a_parser_alone() -> None:
     stack = Optimizer(_optimizer_llm([]), strategies=["stack"])
     with_demos = SEED.child("", "{text}", "raw", parts=PromptParts("", "{text}", demo_ids=("r5",)).to_dict())

@@ -1,7 +1,8 @@
 """stack: the edits that need no LLM, all at once, on a bare prompt (no demonstrations, the reply
 read as is): the inferred format rule, the framed answer and four demonstrations shown in that
 frame. On a vague seed each of them alone rarely lifts a small model far, while together they
-often do; found one per iteration, the combination costs an iteration of calls or more."""
+often do; found one per iteration, the combination costs an iteration of calls or more. Once
+per study: after it was measured, its slot goes to strategies that change one part at a time."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ class Stack:
 
     def propose(self, ctx: ProposalContext, room: int, llm: OptimizerLLM) -> list[Proposal]:
         parts = ctx.parts
-        if parts.demo_ids or parts.answer_parser != "raw":
+        if parts.demo_ids or parts.answer_parser != "raw" or any(t.strategy == self.name for t in ctx.tried):
             return []
         seed = ctx.seed + ctx.iteration
         demos = choose_demonstrations(
