@@ -20,6 +20,11 @@ from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
 # (with back-off: ~15 s where there is none) whenever a gs:// filesystem is built without the
 # emulator. Set before google-auth is first imported: it reads the variable at import.
 os.environ.setdefault("NO_GCE_CHECK", "true")
+# MLflow links each registered prompt to its experiment in a non-daemon thread that retries a
+# stopped test server with backoff (7 tries by default), one thread at a time, so the test process
+# could not exit for minutes after its last test. The product's own setting for HTTP trackers
+# (resources.MlflowTrackerResource) is 2 tries; tests that set it restore this value.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 
 
 @event.listens_for(Engine, "connect")
