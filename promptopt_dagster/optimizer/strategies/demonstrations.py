@@ -15,6 +15,12 @@ SIZES = (4, 2, 8, 0)
 DRAWS = 8
 
 
+def draw_demonstrations(ctx: ProposalContext, k: int, draw: int = 0) -> tuple[str, ...]:
+    """Draw number `draw` of k demonstration rows for this iteration (never the minibatch)."""
+    seed = ctx.seed + ctx.iteration + 1000 * draw
+    return choose_demonstrations(ctx.train, ctx.minibatch_ids, ctx.reference_column, k, seed)
+
+
 class AddExamples:
     name = "add_examples"
 
@@ -58,8 +64,7 @@ class AddExamples:
         this study (k=0: none), or None."""
         parts = ctx.parts
         for draw in range(DRAWS if k else 1):
-            seed = ctx.seed + ctx.iteration + 1000 * draw
-            demos = choose_demonstrations(ctx.train, ctx.minibatch_ids, ctx.reference_column, k, seed)
+            demos = draw_demonstrations(ctx, k, draw)
             if k and not demos:
                 return None
             new = parts.with_(demo_ids=demos, format_rule=parts.format_rule or ctx.format_rule)

@@ -7,11 +7,11 @@ per study: after it was measured, its slot goes to strategies that change one pa
 from __future__ import annotations
 
 from promptopt_dagster.optimizer.context import ProposalContext
-from promptopt_dagster.optimizer.parts import choose_demonstrations
 from promptopt_dagster.optimizer.strategies.base import OptimizerLLM, Proposal
+from promptopt_dagster.optimizer.strategies.demonstrations import SIZES, draw_demonstrations
 
-# add_examples' first size, drawn the same way: the two candidates then differ by the frame alone
-DEMONSTRATIONS = 4
+# add_examples' first size and first draw: the two candidates then differ by the frame alone
+DEMONSTRATIONS = SIZES[0]
 
 
 class Stack:
@@ -21,10 +21,7 @@ class Stack:
         parts = ctx.parts
         if parts.demo_ids or parts.answer_parser != "raw" or any(t.strategy == self.name for t in ctx.tried):
             return []
-        seed = ctx.seed + ctx.iteration
-        demos = choose_demonstrations(
-            ctx.train, ctx.minibatch_ids, ctx.reference_column, DEMONSTRATIONS, seed
-        )
+        demos = draw_demonstrations(ctx, DEMONSTRATIONS)
         if not demos:
             return []
         new = parts.with_(
