@@ -161,6 +161,21 @@ def test_untried_strategies_go_first_and_all_are_tried_within_two_rounds() -> No
     assert set(first.attempted) | set(second.attempted) == set(STRATEGY_NAMES)
 
 
+def test_slots_a_strategy_leaves_empty_go_to_more_demonstration_sizes_at_no_optimizer_call() -> None:
+    """At a zero seed (8 slots), restate_task, combine and shorten have nothing to offer here:
+    their slots go to add_examples' other sizes instead of staying empty."""
+    reply = json.dumps({"candidates": [{"system_prompt": "Label the item with its category."}]})
+    result = Optimizer(_optimizer_llm([reply])).propose(
+        _context(SEED), 8, StrategyBandit(STRATEGY_NAMES, seed=0)
+    )
+    assert len(result.candidates) == 8
+    sizes = [
+        len(c.prompt.metadata["parts"]["demo_ids"]) for c in result.candidates if c.strategy == "add_examples"
+    ]
+    assert sizes == [4, 2, 8]
+    assert result.usage.calls == 2  # reflect and restate_task, each asked once
+
+
 def test_reflection_with_pasted_rows_is_cleaned_before_screening() -> None:
     pasted = json.dumps(
         {"candidates": [{"system_prompt": "item 5\nLabel each item as A, B or C.\n{text}", "rationale": "r"}]}

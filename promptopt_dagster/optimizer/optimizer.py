@@ -16,7 +16,13 @@ from promptopt_dagster.optimizer.bandit import StrategyBandit
 from promptopt_dagster.optimizer.context import ProposalContext, ProposalResult
 from promptopt_dagster.optimizer.parts import compose
 from promptopt_dagster.optimizer.reply import MAX_PROMPT_CHARS
-from promptopt_dagster.optimizer.strategies import STRATEGIES, OptimizerLLM, Proposal, Strategy
+from promptopt_dagster.optimizer.strategies import (
+    LLM_STRATEGIES,
+    STRATEGIES,
+    OptimizerLLM,
+    Proposal,
+    Strategy,
+)
 
 
 class Optimizer:
@@ -69,6 +75,7 @@ class Optimizer:
         seen = {ctx.incumbent.content_hash()}
         order = self.order(bandit, tried_on_incumbent)
         untried = [s.name for s in order if s.name not in set(tried_on_incumbent)]
+        asked: dict[str, int] = {}  # room given to each strategy that filled it
         for strategy in order:
             left = k - len(result.candidates)
             if left <= 0:
@@ -76,15 +83,10 @@ class Optimizer:
             # one slot for each untried strategy still waiting; the surplus to this one
             waiting = len(untried[untried.index(strategy.name) + 1 :]) if strategy.name in untried else 0
             room = max(1, left - waiting)
-            proposals = strategy.propose(ctx, room, llm)
             result.attempted.append(strategy.name)
-            for proposal in proposals:
-                candidate = self._candidate(ctx, strategy.name, proposal)
-                if candidate.prompt.content_hash() in seen or len(result.candidates) >= k:
-                    continue
-                seen.add(candidate.prompt.content_hash())
-                result.candidates.append(candidate)
-                result.strategies.append(strategy.name)
+            if self._add(ctx, strategy, strategy.propose(ctx, room, llm), result, seen, k) >= room:
+                asked[strategy.name] = room
+        self._fill_spare_slots(ctx, order, asked, llm, result, seen, k)
         if not result.candidates:
             if llm.budget_hit:
                 result.warnings.append("budget: no candidate could be proposed within the LLM calls left")
@@ -95,6 +97,53 @@ class Optimizer:
             # iteration screens nothing, and patience can end the study.
             result.warnings.append("no new candidate: every strategy gave the incumbent or nothing usable")
         return result
+
+    def _add(
+        self,
+        ctx: ProposalContext,
+        strategy: Strategy,
+        proposals: list[Proposal],
+        result: ProposalResult,
+        seen: set[str],
+        k: int,
+    ) -> int:
+        """Add the proposals not seen yet, up to k candidates in all; returns how many proposals
+        the strategy made."""
+        for proposal in proposals:
+            candidate = self._candidate(ctx, strategy.name, proposal)
+            if candidate.prompt.content_hash() in seen or len(result.candidates) >= k:
+                continue
+            seen.add(candidate.prompt.content_hash())
+            result.candidates.append(candidate)
+            result.strategies.append(strategy.name)
+        return len(proposals)
+
+    def _fill_spare_slots(
+        self,
+        ctx: ProposalContext,
+        order: list[Strategy],
+        asked: dict[str, int],
+        llm: OptimizerLLM,
+        result: ProposalResult,
+        seen: set[str],
+        k: int,
+    ) -> None:
+        """Slots left by strategies that had nothing to offer go, one per round, to the strategies
+        that need no LLM and filled the room they were given (another demonstration size, say):
+        a slot left empty is a candidate the study never measures. LLM strategies are not asked
+        again, so spare slots cost no optimizer calls."""
+        growing = [s for s in order if s.name in asked and s.name not in LLM_STRATEGIES]
+        while growing and len(result.candidates) < k:
+            for strategy in list(growing):
+                if len(result.candidates) >= k:
+                    return
+                before = len(result.candidates)
+                asked[strategy.name] += 1
+                made = self._add(
+                    ctx, strategy, strategy.propose(ctx, asked[strategy.name], llm), result, seen, k
+                )
+                if made < asked[strategy.name] or len(result.candidates) == before:
+                    growing.remove(strategy)
 
     @staticmethod
     def _candidate(ctx: ProposalContext, strategy: str, proposal: Proposal) -> Candidate:
