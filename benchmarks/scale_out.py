@@ -4,7 +4,7 @@ N scripted studies start at once, each a `promptopt run` process, against the fa
 (support/vertex_server.py, answering every generateContent call after a fixed latency L with
 support/scripted.py's `gemini_responder`), a shared PostgreSQL Dagster instance, the GCS emulator
 as the bucket, and, for DAGSTER_EXECUTOR=celery, a real Redis broker and W `dagster-celery`
-workers of concurrency 1 each (the pieces of test_celery_executor.py). The baseline is the same
+workers of concurrency 1 each (the pieces of support/celery_study.py). The baseline is the same
 N studies with the in-process executor (every step in its driver's process).
 
 The LLM-calling assets share the Dagster pool "llm" (LLM_POOL_LIMIT) and each process's client

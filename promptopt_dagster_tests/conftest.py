@@ -14,7 +14,10 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline
+# Test support's helpers assert too: their failures show values, as a test's own asserts do.
+pytest.register_assert_rewrite("promptopt_dagster_tests.support")
+
+from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline  # noqa: E402
 
 # No test uses credentials from a GCE metadata server. Without this, gcsfs asks it for a token
 # (with back-off: ~15 s where there is none) whenever a gs:// filesystem is built without the

@@ -1,212 +1,51 @@
 """Steps on workers: DAGSTER_EXECUTOR=celery sends every step of a run to `dagster-celery`
 workers through a real Redis broker, with the Dagster instance on a real PostgreSQL server and
 every asset value and prompt version in a bucket (the GCS emulator), since each step may run on
-another machine. The workers load the test code location (support/fake_location.py: the
-product's definitions with the scripted LLM), configured from the same environment. A step that
-fails on a worker fails the run with the step and the error named; a step whose process is
-killed on a worker runs again; Redis or PostgreSQL restarted under a running step is ridden
-through."""
+another machine (support/celery_study.py). Each step runs in a worker's process with the
+results of one process; a step that fails on a worker fails the run with the step and the error
+named; the shards of one evaluation run at once on several workers; 30% of Vertex calls failing
+changes nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import signal
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import pandas as pd
 import pytest
-import yaml
 
 from promptopt_dagster import storage
-from promptopt_dagster.core.study import load_study
 from promptopt_dagster.definitions import build_definitions
-from promptopt_dagster.driver import (
-    ITERATION_JOB,
-    REPORT_JOB,
-    DriveResult,
-    RunFailedError,
-    drive,
-    execute,
-)
+from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, RunFailedError, drive, execute
 from promptopt_dagster.partitions import evaluation_key
-from promptopt_dagster.settings import Settings
-from promptopt_dagster.step_starts import MAX_STEP_STARTS, SUBMITTED
-from promptopt_dagster_tests.support.celery_workers import WORKER_CONFIG, CeleryWorkers
+from promptopt_dagster_tests.support.celery_study import (
+    BROKER_PASSWORD,
+    BUCKET,
+    LOCATION,
+    PRODUCT_LOCATION,
+    STUDY,
+    Services,
+    assert_as_in_one_process,
+    asset_files,
+    celery_settings,
+    decisions,
+    register,
+    run_in_process,
+)
+from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
-from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment
-from promptopt_dagster_tests.support.postgres import PostgresServer, postgres_instance
-from promptopt_dagster_tests.support.postgres_fixtures import (
-    postgres_db_url,  # noqa: F401
-    postgres_server,  # noqa: F401
-)
-from promptopt_dagster_tests.support.redis_server import RedisServer
-from promptopt_dagster_tests.support.scripted import gemini_responder, write_dataset, write_study
-from promptopt_dagster_tests.support.scripted_cli import (
-    ANSWERED_ENV,
-    BLOCK_AT_ENV,
-    BLOCKED_ENV,
-    RELEASE_ENV,
-    answered_keys,
-    blocked_pids,
-    wait_for_marker,
-)
+from promptopt_dagster_tests.support.scripted import gemini_responder, write_dataset
+from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, RELEASE_ENV, blocked_pids
 from promptopt_dagster_tests.support.vertex_server import FaultSchedule, VertexServer
 
 pytestmark = pytest.mark.e2e
+pytest_plugins = ["promptopt_dagster_tests.support.celery_study"]
 
-STUDY = "scripted"
-BUCKET = "promptopt-celery"
-# A function, so each process that loads it (the workers, the run's own process) builds the
-# definitions from its environment at that moment.
-LOCATION = "promptopt_dagster_tests.support.fake_location:defs_from_environment"
-PRODUCT_LOCATION = "promptopt_dagster_tests.support.fake_location:product_defs_from_environment"
-BROKER_PASSWORD = "r3dis-br0ker-5ecret"  # in the broker URL; must stay out of Dagster's storage and logs
 EVALUATION_JOB = "evaluation_job"
-BLOCK_AT = 3  # the primary call inside which a worker's step process is killed
-VISIBILITY_S = 8  # the whole-worker test's visibility timeout
-REDIS_DOWN_S = 4  # longer than the executor's poll interval (1 s) and the worker's step
-# Timings and the champion's creation time differ from run to run; nothing else may.
-TIMINGS: dict[str, Any] = {"wall_seconds": True, "llm_seconds": True, "champion": {"created_at"}}
-
-
-@pytest.fixture
-def redis() -> Iterator[RedisServer]:
-    with RedisServer(password=BROKER_PASSWORD) as server:
-        yield server
-
-
-@pytest.fixture
-def bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[GcsEmulator]:
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    with GcsEmulator(bucket=BUCKET) as emulator, emulator_environment(emulator):
-        yield emulator
-
-
-@dataclass
-class Services:
-    """What every test here runs on: its temporary folder (the working directory), its
-    environment (which the workers inherit, the GCS emulator's bucket in it), Redis as broker and
-    result backend, and a PostgreSQL database for the Dagster instance."""
-
-    tmp_path: Path
-    monkeypatch: pytest.MonkeyPatch
-    redis: RedisServer
-    db_url: str
-
-    @property
-    def home(self) -> Path:
-        """DAGSTER_HOME of the instance the runs on Celery use."""
-        return self.tmp_path / "dagster"
-
-    def instance(self) -> dg.DagsterInstance:
-        """The instance the study's runs and the workers share (dispose it: `with`)."""
-        return postgres_instance(self.db_url, self.home)
-
-
-@pytest.fixture
-def services(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    bucket: GcsEmulator,
-    redis: RedisServer,
-    postgres_db_url: str,  # noqa: F811
-) -> Services:
-    return Services(tmp_path, monkeypatch, redis, postgres_db_url)
-
-
-def use_settings(monkeypatch: pytest.MonkeyPatch, **values: str) -> Settings:
-    """Settings as every process reads them: from the environment, which the workers inherit."""
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    return Settings()
-
-
-def register(defs: dg.Definitions, tmp_path: Path, name: str = STUDY) -> str:
-    """The study's dataset in the bucket, the study registered in the (bucket's) prompt store.
-    Returns the dataset's URI."""
-    folder = tmp_path / "study"
-    folder.mkdir(exist_ok=True)
-    dataset = f"gs://{BUCKET}/data/{name}.csv"
-    path = write_study(folder, name, dataset=dataset, max_iterations=1)
-    storage.write_bytes(dataset, (folder / f"{name}.csv").read_bytes())
-    defs.resources["prompt_store"].store.register_study(load_study(path))  # type: ignore[attr-defined]
-    return dataset
-
-
-COMMON = {"GCS_BUCKET_NAME": BUCKET, "PYTHONUNBUFFERED": "1"}
-
-
-def run_in_process(
-    services: Services, build: Callable[[Settings], dg.Definitions] = build_fake_definitions, **extra: str
-) -> dg.Definitions:
-    """The reference: the study with every step in this process (assets under GCS_PREFIX ref), on
-    the definitions `build` makes of the settings with `extra`."""
-    reference = use_settings(
-        services.monkeypatch,
-        **COMMON,
-        **extra,
-        PROMPTOPT_HOME=str(services.tmp_path / "ref"),
-        GCS_PREFIX="ref",
-        DAGSTER_EXECUTOR="in_process",
-    )
-    ref_defs = build(reference)
-    register(ref_defs, services.tmp_path)
-    with dg.instance_for_test() as ref_instance:
-        ref_runs = drive(ref_defs, ref_instance, STUDY)
-    assert [r.job for r in ref_runs.runs] == [ITERATION_JOB, REPORT_JOB]
-    return ref_defs
-
-
-def celery_settings(services: Services, **extra: str) -> Settings:
-    """Steps on Celery through the services' Redis, the instance in their `home`, assets under
-    GCS_PREFIX celery."""
-    return use_settings(
-        services.monkeypatch,
-        **COMMON,
-        PROMPTOPT_HOME=str(services.tmp_path / "celery"),
-        GCS_PREFIX="celery",
-        DAGSTER_EXECUTOR="celery",
-        DAGSTER_HOME=str(services.home),
-        CELERY_BROKER_URL=services.redis.url(0),
-        CELERY_BACKEND_URL=services.redis.url(1),
-        **extra,
-    )
-
-
-def decisions(defs: dg.Definitions) -> list[dict[str, Any]]:
-    records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
-    return [record.model_dump(exclude=TIMINGS) for record in records]
-
-
-def asset_files(prefix: str) -> set[str]:
-    root = f"gs://{BUCKET}/{prefix}/assets"
-    return {uri.removeprefix(root) for uri in storage.list_files(root, "**/*")}
-
-
-def assert_as_in_one_process(defs: dg.Definitions, ref_defs: dg.Definitions) -> None:
-    """The study on Celery took the reference's decisions and wrote the same asset files."""
-    assert decisions(defs) == decisions(ref_defs)
-    assert asset_files("celery") == asset_files("ref")
-
-
-def assert_finished(instance: dg.DagsterInstance, result: DriveResult) -> None:
-    """Every run of the study (its iteration and its report) succeeded."""
-    assert [r.job for r in result.runs] == [ITERATION_JOB, REPORT_JOB]
-    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in instance.get_runs())
-
-
-def iteration_step_starts(instance: dg.DagsterInstance) -> list[Any]:
-    """The STEP_START events of the study's iteration run."""
-    [iteration] = instance.get_runs(filters=dg.RunsFilter(job_name=ITERATION_JOB))
-    return instance.all_logs(iteration.run_id, of_type=dg.DagsterEventType.STEP_START)
 
 
 def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
@@ -281,227 +120,6 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
         [failed] = instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
         [failure] = instance.all_logs(failed.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)
         assert os.getpgid(failure.dagster_event.pid) in worker_pids  # type: ignore[union-attr, arg-type]
-
-
-@dataclass
-class BlockedStudy:
-    """A study driven on Celery workers in a background thread, its worker held inside a
-    scripted primary LLM call (the one BLOCK_AT_ENV names) until `release` exists."""
-
-    instance: dg.DagsterInstance
-    defs: dg.Definitions
-    workers: CeleryWorkers
-    running: Future[DriveResult]
-    marker: Path  # holds the pid of the process inside the blocked call
-    release: Path
-
-
-@contextlib.contextmanager
-def study_blocked_in_a_step(
-    services: Services, workers: int = 1, worker_config: Path = WORKER_CONFIG, **extra: str
-) -> Iterator[BlockedStudy]:
-    """The study on `workers` Celery workers, returned once a worker is inside the blocked LLM
-    call; `extra` settings (e.g. BLOCK_AT_ENV) go to every process."""
-    tmp_path = services.tmp_path
-    marker, release = tmp_path / "in-llm-call", tmp_path / "release"
-    settings = celery_settings(services, **{BLOCKED_ENV: str(marker), RELEASE_ENV: str(release)}, **extra)
-    with (
-        services.instance() as instance,
-        CeleryWorkers(workers, dict(os.environ), cwd=tmp_path, config=worker_config) as started,
-        ThreadPoolExecutor(1) as pool,
-    ):
-        defs = build_fake_definitions(settings)
-        register(defs, tmp_path)
-        running = pool.submit(drive, defs, instance, STUDY, location=LOCATION)
-
-        def ended() -> str | None:
-            return f"the run ended: {running.exception()}" if running.done() else None
-
-        wait_for_marker(marker, ended, timeout=180)
-        yield BlockedStudy(instance, defs, started, running, marker, release)
-
-
-def baseline_starts_of_a_finished_study(instance: dg.DagsterInstance, result: DriveResult) -> list[Any]:
-    """The STEP_START events of baseline_predictions in the study's iteration run, once every
-    run of the study (its iteration and its report) succeeded."""
-    assert_finished(instance, result)
-    return [e for e in iteration_step_starts(instance) if e.step_key == "baseline_predictions"]
-
-
-def test_a_redis_restart_while_a_step_runs_on_a_worker_is_ridden_through(services: Services) -> None:
-    """Redis (broker and result backend, nothing persisted) goes down for REDIS_DOWN_S while the
-    worker is inside the first primary LLM call, and comes back empty: the worker's result
-    write and the executor's polls wait for it (CELERY_FAULT_SETTINGS), the next steps go
-    through the new broker, and the study ends as in one process."""
-    ref_defs = run_in_process(services)
-    redis = services.redis
-    # until the worker is inside baseline_predictions' first LLM call
-    with study_blocked_in_a_step(services) as study:
-        old_pid = redis.pid
-        redis.stop()
-        study.release.touch()  # the step finishes while Redis is down: its result write must wait
-        time.sleep(REDIS_DOWN_S)  # the outage itself; the executor polls for results meanwhile
-        redis.start()
-        result = study.running.result(timeout=300)
-        assert redis.pid != old_pid
-        assert_finished(study.instance, result)
-        assert_as_in_one_process(study.defs, ref_defs)
-
-
-def test_a_worker_process_killed_inside_a_step_runs_the_step_again_without_repeating_answered_calls(
-    tmp_path: Path, services: Services
-) -> None:
-    """The pool process running baseline_predictions is SIGKILLed inside its BLOCK_AT-th LLM
-    call: Celery puts the task back on the queue (CELERY_FAULT_SETTINGS), a worker runs the step
-    again, the replies answered before the kill come from the shared response cache (PostgreSQL,
-    LLM_CACHE_URL), and the study ends as in one process."""
-    ref_defs = run_in_process(services)
-    answered = tmp_path / "answered.txt"
-    with study_blocked_in_a_step(
-        services,
-        workers=2,
-        LLM_CACHE_URL=services.db_url,
-        **{BLOCK_AT_ENV: str(BLOCK_AT), ANSWERED_ENV: str(answered)},
-    ) as study:
-        victim = int(study.marker.read_text())
-        assert os.getpgid(victim) in study.workers.pids and victim not in study.workers.pids  # a pool process
-        deadline = time.monotonic() + 30  # the calls before the blocked one have their replies
-        while len(answered_keys(answered)) < BLOCK_AT - 1:
-            assert time.monotonic() < deadline, answered_keys(answered)
-            time.sleep(0.05)
-        os.kill(victim, signal.SIGKILL)
-        before_kill = answered_keys(answered)  # what the killed process had answered
-        study.release.touch()  # the step's next run goes through its calls
-        result = study.running.result(timeout=300)
-
-        instance = study.instance
-        starts = baseline_starts_of_a_finished_study(instance, result)
-        pids = [e.dagster_event.pid for e in starts]  # type: ignore[union-attr]
-        assert len(pids) == 2 and pids[0] == victim and pids[1] != victim, pids
-        # The same decisions; the iteration's call count leaves out the calls its killed step
-        # process made (their replies came from the cache in the step's second run).
-        [mine], [ref] = decisions(study.defs), decisions(ref_defs)
-        usage = {"calls", "total_calls", "tokens", "total_tokens"}
-        assert {k: v for k, v in mine.items() if k not in usage and ref.get(k) != v} == {}
-        assert mine["calls"] == ref["calls"] - len(before_kill) == mine["total_calls"]
-        assert asset_files("celery") == asset_files("ref")
-        # No request reached the model twice: what was answered before the kill was not asked
-        # again, and the killed call was answered once, in the step's second run.
-        keys = answered_keys(answered)
-        assert len(before_kill) >= BLOCK_AT - 1 and keys[: len(before_kill)] == before_kill
-        assert len(keys) == len(set(keys)), "a request reached the model twice"
-
-
-def next_blocked_process(study: BlockedStudy, seen: list[int], timeout: float = 120) -> int:
-    """The pid of a process that reached the blocked LLM call (its marker) and is not in `seen`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if fresh := blocked_pids(study.marker) - set(seen):
-            return fresh.pop()
-        assert not study.running.done(), f"the run ended: {study.running.exception()}"
-        assert time.monotonic() < deadline, f"no new process reached the blocked call in {timeout:.0f} s"
-        time.sleep(0.05)
-
-
-def test_a_step_whose_process_dies_at_every_start_fails_the_run_instead_of_running_forever(
-    services: Services,
-) -> None:
-    """Every process that runs baseline_predictions is SIGKILLed inside its first LLM call (a
-    step that runs out of memory each time): each time Celery puts the task back on the queue,
-    until the workers refuse a start beyond MAX_STEP_STARTS (step_starts.StepStartLimit); the
-    run fails naming the step, and the step is not started again."""
-    with study_blocked_in_a_step(services) as study:
-        killed: list[int] = []
-        while len(killed) < MAX_STEP_STARTS:
-            victim = next_blocked_process(study, killed)
-            os.kill(victim, signal.SIGKILL)
-            killed.append(victim)
-        refused = rf"step baseline_predictions was started {MAX_STEP_STARTS} times and never finished"
-        try:
-            with pytest.raises(RunFailedError, match=refused):
-                study.running.result(timeout=180)
-        finally:
-            study.release.touch()  # a start beyond the limit finishes, so teardown does not hang
-
-        [run] = study.instance.get_runs()
-        assert run.status == dg.DagsterRunStatus.FAILURE
-        starts = [
-            e
-            for e in study.instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)
-            if e.step_key == "baseline_predictions"
-        ]
-        assert [e.dagster_event.pid for e in starts] == killed  # type: ignore[union-attr]
-        assert blocked_pids(study.marker) == set(killed)  # no fourth start
-
-
-def short_visibility_worker_config(folder: Path, seconds: int) -> Path:
-    """deploy/celery/worker.yaml with a visibility timeout of `seconds`, swept for every second
-    (the Redis transport's defaults sweep about every 100 s)."""
-    config = yaml.safe_load(WORKER_CONFIG.read_text())
-    options = config["execution"]["config"]["config_source"]["broker_transport_options"]
-    options.update(visibility_timeout=seconds, unacked_restore_interval=1, unacked_restore_throttle=1)
-    path = folder / "worker-short-visibility.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def test_a_whole_worker_killed_inside_a_step_hands_the_step_to_another_worker(
-    tmp_path: Path, services: Services
-) -> None:
-    """Every process of the worker running baseline_predictions is SIGKILLed inside its first
-    LLM call (a lost machine): nothing of it is left to hand the task back, so the other worker
-    takes it once the visibility timeout (CELERY_VISIBILITY_TIMEOUT_S) has passed, and the
-    study ends as in one process."""
-    ref_defs = run_in_process(services)
-    config = short_visibility_worker_config(tmp_path, VISIBILITY_S)
-    with study_blocked_in_a_step(
-        services,
-        workers=2,
-        worker_config=config,
-        CELERY_VISIBILITY_TIMEOUT_S=str(VISIBILITY_S),
-    ) as study:
-        victim = int(study.marker.read_text())
-        lost = os.getpgid(victim)
-        [survivor] = set(study.workers.pids) - {lost}
-        os.killpg(lost, signal.SIGKILL)
-        killed_at = time.time()
-        study.release.touch()
-        result = study.running.result(timeout=300)
-
-        instance = study.instance
-        starts = baseline_starts_of_a_finished_study(instance, result)
-        assert len(starts) == 2 and starts[0].dagster_event.pid == victim  # type: ignore[union-attr]
-        assert os.getpgid(starts[1].dagster_event.pid) == survivor  # type: ignore[union-attr, arg-type]
-        # handed over by the timeout, not before it: the timeout runs from the task's delivery to
-        # the lost worker, which came after the executor submitted it (and before the kill, by as
-        # long as the worker took to reach the LLM call)
-        submission = SUBMITTED.format(step="baseline_predictions")
-        engine = instance.all_logs(starts[0].run_id, of_type=dg.DagsterEventType.ENGINE_EVENT)
-        [submitted] = [e.timestamp for e in engine if e.message.startswith(submission)]
-        handed_over = starts[1].timestamp
-        assert handed_over > killed_at
-        assert handed_over - submitted >= VISIBILITY_S - 1, (handed_over - submitted, killed_at - submitted)
-        assert_as_in_one_process(study.defs, ref_defs)
-
-
-def test_a_postgres_restart_while_a_step_runs_on_a_worker_is_ridden_through(
-    services: Services,
-    postgres_server: PostgresServer,  # noqa: F811
-) -> None:
-    """The instance's PostgreSQL server restarts while a worker is inside the first primary LLM
-    call: the worker's and the executor's next writes (fresh connections) reach the restarted
-    server, and the study ends as in one process, each step run once."""
-    ref_defs = run_in_process(services)
-    with study_blocked_in_a_step(services) as study:
-        old_pid = postgres_server.pid
-        postgres_server.restart()
-        study.release.touch()
-        result = study.running.result(timeout=300)
-        assert postgres_server.pid != old_pid
-        assert_finished(study.instance, result)
-        steps = [entry.step_key for entry in iteration_step_starts(study.instance)]
-        assert len(steps) == len(set(steps)), steps
-        assert_as_in_one_process(study.defs, ref_defs)
 
 
 def test_the_shards_of_one_evaluation_run_at_once_on_different_workers(

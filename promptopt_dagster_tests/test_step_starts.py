@@ -1,7 +1,7 @@
 """The workers' limit on starts of one step: dagster-celery's execute_plan task, built from the
 workers' own config file, refuses a step once it has been started MAX_STEP_STARTS times since
 its last submission, counted in a real instance's event log. The run on real workers whose step
-dies every time is in test_celery_executor."""
+dies every time is in test_celery_faults."""
 
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ class VertexOptions(BaseModel):
     # raise_on_client_error=False fail only their row. A row is lost only when all its attempts
     # fail: with 30% of calls failing (a quota-bound run, a regional incident) 5 attempts lose
     # one row in 400 (0.3**5), 10 attempts one in 170,000; the extra attempts cost time only
-    # when they are needed (test_production_e2e runs a whole study at that failure rate).
+    # when they are needed (test_production_faults runs a whole study at that failure rate).
     max_attempts: int = Field(10, ge=1)
     backoff_initial_s: float = Field(1.0, ge=0.0)
     backoff_max_s: float = Field(60.0, ge=0.0)
