@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/suite/make_suite.py
 
-Deterministic (fixed seeds, no clock): running it again rewrites the same files. Every task has
+Deterministic (fixed seeds, no clock): running it again rewrites the same files. The tasks are
+the table in tasks.yaml (names, columns, prompts, metrics); their rows are made here. Every task has
 
 - a dataset (CSV or JSONL) with an `id` column, generated here from templates and fixed tables;
 - a study YAML in the format of promptopt_dagster/examples/*.yaml, whose seed prompt is VAGUE
@@ -514,142 +515,35 @@ def email_rows(n: int = 30, seed: int = 1212) -> list[Row]:
 
 # --- the tasks ----------------------------------------------------------------------------------
 
-EM_CASE = {"exact_match": {"ignore_case": True, "ignore_whitespace": True, "strip_quotes": True}}
+TASKS_FILE = HERE / "tasks.yaml"
+INTENT_CODES = "{intent_codes}"  # in a prompt of tasks.yaml: stands for intent_code_list()
+ROW_FUNCTIONS: dict[str, Callable[[], list[Row]]] = {
+    f.__name__: f
+    for f in (ticket_rows, intent_rows, order_rows, larger_rows, date_rows, unit_rows, capital_rows,
+              person_rows, qa_rows, animal_rows, past_rows, email_rows)
+}
 
-TASKS: list[Task] = [
-    Task(
-        name="ticket_queue", kind="label codes, 2 labels",
-        description="Route a customer message to the billing or the technical support queue.",
-        rows=ticket_rows, input_columns=["message"], reference_column="queue",
-        seed_prompt=("", "Here is a message from a customer: {message}"),
-        precise_prompt=(
-            "You route customer support messages.",
-            "Message: {message}\n\nIs this about money (payments, invoices, prices, refunds, subscriptions) "
-            "or a technical problem (errors, crashes, log-in, devices, slowness)? Reply with exactly one "
-            "word: billing or technical.",
-        ),
-        metric_options=EM_CASE,
-    ),
-    Task(
-        name="intent_codes", kind="label codes, 22 labels",
-        description="Map a banking customer's request to one of 22 intent codes.",
-        rows=intent_rows, input_columns=["text"], reference_column="intent",
-        seed_prompt=("", "What does the customer want? {text}"),
-        precise_prompt=(
-            "You label banking customer requests with an intent code. The codes and what they mean:\n"
-            + intent_code_list()
-            + "\nReply with the one code that fits, exactly as written above, and nothing else.",
-            "Request: {text}\nIntent code:",
-        ),
-    ),
-    Task(
-        name="order_number", kind="extraction",
-        description="Copy the order number (two letters, a dash, five digits) out of a customer email.",
-        rows=order_rows, input_columns=["email"], reference_column="order_id",
-        seed_prompt=("", "{email}"),
-        precise_prompt=(
-            "",
-            "Email: {email}\n\nWhat is the order number in this email? Order numbers are two capital "
-            "letters, a dash and five digits (like AB-12345). Reply with the order number only.",
-        ),
-    ),
-    Task(
-        name="larger_number", kind="numeric comparison",
-        description="Say which of two numbers is larger, as written.",
-        rows=larger_rows, input_columns=["a", "b"], reference_column="larger",
-        seed_prompt=("", "Look at these numbers: {a} and {b}"),
-        precise_prompt=(
-            "You compare numbers carefully, as values (9.9 is larger than 9.11; -3 is larger than -7).",
-            "Which number is larger: {a} or {b}? Reply with the larger number only, exactly as written.",
-        ),
-    ),
-    Task(
-        name="date_iso", kind="format conversion (dates)",
-        description="Rewrite a date written in words as YYYY-MM-DD.",
-        rows=date_rows, input_columns=["date"], reference_column="iso",
-        seed_prompt=("", "Convert this date: {date}"),
-        precise_prompt=(
-            "",
-            "Date: {date}\nWrite this date as YYYY-MM-DD. Keep the year exactly as given. Reply with the "
-            "date only.",
-        ),
-    ),
-    Task(
-        name="unit_convert", kind="format conversion (units)",
-        description="Convert a quantity to another unit; the answer is the bare number.",
-        rows=unit_rows, input_columns=["quantity", "target_unit"], reference_column="value",
-        seed_prompt=("", "{quantity} in {target_unit}"),
-        precise_prompt=(
-            "You convert units. 1 km = 1000 m, 1 kg = 1000 g, 1 m = 100 cm, 1 hour = 60 minutes, "
-            "1 litre = 1000 millilitres, 1 minute = 60 seconds.",
-            "How many {target_unit} are in {quantity}? Reply with the number only: digits, no unit, "
-            "no words.",
-        ),
-    ),
-    Task(
-        name="capital_lookup", kind="factual look-up",
-        description="Name the capital city of a country.",
-        rows=capital_rows, input_columns=["country"], reference_column="capital",
-        seed_prompt=("", "Tell me about {country}."),
-        precise_prompt=("", "What is the capital city of {country}? Reply with the city name only."),
-        metric_options=EM_CASE,
-    ),
-    Task(
-        name="person_json", kind="multi-field JSON answer",
-        description='Extract {"name", "age", "city"} from a sentence as one line of JSON.',
-        rows=person_rows, input_columns=["text"], reference_column="record", fmt="jsonl", max_tokens=48,
-        seed_prompt=("", "Extract the information: {text}"),
-        precise_prompt=(
-            "",
-            "Text: {text}\n\nReply with one line of JSON with exactly these keys in this order: "
-            '{{"name": full name as a string, "age": age as an integer, "city": city as a string}}. '
-            "No code fences, no other text.",
-        ),
-    ),
-    Task(
-        name="short_answer", kind="free-text answer (token F1)",
-        description="Answer a question about a short passage with a short phrase; scored by token F1.",
-        rows=qa_rows, input_columns=["passage", "question"], reference_column="answer", fmt="jsonl",
-        target_metric="f1", metrics=["exact_match"], max_tokens=48,
-        seed_prompt=("", "{passage}\n\n{question}"),
-        precise_prompt=(
-            "",
-            "Passage: {passage}\nQuestion: {question}\n\nAnswer with the shortest phrase copied from the "
-            "passage (a name, place, number or thing), not a full sentence.",
-        ),
-        metric_options=EM_CASE | {"f1": {"normalize": True}},
-    ),
-    Task(
-        name="animal_class", kind="misleading seed prompt",
-        description="Give the zoological class of an animal (the seed prompt asks for its colour).",
-        rows=animal_rows, input_columns=["animal"], reference_column="class",
-        seed_prompt=("You are a zoologist.", "What colour is this animal? Answer in one word: {animal}"),
-        precise_prompt=(
-            "",
-            "Which class of animals does the {animal} belong to: mammal, bird, fish, reptile, amphibian or "
-            "insect? Reply with that one lowercase word.",
-        ),
-        metric_options=EM_CASE,
-    ),
-    Task(
-        name="past_tense", kind="word form (30 rows)",
-        description="Give the simple past tense of an English verb.",
-        rows=past_rows, input_columns=["verb"], reference_column="past",
-        seed_prompt=("", "{verb}"),
-        precise_prompt=("You give the simple past tense of English verbs (go -> went, walk -> walked). "
-                        "Reply with the past tense form only.", "{verb}"),
-        metric_options=EM_CASE,
-    ),
-    Task(
-        name="email_address", kind="extraction (30 rows)",
-        description="Copy the email address out of a short message.",
-        rows=email_rows, input_columns=["text"], reference_column="email",
-        seed_prompt=("", "{text}"),
-        precise_prompt=("", "Text: {text}\n\nCopy the email address from the text. Reply with the email "
-                            "address only."),
-        metric_options=EM_CASE,
-    ),
-]
+
+def _prompt(entry: dict[str, str]) -> tuple[str, str]:
+    """(system_prompt, output_prompt) of a prompt in tasks.yaml, with the intent codes filled in."""
+    codes = intent_code_list()
+    return (entry["system_prompt"].replace(INTENT_CODES, codes),
+            entry["output_prompt"].replace(INTENT_CODES, codes))
+
+
+def load_tasks(path: Path = TASKS_FILE) -> list[Task]:
+    """The tasks of the table in `path`; its `rows` names a function of ROW_FUNCTIONS."""
+    entries = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [
+        Task(**{
+            **entry,
+            "rows": ROW_FUNCTIONS[entry["rows"]],
+            "seed_prompt": _prompt(entry["seed_prompt"]),
+            "precise_prompt": _prompt(entry["precise_prompt"]),
+        })
+        for entry in entries
+    ]
+
 
 SPLITS = {"train": 0.4, "val": 0.3, "test": 0.3}
 
@@ -699,7 +593,7 @@ def write_all(folder: Path = HERE) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     precise: dict[str, dict[str, str]] = {}
     out: dict[str, Path] = {}
-    for task in TASKS:
+    for task in load_tasks():
         rows = task.rows()
         data = folder / f"{task.name}.{task.fmt}"
         if task.fmt == "csv":
