@@ -16,9 +16,8 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
 
-from promptopt_dagster_tests.support.server_process import ServerProcess
+from promptopt_dagster_tests.support.server_process import ServerProcess, Startable
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_CONFIG = REPO / "deploy" / "celery" / "worker.yaml"
@@ -26,7 +25,7 @@ START_TIMEOUT_S = 120.0  # a worker imports dagster and celery; slow on a loaded
 STOP_TIMEOUT_S = 20.0
 
 
-class CeleryWorkers:
+class CeleryWorkers(Startable):
     """`count` workers named ``<prefix>-<i>``, each running one step at a time (concurrency 1)."""
 
     def __init__(self, count: int, env: Mapping[str, str], prefix: str = "promptopt-test",
@@ -85,11 +84,3 @@ class CeleryWorkers:
     def close(self) -> None:
         for server in self._servers:
             server.close()
-
-    def __enter__(self) -> CeleryWorkers:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

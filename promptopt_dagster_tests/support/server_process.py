@@ -20,7 +20,8 @@ server: start servers from a thread that lives as long as they should (pytest's 
 
 `ServerHandle` is the base of the wrappers that hold one `ServerProcess` (GcsEmulator,
 MlflowServer, PostgresServer, RedisServer, VertexServerProcess, DagsterDev): each implements
-`start()` and what is its own.
+`start()` and what is its own. `Startable`, its base, is the context-manager use (start on
+entering, close on leaving) that the helpers of other kinds share too (CeleryWorkers, VertexServer).
 """
 
 from __future__ import annotations
@@ -251,7 +252,30 @@ class ServerProcess:
                 self.log_path.unlink()
 
 
-class ServerHandle:
+class Startable:
+    """A test helper used as a context manager: `start()` (returning self) on entering, `close()`
+    on leaving. A subclass implements `start()` and `stop()`; `close()` is `stop()` unless the
+    subclass has more to release."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ServerHandle(Startable):
     """The lifecycle of a test wrapper around one `ServerProcess`, `_server` (None until the
     subclass makes it): pid, running, stop, restart, close, log_text, and use as a context manager
     (a failed start closes). A subclass implements `start()`, returning self. `stop()` sends
@@ -270,9 +294,6 @@ class ServerHandle:
         if self._server is None:
             raise RuntimeError(f"{type(self).__name__} is not started; call start() first")
         return self._server.pid
-
-    def start(self) -> Self:
-        raise NotImplementedError
 
     @staticmethod
     def _venv_script(name: str, install_hint: str) -> str:
@@ -308,8 +329,3 @@ class ServerHandle:
         except BaseException:
             self.close()  # __exit__ will not run
             raise
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

@@ -54,12 +54,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Literal
 
 from aiohttp import web
 
-from promptopt_dagster_tests.support.server_process import HOST
+from promptopt_dagster_tests.support.server_process import HOST, Startable
 from promptopt_dagster_tests.support.vertex_batch import BatchJob
 
 Responder = Callable[[dict[str, Any]], str]
@@ -184,7 +183,7 @@ class RecordedRequest:
         return "batch" if _BATCHES.match(self.path) else "other"
 
 
-class VertexServer:
+class VertexServer(Startable):
     """The fake Vertex endpoint; see the module docstring. `responder(body) -> text` makes the
     model's reply; raising in it fails that request (500 online, an error line in a batch)."""
 
@@ -284,14 +283,6 @@ class VertexServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=30)
         self._thread = None
-
-    def __enter__(self) -> VertexServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     # --- test controls -------------------------------------------------------------------------
 
