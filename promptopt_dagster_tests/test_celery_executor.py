@@ -40,7 +40,8 @@ from promptopt_dagster_tests.support.celery_workers import CeleryWorkers
 from promptopt_dagster_tests.support.fake_location import build_fake_definitions
 from promptopt_dagster_tests.support.scripted import gemini_responder, write_dataset
 from promptopt_dagster_tests.support.scripted_cli import BLOCKED_ENV, RELEASE_ENV, blocked_pids
-from promptopt_dagster_tests.support.vertex_server import FaultSchedule, VertexServer
+from promptopt_dagster_tests.support.vertex_faults import FaultSchedule
+from promptopt_dagster_tests.support.vertex_server import VertexServer
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ["promptopt_dagster_tests.support.celery_study"]

@@ -34,7 +34,9 @@ from promptopt_dagster_tests.support.gcs_emulator import (
     GcsEmulator,
     gcs_emulator,  # noqa: F401
 )
-from promptopt_dagster_tests.support.vertex_server import Fault, VertexServer, count_tokens, user_text
+from promptopt_dagster_tests.support.vertex_faults import Fault
+from promptopt_dagster_tests.support.vertex_requests import count_tokens, user_text
+from promptopt_dagster_tests.support.vertex_server import VertexServer
 
 TOKEN = "test-token-5ecret-b1d3"
 MODEL = "gemini-2.0-flash"

@@ -29,11 +29,8 @@ from promptopt_dagster_tests.support.production import (
     materialization_metadata,
     relative,
 )
-from promptopt_dagster_tests.support.vertex_server import (
-    Fault,
-    FaultSchedule,
-    wants_json,
-)
+from promptopt_dagster_tests.support.vertex_faults import Fault, FaultSchedule
+from promptopt_dagster_tests.support.vertex_requests import wants_json
 
 pytest_plugins = ["promptopt_dagster_tests.support.production"]
 

@@ -25,12 +25,8 @@ from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.gcs_emulator import GcsEmulator, emulator_environment
 from promptopt_dagster_tests.support.scripted import GOOD, write_study
-from promptopt_dagster_tests.support.vertex_server import (
-    VertexServer,
-    system_text,
-    user_text,
-    wants_json,
-)
+from promptopt_dagster_tests.support.vertex_requests import system_text, user_text, wants_json
+from promptopt_dagster_tests.support.vertex_server import VertexServer
 
 TOKEN = "ya29.e2e-5ecret-token-7f3a9c"  # looks like an OAuth access token; must never leave memory
 BUCKET = "promptopt-prod"

@@ -122,7 +122,7 @@ def gemini_responder(body: dict[str, Any]) -> str:
     """For the fake Vertex server (support/vertex_server.py): the bare label when the system
     prompt names the label set, prose otherwise; proposals as JSON when JSON is asked (the
     optimizer)."""
-    from promptopt_dagster_tests.support.vertex_server import system_text, user_text, wants_json
+    from promptopt_dagster_tests.support.vertex_requests import system_text, user_text, wants_json
 
     if wants_json(body):
         return json.dumps({"candidates": [{"system_prompt": "Classify the sentiment.", "rationale": "task"}]})
