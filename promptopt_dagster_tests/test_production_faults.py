@@ -1,8 +1,6 @@
 """Faults in production settings (support/production.py): a storage outage in the middle of a
 run fails it cleanly and the driver resumes; a 429 burst is survived; 30% of Vertex calls failing
-ends as a clean run does.
-
-These run against local protocol servers, not a Google Cloud project."""
+ends as a clean run does. Against local protocol servers, as test_production_e2e.py."""
 
 from __future__ import annotations
 
