@@ -83,8 +83,9 @@ def test_rouge_l_sanity() -> None:
 
 def test_bleu_sanity_scaled_to_unit_interval() -> None:
     ref = "the quick brown fox jumps over the lazy dog"
-    result = EvaluatorService(["bleu"]).evaluate([ref, "the quick brown fox jumps over a lazy cat", "xyz"],
-                                                 [ref, ref, ref])
+    result = EvaluatorService(["bleu"]).evaluate(
+        [ref, "the quick brown fox jumps over a lazy cat", "xyz"], [ref, ref, ref]
+    )
     exact, close, unrelated = result.per_row["bleu"].tolist()
     assert exact == pytest.approx(1.0)
     assert 0.0 < close < 1.0
@@ -151,3 +152,18 @@ def test_scoring_200_rows_is_fast_after_loading() -> None:
 def test_modules_are_cached_per_process() -> None:
     assert load_metric("f1") is load_metric("f1")
     assert EvaluatorService(["f1"])._modules["f1"] is load_metric("f1")
+
+
+@pytest.mark.parametrize("name", available_metrics())
+def test_a_row_scores_the_same_whatever_rows_it_is_scored_with(name: str) -> None:
+    """Screening scores a candidate's minibatch four rows at a time and keeps those scores."""
+    preds = ["Paris", "the cat sat", "B", "42 kg", "", "a b c d", "Lima", "no"]
+    refs = ["Paris", "the cat sat down", "A", "42 kg", "x", "a b c", "lima", "no"]
+    svc = EvaluatorService([name])
+    whole = svc.evaluate(preds, refs).per_row[name].tolist()
+    blocks = [
+        s
+        for i in range(0, len(preds), 3)
+        for s in svc.evaluate(preds[i : i + 3], refs[i : i + 3]).per_row[name]
+    ]
+    assert blocks == whole and len(set(whole)) > 1

@@ -16,7 +16,7 @@ from promptopt_dagster.core.iteration import (
     screening_bar,
 )
 from promptopt_dagster.core.records import Candidate
-from promptopt_dagster.core.scoring import evaluator_for
+from promptopt_dagster.core.scoring import evaluator_for, score_predictions
 from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.llm.base import ChatRequest
 from promptopt_dagster.llm.fake import ScriptedLLM
@@ -62,9 +62,16 @@ def test_screening_stops_once_the_incumbent_is_out_of_reach(
     assert len(train) == 12 and SCREEN_BLOCK == 4
     prompt = study.seed_prompt_state().child(LABEL_RULE, "{review}")  # type: ignore[attr-defined]
     llm = wrong_after(right)
-    preds = screen_candidate(llm, evaluator_for(study), study, prompt, train, incumbent)  # type: ignore[arg-type]
-    assert len(preds) == llm.calls == screened
+    evaluator = evaluator_for(study)  # type: ignore[arg-type]
+    result = screen_candidate(llm, evaluator, study, prompt, train, incumbent)  # type: ignore[arg-type]
+    preds = result.predictions
+    assert len(preds) == len(result.scores) == llm.calls == screened
     assert preds["row_id"].tolist() == train["row_id"].tolist()[:screened]  # in minibatch order
+    # the blocks' row scores are the rows' scores: the same as scoring every row at once
+    whole, agg = score_predictions(evaluator, preds, study.target_metric, ["split"])  # type: ignore[attr-defined]
+    assert result.scores == whole["score"].tolist()
+    assert result.score == pytest.approx(agg["train"]["exact_match"])
+    assert sum(result.scores) == min(right, screened)
 
 
 def test_a_stopped_candidate_is_not_validated_and_a_reachable_one_is(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ The rows come from load_study_data (core/study_data.py); the budget rules from c
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -43,6 +44,19 @@ CONFIRM_TOP = 2
 SCREEN_BLOCK = 4
 
 
+@dataclass(frozen=True)
+class Screened:
+    """A candidate's minibatch predictions and each row's target-metric score, in row order."""
+
+    predictions: pd.DataFrame
+    scores: list[float]
+
+    @property
+    def score(self) -> float:
+        """The mean over the rows screened (the aggregate score_predictions gives them)."""
+        return sum(self.scores) / len(self.scores) if self.scores else 0.0
+
+
 def screen_candidate(
     llm: LLMClient,
     evaluator: EvaluatorService,
@@ -51,23 +65,24 @@ def screen_candidate(
     train: pd.DataFrame,
     bar: float,
     block: int = SCREEN_BLOCK,
-) -> pd.DataFrame:
+) -> Screened:
     """The candidate's predictions on the minibatch `train`, block by block, stopping once even
     a perfect score on the rows left could not bring its mean up to `bar` (the incumbent's
     minibatch score, or a higher one candidates already screened set): such a candidate never
     goes on to validation, so its remaining rows would be calls spent for nothing. Per-row
-    scores of every metric here are at most 1."""
+    scores of every metric here are at most 1, and do not depend on the other rows scored with
+    them, so the blocks' scores are the rows' scores."""
     n = len(train)
-    frames, total, done = [], 0.0, 0
+    frames, scores = [], []
     for start in range(0, n, max(1, block)):
         preds = run_prompt(llm, prompt, train.iloc[start : start + block], study.primary_model, study)
         scored, _ = score_predictions(evaluator, preds, study.target_metric, ["split"])
         frames.append(preds)
-        total += float(scored["score"].sum())
-        done += len(preds)
-        if done < n and (total + (n - done)) / n < bar - EPS:
+        scores.extend(float(x) for x in scored["score"])
+        done = len(scores)
+        if done < n and (sum(scores) + (n - done)) / n < bar - EPS:
             break
-    return pd.concat(frames, ignore_index=True)
+    return Screened(pd.concat(frames, ignore_index=True), scores)
 
 
 def screening_bar(full_scores: list[float], incumbent_train_score: float, confirm_top: int) -> float:
@@ -110,10 +125,10 @@ def screen_and_confirm(
         if progress:
             progress(f"screening candidate {i + 1}/{len(candidates)} ({cand.strategy})")
         bar = screening_bar(full_scores, incumbent_train_score, confirm_top)
-        preds = screen_candidate(llm, evaluator, study, cand.prompt, train, bar)
-        scored, agg = score_predictions(evaluator, preds, study.target_metric, ["split"])
+        screened = screen_candidate(llm, evaluator, study, cand.prompt, train, bar)
+        preds = screened.predictions
         if len(preds) == len(train):
-            full_scores.append(float(agg["train"][study.target_metric]))
+            full_scores.append(screened.score)
         frames.append(preds.assign(candidate_id=cand.prompt.id))
         if calls_left is not None:
             calls_left -= live_calls(preds)
@@ -122,7 +137,7 @@ def screen_and_confirm(
                 f"candidate {i + 1} ({cand.strategy}) stopped after {len(preds)} of {len(train)} minibatch "
                 f"rows: it can no longer reach {bar:.2f} there (the incumbent or the best screened)"
             )
-        scores.append(score_of(cand, agg["train"][study.target_metric]))
+        scores.append(score_of(cand, screened.score))
     if calls_left is not None:
         confirm_top = min(confirm_top, max(0, calls_left) // max(1, len(val)))
     by_id = {c.prompt.id: c for c in candidates}
