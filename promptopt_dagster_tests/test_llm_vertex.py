@@ -92,6 +92,31 @@ def test_request_shape_usage_and_cost(server: VertexServer) -> None:
 
 
 @pytest.mark.e2e
+def test_clients_share_one_tls_context(server: VertexServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch gets a new client; the CA bundle is loaded once per VertexLLM, not three times
+    per client, and that one context is what the clients' transports verify with."""
+    import ssl
+
+    built: list[ssl.SSLContext] = []
+    create = ssl.create_default_context
+
+    def counting(*args: Any, **kwargs: Any) -> ssl.SSLContext:
+        built.append(create(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(ssl, "create_default_context", counting)
+    llm = make_llm(server)
+    for text in ("one", "two", "three"):
+        [reply] = llm.generate([ask(text)])
+        assert reply.ok and reply.text == f"echo: {text}"
+    assert len(built) == 1
+    api = llm.client._api_client
+    assert api._async_client_session_request_args["ssl"] is built[0]
+    assert api._websocket_ssl_ctx["ssl"] is built[0]
+    assert llm.client._api_client._http_options.client_args == {"verify": built[0]}
+
+
+@pytest.mark.e2e
 def test_rest_transport_sends_what_the_sdk_sends(server: VertexServer) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string"}, "n": {"type": "integer"}},
               "required": ["answer"]}

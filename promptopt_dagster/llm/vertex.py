@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,8 @@ class VertexLLM:
         self._redact.add(getattr(credentials, "token", None))
         self._credentials = credentials
         self._client_obj: genai.Client | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._tls_built = False
         self._warned_prices: set[str] = set()
         self._model_paths: dict[str, str] = {}
         self._bodies = wire.RequestBodies(lambda: self.client._api_client)
@@ -139,10 +142,29 @@ class VertexLLM:
             self._client_obj = self._new_client()
         return self._client_obj
 
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context every client of this object uses: the one the SDK would build itself
+        (its CA bundle, SSL_CERT_FILE / SSL_CERT_DIR, the default client certificate if one is
+        configured), built once. Left to the SDK, each client builds three (~20 ms of CPU each,
+        loading the CA bundle), and online calls create a client per batch. None if this SDK
+        version lacks the helper: each client then builds its own, as before."""
+        if not self._tls_built:
+            self._tls_built = True
+            try:
+                from google.genai import types
+                from google.genai._api_client import BaseApiClient
+
+                built = BaseApiClient._ensure_aiohttp_ssl_ctx(types.HttpOptions(), vertexai=True).get("ssl")
+            except (ImportError, AttributeError, TypeError):
+                built = None
+            self._tls = built if isinstance(built, ssl.SSLContext) else None
+        return self._tls
+
     def _new_client(self, session: Any = None) -> genai.Client:
         from google import genai
         from google.genai import types
 
+        tls = self._tls_context()
         # attempts=1: retries are ours (Retry-After aware); this also stops the SDK's own hidden
         # 1-10 s retry of dropped aiohttp connections.
         http_options = types.HttpOptions(
@@ -150,6 +172,9 @@ class VertexLLM:
             timeout=int(self.options.timeout_s * 1000),
             retry_options=types.HttpRetryOptions(attempts=1),
             aiohttp_client=session,
+            # The SDK uses a context given here for httpx, aiohttp and websockets alike.
+            client_args=None if tls is None else {"verify": tls},
+            async_client_args=None if tls is None else {"ssl": tls},
         )
         try:
             return genai.Client(vertexai=True, project=self.options.project_id,
