@@ -73,6 +73,14 @@ CPU table counts this
 script's own descendants only (sampled twice a second, so a process that lives less than that
 is missed); "ours CPU s/step" is the drivers' and workers' CPU per succeeded step.
 
+That figure is mostly start-up, not per step: each worker's pool process warms up on its first
+step of each kind (imports, MLflow's store set-up), about 8 CPU s per worker, inside the round,
+and each driver spends about three quarters of its 4.5 CPU s starting (imports, the study's
+validation). A step of a warm worker costs about
+0.3 CPU s (0.44 before the shared TLS context of VertexLLM; per-task figures in
+benchmarks/results/scale-out-step-cpu-2026-11-30.txt), so at a fixed number of steps "ours
+s/step" grows with the number of workers.
+
 At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost, so
 those figures measure orchestration overhead more than the latency bound.
 """
