@@ -1,7 +1,8 @@
 """The optimizer: runs proposal strategies on the incumbent and returns distinct candidates.
 
 Strategies not yet tried on the current incumbent go first, in the order of
-`optimizer.strategies.STRATEGIES`; remaining room goes to the strategies the bandit picks.
+`optimizer.strategies.STRATEGIES`; remaining room goes to the strategies the bandit picks, and
+slots a strategy leaves empty to those that need no LLM and have more to offer.
 Every candidate is composed from its parts (`optimizer.parts`), so its text has one shape.
 """
 
