@@ -23,18 +23,7 @@ from promptopt_dagster.llm.vertex import VertexLLM
 from promptopt_dagster.llm.vertex_options import VertexOptions
 from promptopt_dagster.resources import LLMResource, VertexConfig
 from promptopt_dagster.settings import Settings
-from promptopt_dagster_tests.support.production import (
-    PREFIX,
-    STUDY,
-    TOKEN,
-    Production,
-    assert_all_objects_complete,
-    assert_token_nowhere,
-    bucket_objects,
-    decision_metadata,
-    materialization_metadata,
-    relative,
-)
+from promptopt_dagster_tests.support.production import PREFIX, STUDY, TOKEN, Production
 
 pytest_plugins = ["promptopt_dagster_tests.support.production"]
 
@@ -167,14 +156,14 @@ def test_study_runs_on_vertex_and_gcs_through_the_sensors(
 
         # cost: in the decision metadata, per asset, and in the final table
         for iteration, record in enumerate(records):
-            meta = decision_metadata(instance, iteration)
+            meta = prod.metadata(instance, "iteration_decision", iteration)
             assert meta["llm_cost_usd"] > 0 and meta["llm_cost_usd"] == pytest.approx(record.cost_usd)
             # prices are 1 USD per 1M tokens both ways; batch rows are billed at half
             assert record.tokens / 2e6 <= record.cost_usd <= record.tokens / 1e6 + 1e-12
-        assert decision_metadata(instance, 1)["total_llm_cost_usd"] == pytest.approx(
+        assert prod.metadata(instance, "iteration_decision", 1)["total_llm_cost_usd"] == pytest.approx(
             sum(r.cost_usd for r in records)
         )
-        assert materialization_metadata(instance, "baseline_predictions", 0)["llm_cost_usd"] > 0
+        assert prod.metadata(instance, "baseline_predictions", 0)["llm_cost_usd"] > 0
         assert report["total_cost_usd"] == pytest.approx(sum(r.cost_usd for r in records))
         assert report["test_cost_usd"] > 0
         assert [row["cost_usd"] for row in report["rows"]] == pytest.approx([r.cost_usd for r in records])
@@ -184,8 +173,8 @@ def test_study_runs_on_vertex_and_gcs_through_the_sensors(
         assert "cost $" in table and f"{records[0].cost_usd:.4f}" in table
 
         # everything landed in the bucket under the documented layout, nothing locally
-        objects = bucket_objects()
-        names = {relative(uri) for uri in objects}
+        objects = prod.objects()
+        names = {prod.relative(uri) for uri in objects}
         assert f"data/{STUDY}.csv" in names
         assert f"{PREFIX}/studies/{STUDY}/study.yaml" in names
         assert {f"{PREFIX}/studies/{STUDY}/iterations/000{i}.json" for i in (0, 1)} <= names
@@ -202,9 +191,9 @@ def test_study_runs_on_vertex_and_gcs_through_the_sensors(
         assert len([n for n in batch if n.endswith("/predictions.jsonl")]) == len(prod.server.jobs)
         assert not (prod.tmp / "home" / "store").exists()
         assert (prod.tmp / "home" / "cache" / "llm_responses.sqlite").exists()  # the cache stays local
-        assert_all_objects_complete(objects)
+        prod.assert_complete(objects)
 
-        assert_token_nowhere(instance, prod.tmp / "home", caplog.text, table)
+        prod.assert_token_nowhere(instance, caplog.text, table)
         assert all(r.auth_scheme == "Bearer" for r in prod.server.generate_requests())  # it was used
 
 

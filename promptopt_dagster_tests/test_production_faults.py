@@ -16,17 +16,7 @@ import pytest
 from promptopt_dagster.definitions import build_definitions
 from promptopt_dagster.driver import ITERATION_JOB, REPORT_JOB, RunFailedError, RunOutcome, drive
 from promptopt_dagster.partitions import parse_key, study_iteration_key
-from promptopt_dagster_tests.support.production import (
-    PREFIX,
-    STUDY,
-    TOKEN,
-    Production,
-    assert_all_objects_complete,
-    assert_token_nowhere,
-    bucket_objects,
-    materialization_metadata,
-    relative,
-)
+from promptopt_dagster_tests.support.production import PREFIX, STUDY, TOKEN, Production
 from promptopt_dagster_tests.support.vertex_faults import Fault, FaultSchedule
 from promptopt_dagster_tests.support.vertex_requests import wants_json
 
@@ -78,9 +68,9 @@ def test_storage_outage_mid_run_fails_cleanly_and_the_driver_resumes(
         assert "storage unreachable: could not write" in reported and prod.emulator.endpoint in reported
 
         prod.emulator.start()  # same port, same data directory
-        objects = bucket_objects()
-        names = {relative(uri) for uri in objects}
-        assert_all_objects_complete(objects)
+        objects = prod.objects()
+        names = {prod.relative(uri) for uri in objects}
+        prod.assert_complete(objects)
         # current_prompt was stored before the outage; nothing after it was
         assert f"{PREFIX}/assets/current_prompt/study={STUDY}/iteration=0001.json" in names
         assert not [n for n in names if "iteration=0001" in n and "current_prompt" not in n]
@@ -94,10 +84,10 @@ def test_storage_outage_mid_run_fails_cleanly_and_the_driver_resumes(
         records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
         assert [r.iteration for r in records] == [0, 1] and records[1].stop_reason == "max_iterations"
         # the failed run's replies were kept in the response cache: its rows are not paid for twice
-        assert materialization_metadata(instance, "baseline_predictions", 1)["llm_cached_calls"] > 0
+        assert prod.metadata(instance, "baseline_predictions", 1)["llm_cached_calls"] > 0
         assert prod.model.primary_calls > calls_before  # the candidates and the test report
-        assert_all_objects_complete(bucket_objects())
-        assert_token_nowhere(instance, prod.tmp / "home", caplog.text)
+        prod.assert_complete(prod.objects())
+        prod.assert_token_nowhere(instance, caplog.text)
 
 
 @pytest.mark.e2e
@@ -133,12 +123,12 @@ def test_a_429_burst_during_the_study_is_survived(prod: Production, caplog: pyte
             later = [r for r in requests if r.body == refused.body and r.started > refused.started]
             assert later and later[-1].status == 200  # a retry may be refused again, the last one is not
             assert later[0].started - refused.finished >= retry_after * 0.9
-        meta = materialization_metadata(instance, "baseline_predictions", 1)
+        meta = prod.metadata(instance, "baseline_predictions", 1)
         assert meta["llm_failed_calls"] == 0 and meta["llm_calls"] > 0
         records = defs.resources["prompt_store"].store.records(STUDY)  # type: ignore[attr-defined]
         assert records[-1].stop_reason == "max_iterations"
         assert "429" in caplog.text  # the retries were logged ...
-        assert_token_nowhere(instance, prod.tmp / "home", caplog.text)  # ... without the echoed token
+        prod.assert_token_nowhere(instance, caplog.text)  # ... without the echoed token
 
 
 # Decision fields that depend on the model's answers only (not on time, retries or cost).
@@ -216,7 +206,7 @@ def test_a_study_with_30_percent_of_calls_failing_ends_as_a_clean_run_does(
             assert not errors, f"{name}: rows lost to errors: {errors}"
             for iteration in (0, 1):
                 for asset in ("baseline_predictions", "candidate_predictions"):
-                    assert materialization_metadata(instance, asset, iteration)["llm_failed_calls"] == 0
+                    assert prod.metadata(instance, asset, iteration)["llm_failed_calls"] == 0
         requests = prod.server.generate_requests()
         bodies = {json.dumps(r.body, sort_keys=True) for r in requests}
         figures.append(

@@ -108,6 +108,57 @@ class Production:
         (folder / f"{STUDY}.csv").unlink()  # only the bucket has the data now
         defs.resources["prompt_store"].store.register_study(load_study(path))  # type: ignore[attr-defined]
 
+    @staticmethod
+    def objects() -> dict[str, bytes]:
+        """Every object in the bucket, by URI."""
+        return {uri: storage.read_bytes(uri) for uri in storage.list_files(f"gs://{BUCKET}", "**/*")}
+
+    @staticmethod
+    def relative(uri: str) -> str:
+        return uri.removeprefix(f"gs://{BUCKET}/")
+
+    @staticmethod
+    def assert_complete(objects: dict[str, bytes]) -> None:
+        """Every stored object parses in full: nothing half-written."""
+        for uri, data in objects.items():
+            if uri.endswith(".json"):
+                json.loads(data)
+            elif uri.endswith(".parquet"):
+                pd.read_parquet(io.BytesIO(data))
+            elif uri.endswith(".jsonl"):
+                for line in data.decode().splitlines():
+                    if line.strip():
+                        json.loads(line)
+
+    @staticmethod
+    def metadata(instance: dg.DagsterInstance, asset: str, iteration: int) -> dict[str, Any]:
+        """The metadata of `asset`'s latest materialization for the study's `iteration`."""
+        key = str(study_iteration_key(STUDY, iteration))
+        [record] = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1
+        ).records
+        assert record.asset_materialization is not None
+        return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+    def assert_token_nowhere(self, instance: dg.DagsterInstance, *texts: str) -> None:
+        """Not in the bucket, not in Dagster's run and event storage (structured and on disk), not
+        in any local file the study wrote under PROMPTOPT_HOME (response cache, MLflow), not in the
+        given captured output."""
+        for uri, data in self.objects().items():
+            assert TOKEN.encode() not in data, uri
+        runs = instance.get_runs()
+        assert runs
+        for run in runs:
+            assert TOKEN not in dg.serialize_value(run)
+            for entry in instance.all_logs(run.run_id):
+                assert TOKEN not in dg.serialize_value(entry)
+        for root in (Path(instance.root_directory), self.tmp / "home"):
+            for path in root.rglob("*"):
+                if path.is_file():
+                    assert TOKEN.encode() not in path.read_bytes(), path
+        for text in texts:
+            assert TOKEN not in text
+
 
 @pytest.fixture
 def prod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Production]:
@@ -126,67 +177,6 @@ def prod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Production
         VertexServer(responder=model, batch_polls_before_done=2) as server,
     ):
         yield Production(emulator, server, model, tmp_path)
-
-
-# --- helpers ------------------------------------------------------------------------------------
-
-
-def bucket_objects() -> dict[str, bytes]:
-    return {uri: storage.read_bytes(uri) for uri in storage.list_files(f"gs://{BUCKET}", "**/*")}
-
-
-def relative(uri: str) -> str:
-    return uri.removeprefix(f"gs://{BUCKET}/")
-
-
-def assert_all_objects_complete(objects: dict[str, bytes]) -> None:
-    """Every stored object parses in full: nothing half-written."""
-    for uri, data in objects.items():
-        if uri.endswith(".json"):
-            json.loads(data)
-        elif uri.endswith(".parquet"):
-            pd.read_parquet(io.BytesIO(data))
-        elif uri.endswith(".jsonl"):
-            for line in data.decode().splitlines():
-                if line.strip():
-                    json.loads(line)
-
-
-def decision_metadata(instance: dg.DagsterInstance, iteration: int) -> dict[str, Any]:
-    key = str(study_iteration_key(STUDY, iteration))
-    [record] = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("iteration_decision"), asset_partitions=[key]), limit=1
-    ).records
-    assert record.asset_materialization is not None
-    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
-
-
-def materialization_metadata(instance: dg.DagsterInstance, asset: str, iteration: int) -> dict[str, Any]:
-    key = str(study_iteration_key(STUDY, iteration))
-    [record] = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[key]), limit=1
-    ).records
-    assert record.asset_materialization is not None
-    return {k: v.value for k, v in record.asset_materialization.metadata.items()}
-
-
-def assert_token_nowhere(instance: dg.DagsterInstance, home: Path, *texts: str) -> None:
-    """Not in the bucket, not in Dagster's run and event storage (structured and on disk), not in
-    any local file the study wrote (response cache, MLflow), not in the given captured output."""
-    for uri, data in bucket_objects().items():
-        assert TOKEN.encode() not in data, uri
-    runs = instance.get_runs()
-    assert runs
-    for run in runs:
-        assert TOKEN not in dg.serialize_value(run)
-        for entry in instance.all_logs(run.run_id):
-            assert TOKEN not in dg.serialize_value(entry)
-    for root in (Path(instance.root_directory), home):
-        for path in root.rglob("*"):
-            if path.is_file():
-                assert TOKEN.encode() not in path.read_bytes(), path
-    for text in texts:
-        assert TOKEN not in text
 
 
 # --- settings -> resources ----------------------------------------------------------------------
