@@ -196,3 +196,17 @@ def test_a_budget_that_leaves_no_candidate_gives_an_empty_result_not_an_error() 
     result = Optimizer(llm, strategies=["reflect"]).propose(ctx(), 2, bandit, max_calls=0)
     assert result.candidates == [] and llm.calls == 0
     assert any("budget" in w for w in result.warnings)
+
+
+def test_a_minibatch_tie_sends_different_strategies_to_validation() -> None:
+    """Three demonstration sets and `stack` tie on the minibatch: the second place goes to the
+    other strategy, not to the next-shortest set (two draws of one idea teach validation less)."""
+    s = [
+        CandidateScore(candidate_id="d4", strategy="add_examples", prompt_chars=300, train_score=0.6),
+        CandidateScore(candidate_id="st", strategy="stack", prompt_chars=400, train_score=0.6),
+        CandidateScore(candidate_id="d2", strategy="add_examples", prompt_chars=200, train_score=0.6),
+        CandidateScore(candidate_id="hi", strategy="add_examples", prompt_chars=500, train_score=0.9),
+    ]
+    chosen = choose_for_validation(s, incumbent_train=0.0, top=3)
+    assert [c.candidate_id for c in chosen] == ["hi", "st", "d2"]  # a better score still comes first
+    assert [c.candidate_id for c in choose_for_validation(s[:3], 0.0, 2)] == ["d2", "st"]

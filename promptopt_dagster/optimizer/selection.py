@@ -20,8 +20,17 @@ def choose_for_validation(
     scores: list[CandidateScore], incumbent_train: float, top: int
 ) -> list[CandidateScore]:
     """The best `top` candidates that match or beat the incumbent on the minibatch: a 10-row
-    minibatch is noisy, so more than one goes on to validation when the budget allows."""
-    return [s for s in rank_for_confirmation(scores) if s.train_score >= incumbent_train - EPS][:top]
+    minibatch is noisy, so more than one goes on to validation when the budget allows. Among
+    candidates tied on the minibatch, one of a strategy not yet chosen goes first: two draws of
+    one idea teach validation less than two ideas."""
+    ranked = [s for s in rank_for_confirmation(scores) if s.train_score >= incumbent_train - EPS]
+    chosen: list[CandidateScore] = []
+    while ranked and len(chosen) < top:
+        tied = [s for s in ranked if s.train_score >= ranked[0].train_score - EPS]
+        fresh = [s for s in tied if s.strategy not in {c.strategy for c in chosen}]
+        chosen.append((fresh or tied)[0])
+        ranked.remove(chosen[-1])
+    return chosen
 
 
 def pick_winner(
