@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 import pandas as pd
+import psutil
 import pytest
 
 from promptopt_dagster import storage
@@ -91,6 +92,14 @@ def test_a_study_runs_its_steps_on_celery_workers_with_the_in_process_results(
                 if "Celery worker" in e.dagster_event.engine_event_data.metadata  # type: ignore[union-attr]
             }
             assert hosts and all(h.split("@")[0] in workers.names for h in hosts), hosts
+
+        # Each worker's main process imported the code location and its libraries before it
+        # forked the pool that ran the steps (`imports` in deploy/celery/worker.yaml): the
+        # steps' parent, which runs no step itself, has scikit-learn's compiled modules mapped.
+        step_pids = {e.dagster_event.pid for run in runs  # type: ignore[union-attr]
+                     for e in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_START)}
+        for parent in {psutil.Process(pid).ppid() for pid in step_pids if pid is not None}:
+            assert "/sklearn/" in Path(f"/proc/{parent}/maps").read_text(), parent
 
         # The same decisions as in one process, and the same asset files in the bucket.
         ours, theirs = decisions(defs), decisions(ref_defs)

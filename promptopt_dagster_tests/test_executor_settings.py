@@ -4,6 +4,8 @@ with a message naming the fix, and a broker password never reaches what Dagster 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -105,8 +107,28 @@ def test_the_worker_config_reads_the_settings_the_executor_uses(monkeypatch: pyt
     assert config["broker"] == BROKER and config["backend"] == "redis://127.0.0.1:6379/1"
     assert {"CELERY_BROKER_URL", "CELERY_BACKEND_URL"} <= set(IsolatedSettings.model_fields)
     # workers and executor ride through the same broker outages
-    assert config["config_source"] == celery_config_source(IsolatedSettings())
+    worker_only = {"imports": ["promptopt_dagster.worker_preload"]}
+    assert config["config_source"] == {**celery_config_source(IsolatedSettings()), **worker_only}
     assert set(CELERY_FAULT_SETTINGS) < set(config["config_source"])
+
+
+def test_the_worker_preload_loads_the_steps_libraries_without_starting_a_thread() -> None:
+    """The module a worker imports before forking its pool: afterwards the code location, the
+    libraries steps load lazily and every metric are in memory, and the process still has one
+    thread (a thread alive at a fork would be missing, with its locks held, in every child)."""
+    probe = (
+        "import sys, threading\n"
+        "import promptopt_dagster.worker_preload\n"
+        "from promptopt_dagster.core import metrics\n"
+        "print(threading.active_count())\n"
+        "print(sorted(metrics._modules) == metrics.available_metrics())\n"
+        "print(' '.join(m for m in ('promptopt_dagster.definitions', 'mlflow', 'evaluate',"
+        " 'sklearn.ensemble', 'google.genai', 'gcsfs') if m not in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True,
+                          timeout=300, check=True)
+    threads, all_metrics, missing = done.stdout.splitlines()
+    assert (threads, all_metrics, missing) == ("1", "True", "")
 
 
 class _BrokerGoneExecutor(InProcessExecutor):
