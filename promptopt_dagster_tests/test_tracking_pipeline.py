@@ -24,6 +24,7 @@ from promptopt_dagster.core.meta_model import (
     save_to_store,
 )
 from promptopt_dagster.core.proposal import propose_candidates
+from promptopt_dagster.core.records import Candidate, IterationRecord
 from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS
 from promptopt_dagster.driver import drive
@@ -300,6 +301,40 @@ def test_propose_candidates_without_a_ranker_is_unchanged_and_with_one_keeps_the
     [best] = ranked.candidates
     assert "one of:" in best.prompt.system_prompt  # the candidate that actually helps
     assert best.prompt.metadata["predicted_score"] > 0.5
+
+
+def test_a_strategy_the_ranker_leaves_out_is_not_tried_and_goes_first_next_time(pipeline: Pipeline) -> None:
+    """Patience counts a strategy as tried on the champion only once one of its candidates was
+    measured (or it had nothing to offer): ranked out is not measured. The next iteration on the
+    same champion screens the untried strategies' candidates before the ranker's favourites."""
+    p = pipeline
+    data = load_study_data(p.study)
+    incumbent = p.study.seed_prompt_state()
+    rows = data.iteration_rows(0)
+    scored = rows.assign(prediction="meh", reference=rows["label"], score=0.5)
+    optimizer = p.llm.inner("optimizer")
+
+    def favour_examples(candidates: list[Candidate]) -> list[float]:
+        return [1.0 if c.strategy == "add_examples" else 0.0 for c in candidates]
+
+    first = propose_candidates(optimizer, data, incumbent, scored, [], 0, ranker=favour_examples,
+                               overgenerate=2, keep=2)
+    kept = {c.strategy for c in first.candidates}
+    assert "add_examples" in kept and kept <= set(first.attempted)
+    # ranked out: proposed, never measured, not tried
+    assert not {"add_format_rule", "frame_answer"} & set(first.attempted), first.attempted
+    assert "combine" in first.attempted  # nothing to combine in a first iteration: tried
+
+    record = IterationRecord(
+        study=p.study.name, iteration=0, incumbent_id=incumbent.id, incumbent_train_score=0.5,
+        incumbent_val_score=0.5, accepted=False, champion=incumbent, champion_val_score=0.5,
+        best_val_score=0.5, iterations_without_improvement=1, calls=0, tokens=0, llm_seconds=0.0,
+        total_calls=0, total_tokens=0, stop=False, tried_on_champion=first.attempted,
+    )
+    second = propose_candidates(optimizer, data, incumbent, scored, [record], 1, ranker=favour_examples,
+                                overgenerate=2, keep=2)
+    assert second.candidates and not {c.strategy for c in second.candidates} & set(first.attempted)
+    assert all(c.prompt.metadata["predicted_score"] == 0.0 for c in second.candidates)
 
 
 @pytest.mark.e2e

@@ -141,15 +141,30 @@ def propose_candidates(
     tried = tried_on_champion(records)
     if ranker is None:
         result = optimizer.propose(ctx, k, bandit, max_calls, tried)
-        return within_budget(result, left, screen_calls, val_calls)
+        proposed = {c.strategy for c in result.candidates}
+        return only_measured_count_as_tried(within_budget(result, left, screen_calls, val_calls), proposed)
     result = optimizer.propose(ctx, k * max(1, overgenerate), bandit, max_calls, tried)
     predicted = ranker(result.candidates)
+    # Strategies not yet measured on this incumbent first, the best predicted first among them:
+    # the model ranks, but it cannot keep a strategy from ever being measured.
     order = sorted(
         range(len(result.candidates)),
-        key=lambda i: (-round(predicted[i], 9), len(result.candidates[i].prompt.system_prompt), i),
+        key=lambda i: (result.candidates[i].strategy in tried, -round(predicted[i], 9),
+                       len(result.candidates[i].prompt.system_prompt), i),
     )[: max(1, keep or k)]
     for i in order:
         result.candidates[i].prompt.metadata["predicted_score"] = float(predicted[i])
+    proposed = {c.strategy for c in result.candidates}
     result.candidates = [result.candidates[i] for i in order]
     result.strategies = [result.strategies[i] for i in order] if result.strategies else []
-    return within_budget(result, left, screen_calls, val_calls)
+    return only_measured_count_as_tried(within_budget(result, left, screen_calls, val_calls), proposed)
+
+
+def only_measured_count_as_tried(result: ProposalResult, proposed: set[str]) -> ProposalResult:
+    """Keep in `attempted` (what patience counts as tried on the incumbent) the strategies with a
+    candidate going to screening and those that had nothing new to offer; a strategy whose every
+    candidate was ranked out or cut for the budget was never measured, so it stays untried and
+    goes first next iteration. `proposed`: the strategies with a candidate before any was cut."""
+    kept = {c.strategy for c in result.candidates}
+    result.attempted = [s for s in result.attempted if s in kept or s not in proposed]
+    return result
