@@ -39,19 +39,27 @@ class CandidateSet(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     attempted: list[str] = Field(default_factory=list)  # every strategy run on the incumbent
     calls_left: int | None = None  # for screening and validation (None: no budget)
+    # the incumbent's demonstration rows, which this iteration's minibatch leaves out
+    shown_rows: list[str] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, result: ProposalResult) -> CandidateSet:
+    def of(cls, result: ProposalResult, incumbent: PromptState) -> CandidateSet:
         return cls(
             candidates=result.candidates,
             usage=result.usage.as_dict(),
             warnings=result.warnings,
             attempted=result.attempted,
             calls_left=result.calls_left,
+            shown_rows=shown_rows(incumbent),
         )
 
     def optimizer_usage(self) -> Usage:
         return Usage.from_dict(self.usage)
+
+
+def shown_rows(prompt: PromptState) -> list[str]:
+    """The train rows `prompt` shows as demonstrations (none for a seed or hand-written prompt)."""
+    return list(PromptParts.of(prompt).demo_ids)
 
 
 def history_of(records: list[IterationRecord]) -> list[HistoryEntry]:
