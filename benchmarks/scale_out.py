@@ -42,44 +42,40 @@ Measured on a loaded 2-core machine (a CPU-heavy model benchmark running alongsi
 
 8 studies at 1 s a call (Gemini-like), pool limit 8 so the workers, not the quota, are the
 limit; 2 cores with nothing else running, 2026-11-30, about 13 minutes, with the pooled Postgres
-storage (benchmarks/results/scale-out-8-studies-pooled-2026-11-30.txt)::
+storage, VertexLLM's shared TLS context and the workers' preload
+(benchmarks/results/scale-out-8-studies-preload-2026-11-30.txt)::
 
     8 studies at once, latency 1000 ms, quota 8 x 4 = 32 in flight
     executor            wall s  requests  bound s  wall/bound  speed-up  linear  max in flight   ok
-    celery x1            368.8       864    27.00        13.7      1.00    1.00         4 / 32  yes
-    celery x2            222.4       864    27.00         8.2      1.66    0.83         8 / 32  yes
-    celery x4            158.8       864    27.00         5.9      2.32    0.58        16 / 32  yes
+    celery x1            346.0       880    27.50        12.6      1.00    1.00         4 / 32  yes
+    celery x2            195.9       880    27.50         7.1      1.77    0.88         8 / 32  yes
+    celery x4            136.7       880    27.50         5.0      2.53    0.63        16 / 32  yes
 
     executor   steps  celery workers  drivers  ours CPU s/step  machine busy
-    celery x1     80            57.0     52.1             1.36          0.18
-    celery x2     80            73.0     58.0             1.64          0.34
-    celery x4     80            93.6     53.8             1.84          0.53
+    celery x1     80            33.3     53.7             1.09          0.17
+    celery x4     80            47.5     53.4             1.26          0.46
 
-Before the pooled storage (dagster-postgres' own, a connection per query) the same rounds took
-431.2, 255.7 and 175.6 s. Two workers reach 0.83 of linear, four only 0.58, short of the 0.8
-goal, with the two cores 53% busy on average. The step timelines of a second run, 1 and 4
-workers (benchmarks/results/scale-out-8-studies-timelines-2026-11-30.txt)::
+    executor   steps   handoff   waiting    set-up   running  workers busy
+    celery x1     80      0.47     27.23      0.04      3.94          0.92
+    celery x4     80      0.45      6.15      0.08      5.23          0.78
 
-    celery x1            379.7 s               linear 1.00
-    celery x4            153.1 s               linear 0.62
-    executor            steps   handoff   waiting    set-up   running  workers busy
-    celery x1              80      0.43     30.05      0.05      4.29          0.91
-    celery x4              80      0.51      7.21      0.07      5.91          0.78
+Before the TLS context and the preload: 368.8, 222.4 and 158.8 s, the four workers using 93.6
+CPU s; without the preload alone, right after: 347.2 and 139.4 s on one and four workers, 67.2
+CPU s. Before the pooled storage (dagster-postgres' own, a connection per query): 431.2, 255.7
+and 175.6 s. Four workers reach only 0.63 of linear, short of the 0.8 goal, with the two cores
+less than half busy: the workers are busy 78% of the wall time (the last chains leave some
+idle), and a step runs 5.2 s instead of 3.9 s; the handoff between two steps of a study stays
+at 0.4-0.5 s. Why the steps run slower is not measured (four workers and eight drivers share
+two cores). The CPU table counts this script's own descendants only (sampled twice a second, so
+a process that lives less than that is missed); "ours CPU s/step" is the drivers' and workers'
+CPU per succeeded step.
 
-On four workers the workers are busy 78% of the wall time (the last chains leave some idle) and
-a step runs 5.9 s instead of 4.3 s; the handoff between two steps of a study stays at 0.4-0.5 s.
-Why the steps run slower is not measured (four workers and eight drivers share two cores). The
-CPU table counts this
-script's own descendants only (sampled twice a second, so a process that lives less than that
-is missed); "ours CPU s/step" is the drivers' and workers' CPU per succeeded step.
-
-That figure is mostly start-up, not per step: each worker's pool process warms up on its first
-step of each kind (imports, MLflow's store set-up), about 8 CPU s per worker, inside the round,
-and each driver spends about three quarters of its 4.5 CPU s starting (imports, the study's
-validation). A step of a warm worker costs about
-0.3 CPU s (0.44 before the shared TLS context of VertexLLM; per-task figures in
-benchmarks/results/scale-out-step-cpu-2026-11-30.txt), so at a fixed number of steps "ours
-s/step" grows with the number of workers.
+That figure is mostly start-up, not per step. A worker's pool process that imported the code
+location and its libraries itself spent about 8 CPU s on its first steps; the workers now import
+them before forking the pool (promptopt_dagster/worker_preload.py), outside the round. Each
+driver spends about three quarters of its 4.5 CPU s starting (imports, the study's validation).
+A step of a warm worker costs about 0.3 CPU s (0.44 before the shared TLS context of VertexLLM;
+per-task figures in benchmarks/results/scale-out-step-cpu-2026-11-30.txt).
 
 At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost, so
 those figures measure orchestration overhead more than the latency bound.
