@@ -6,11 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dagster as dg
 import pandas as pd
 import pytest
 
-from promptopt_dagster.assets.inference import baseline_predictions
 from promptopt_dagster.core.iteration import (
     SCREEN_BLOCK,
     screen_and_confirm,
@@ -22,9 +20,6 @@ from promptopt_dagster.core.scoring import evaluator_for, score_predictions
 from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.llm.base import ChatRequest
 from promptopt_dagster.llm.fake import ScriptedLLM
-from promptopt_dagster.optimizer.parts import PromptParts, compose
-from promptopt_dagster.partitions import study_iteration_key
-from promptopt_dagster_tests.support.pipeline import Pipeline
 from promptopt_dagster_tests.support.scripted import primary_responder, scripted_study
 
 LABEL_RULE = "Answer with exactly one of: negative, positive."
@@ -97,30 +92,6 @@ def test_a_stopped_candidate_is_not_validated_and_a_reachable_one_is(tmp_path: P
     assert llm.calls == SCREEN_BLOCK + 12 + n_val
 
 
-def test_the_minibatch_leaves_out_the_incumbents_demonstrations_for_it_and_its_candidates(
-    tmp_path: Path,
-) -> None:
-    """An incumbent showing train rows as demonstrations is not scored on them: the iteration's
-    minibatch is drawn from the other train rows, and its candidates are screened on the same."""
-    study = scripted_study(tmp_path, minibatch_size=12)
-    data = load_study_data(study)
-    plain = data.iteration_rows(1)
-    shown = plain.loc[plain["split"] == "train", "row_id"].astype(str).tolist()[:4]
-    rows = data.iteration_rows(1, shown)
-    train_ids = rows.loc[rows["split"] == "train", "row_id"].astype(str).tolist()
-    assert len(train_ids) == min(12, len(data.splits["train"]) - 4) and not set(shown) & set(train_ids)
-    assert rows[rows["split"] == "val"].equals(plain[plain["split"] == "val"])
-
-    rule = study.seed_prompt_state().child(LABEL_RULE, "{review}")
-    good = Candidate(prompt=rule, strategy="add_format_rule")
-    preds = screen_and_confirm(ScriptedLLM(primary_responder), evaluator_for(study), data, [good], 0.0,
-                               iteration=1, shown=shown)
-    assert preds.loc[preds["split"] == "train", "row_id"].astype(str).tolist() == train_ids
-    # a prompt showing every train row: nothing left to leave out of, the minibatch is as before
-    everything = data.splits["train"]["row_id"].astype(str).tolist()
-    assert data.iteration_rows(1, everything).equals(plain)
-
-
 @pytest.mark.parametrize(
     ("full", "incumbent", "top", "bar"),
     [
@@ -170,25 +141,3 @@ def test_racing_stops_a_candidate_that_cannot_enter_the_best_two_and_validates_t
     validated = set(preds.loc[preds["split"] == "val", "candidate_id"])
     assert validated == {g.prompt.id for g in good}
     assert full.calls == 3 * 12 + 2 * n_val
-
-
-def test_baseline_predictions_leave_out_the_rows_the_incumbent_shows(pipeline: Pipeline) -> None:
-    """The asset passes the incumbent's demonstrations to the iteration's rows."""
-    p = pipeline
-    p.store.register_study(p.study)
-    data = load_study_data(p.study)
-    plain = data.iteration_rows(1)
-    shown = tuple(plain.loc[plain["split"] == "train", "row_id"].astype(str))[:3]
-    parts = PromptParts("", "{review}", format_rule=LABEL_RULE, demo_ids=shown)
-    incumbent = p.study.seed_prompt_state().child(
-        *compose(parts, data.splits["train"], p.study.input_columns, p.study.reference_column),
-        "raw", strategy="add_examples", rationale="3 demonstrations", iteration=0, parts=parts.to_dict(),
-    )
-    context = dg.build_asset_context(
-        partition_key=study_iteration_key(p.study.name, 1), resources=p.resources(), instance=p.instance
-    )
-    result = baseline_predictions(context, current_prompt=incumbent)  # type: ignore[call-arg]
-    preds = result.value  # type: ignore[union-attr]
-    train_ids = set(preds.loc[preds["split"] == "train", "row_id"].astype(str))
-    assert train_ids and not train_ids & set(shown)
-    assert train_ids == set(data.iteration_rows(1, shown).query("split == 'train'")["row_id"].astype(str))

@@ -75,9 +75,8 @@ def pipeline(tmp_path: Path, instance: dg.DagsterInstance) -> Pipeline:
     return p
 
 
-# Optional fields added since 0.1.0, and their value when unset, as in values loaded from it;
-# 0.1.0 ignores them.
-NEW_FIELDS: dict[str, Any] = {"screened_rows": None, "shown_rows": []}
+# Optional fields added since 0.1.0, unset (None) in values loaded from it; 0.1.0 ignores them.
+NEW_FIELDS = {"screened_rows"}
 
 
 def stored_json(asset: str) -> Any:
@@ -87,8 +86,7 @@ def stored_json(asset: str) -> Any:
 def without_new_fields(value: Any) -> Any:
     """`value` without the unset NEW_FIELDS, at any depth."""
     if isinstance(value, dict):
-        unset = {k for k, v in value.items() if k in NEW_FIELDS and v == NEW_FIELDS[k]}
-        return {k: without_new_fields(v) for k, v in value.items() if k not in unset}
+        return {k: without_new_fields(v) for k, v in value.items() if not (k in NEW_FIELDS and v is None)}
     if isinstance(value, list):
         return [without_new_fields(v) for v in value]
     return value

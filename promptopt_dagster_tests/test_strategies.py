@@ -208,19 +208,6 @@ def test_combine_joins_the_best_instruction_template_and_demonstrations() -> Non
     assert cand.prompt.system_prompt.startswith("Label the item with its category.")
 
 
-def test_combine_takes_no_demonstration_set_with_a_row_of_this_minibatch() -> None:
-    """The minibatch is r0 and r1: a set showing r1 would be scored on its own example."""
-    tried = [
-        Tried(PromptParts("", "{text}", demo_ids=("r1", "r20")), "add_examples", 0.9, 0.9),
-        Tried(PromptParts("", "{text}", demo_ids=("r3", "r21")), "add_examples", 0.6, 0.6),
-    ]
-    result = Optimizer(_optimizer_llm([]), strategies=["combine"]).propose(
-        _context(SEED, tried), 1, StrategyBandit(STRATEGY_NAMES)
-    )
-    [cand] = result.candidates
-    assert PromptParts.of(cand.prompt).demo_ids == ("r3", "r21")
-
-
 def test_frame_answer_and_first_line_carry_their_parser_in_the_prompt() -> None:
     result = Optimizer(_optimizer_llm([]), strategies=["first_line", "frame_answer"]).propose(
         _context(SEED), 2, StrategyBandit(STRATEGY_NAMES)

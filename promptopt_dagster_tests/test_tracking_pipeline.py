@@ -23,13 +23,10 @@ from promptopt_dagster.core.meta_model import (
     ranking_plan,
     save_to_store,
 )
-from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import propose_candidates
-from promptopt_dagster.core.records import Candidate, IterationRecord
-from promptopt_dagster.core.study_data import StudyData, load_study_data
+from promptopt_dagster.core.study_data import load_study_data
 from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS
 from promptopt_dagster.driver import drive
-from promptopt_dagster.llm.base import LLMClient
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.tracking import (
     CHAMPION_ALIAS,
@@ -273,20 +270,16 @@ def fitted_model(rows: int = 40) -> MetaModel:
     return model
 
 
-def half_right_seed(p: Pipeline) -> tuple[StudyData, PromptState, pd.DataFrame, LLMClient]:
-    """Iteration 0's data, the seed, its rows scored 0.5 each and the optimizer LLM: a non-zero
-    incumbent, since at zero the optimizer widens its search (see the pipeline test below)."""
-    data = load_study_data(p.study)
-    rows = data.iteration_rows(0)
-    scored = rows.assign(prediction="meh", reference=rows["label"], score=0.5)
-    return data, p.study.seed_prompt_state(), scored, p.llm.inner("optimizer")
-
-
 def test_propose_candidates_without_a_ranker_is_unchanged_and_with_one_keeps_the_best(
     pipeline: Pipeline,
 ) -> None:
     p = pipeline
-    data, incumbent, scored, optimizer = half_right_seed(p)
+    data = load_study_data(p.study)
+    incumbent = p.study.seed_prompt_state()
+    rows = data.iteration_rows(0)
+    # a non-zero incumbent: at zero the optimizer widens its search (see the pipeline test below)
+    scored = rows.assign(prediction="meh", reference=rows["label"], score=0.5)
+    optimizer = p.llm.inner("optimizer")
     plain = propose_candidates(optimizer, data, incumbent, scored, [], 0)
     again = propose_candidates(optimizer, data, incumbent, scored, [], 0, ranker=None, overgenerate=3)
     assert [c.prompt.id for c in again.candidates] == [c.prompt.id for c in plain.candidates]
@@ -307,36 +300,6 @@ def test_propose_candidates_without_a_ranker_is_unchanged_and_with_one_keeps_the
     [best] = ranked.candidates
     assert "one of:" in best.prompt.system_prompt  # the candidate that actually helps
     assert best.prompt.metadata["predicted_score"] > 0.5
-
-
-def test_a_strategy_the_ranker_leaves_out_is_not_tried_and_goes_first_next_time(pipeline: Pipeline) -> None:
-    """Patience counts a strategy as tried on the champion only once one of its candidates was
-    measured (or it had nothing to offer): ranked out is not measured. The next iteration on the
-    same champion screens the untried strategies' candidates before the ranker's favourites."""
-    p = pipeline
-    data, incumbent, scored, optimizer = half_right_seed(p)
-
-    def favour_examples(candidates: list[Candidate]) -> list[float]:
-        return [1.0 if c.strategy == "add_examples" else 0.0 for c in candidates]
-
-    first = propose_candidates(optimizer, data, incumbent, scored, [], 0, ranker=favour_examples,
-                               overgenerate=2, keep=2)
-    kept = {c.strategy for c in first.candidates}
-    assert "add_examples" in kept and kept <= set(first.attempted)
-    # ranked out: proposed, never measured, not tried
-    assert not {"add_format_rule", "frame_answer"} & set(first.attempted), first.attempted
-    assert "combine" in first.attempted  # nothing to combine in a first iteration: tried
-
-    record = IterationRecord(
-        study=p.study.name, iteration=0, incumbent_id=incumbent.id, incumbent_train_score=0.5,
-        incumbent_val_score=0.5, accepted=False, champion=incumbent, champion_val_score=0.5,
-        best_val_score=0.5, iterations_without_improvement=1, calls=0, tokens=0, llm_seconds=0.0,
-        total_calls=0, total_tokens=0, stop=False, tried_on_champion=first.attempted,
-    )
-    second = propose_candidates(optimizer, data, incumbent, scored, [record], 1, ranker=favour_examples,
-                                overgenerate=2, keep=2)
-    assert second.candidates and not {c.strategy for c in second.candidates} & set(first.attempted)
-    assert all(c.prompt.metadata["predicted_score"] == 0.0 for c in second.candidates)
 
 
 @pytest.mark.e2e

@@ -106,7 +106,7 @@ def candidate_predictions_checks(
 ) -> list[dg.AssetCheckResult]:
     outcome = checks.prediction_coverage(
         predictions,
-        _expected_rows(data.iteration_rows(iteration, candidates.shown_rows)),
+        _expected_rows(data.iteration_rows(iteration)),
         group_by="candidate_id",
         groups=[c.prompt.id for c in candidates.candidates],
         all_or_none=["val"],

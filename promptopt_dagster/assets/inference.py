@@ -14,7 +14,7 @@ from promptopt_dagster.assets.metadata import markdown_table, usage_metadata
 from promptopt_dagster.core.inference import run_prompt, usage_of
 from promptopt_dagster.core.iteration import screen_and_confirm
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.proposal import CandidateSet, shown_rows
+from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.scoring import EvaluationMetrics, evaluator_for
 from promptopt_dagster.instance_config import LLM_POOL
 from promptopt_dagster.resources import LLMResource, PromptStoreResource
@@ -32,7 +32,7 @@ def baseline_predictions(
     """The incumbent's predictions on this iteration's train minibatch and on validation."""
     study, iteration = study_iteration(context, prompt_store)
     data = study_data(study)
-    rows = data.iteration_rows(iteration, shown_rows(current_prompt))
+    rows = data.iteration_rows(iteration)
     context.log.info(f"primary inference: {len(rows)} rows")
     preds = run_prompt(
         llm.primary(study),
@@ -76,7 +76,6 @@ def candidate_predictions(
         iteration=iteration,
         progress=context.log.info,
         calls_left=candidate_prompts.calls_left,
-        shown=candidate_prompts.shown_rows,
     )
     metadata = {
         "rows": len(preds),

@@ -60,4 +60,4 @@ def candidate_prompts(
             cand.prompt.system_prompt, cand.prompt.output_prompt
         )
     context.add_output_metadata(metadata)
-    return CandidateSet.of(result, current_prompt)
+    return CandidateSet.of(result)

@@ -14,7 +14,7 @@ The rows come from load_study_data (core/study_data.py); the budget rules from c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,17 +107,15 @@ def screen_and_confirm(
     confirm_top: int = CONFIRM_TOP,
     progress: Progress | None = None,
     calls_left: int | None = None,
-    shown: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Every candidate on the train minibatch (`screen_candidate`: stopped early once it can
     neither match the incumbent there nor enter the best `confirm_top`, see `screening_bar`);
     those that match or beat the incumbent there, the
     best `confirm_top`, on validation, as many as `calls_left` (the budget, None for none) pays
     for after screening; propose_candidates keeps at least one validation affordable. Returns
-    all predictions with a `candidate_id` column. `shown`: the incumbent's demonstration rows,
-    left out of the minibatch as they were for the incumbent."""
+    all predictions with a `candidate_id` column."""
     study = data.study
-    rows = data.iteration_rows(iteration, shown)
+    rows = data.iteration_rows(iteration)
     train = rows[rows["split"] == "train"]
     val = rows[rows["split"] == "val"]
     frames = []

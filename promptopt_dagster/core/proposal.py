@@ -39,27 +39,19 @@ class CandidateSet(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     attempted: list[str] = Field(default_factory=list)  # every strategy run on the incumbent
     calls_left: int | None = None  # for screening and validation (None: no budget)
-    # the incumbent's demonstration rows, which this iteration's minibatch leaves out
-    shown_rows: list[str] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, result: ProposalResult, incumbent: PromptState) -> CandidateSet:
+    def of(cls, result: ProposalResult) -> CandidateSet:
         return cls(
             candidates=result.candidates,
             usage=result.usage.as_dict(),
             warnings=result.warnings,
             attempted=result.attempted,
             calls_left=result.calls_left,
-            shown_rows=shown_rows(incumbent),
         )
 
     def optimizer_usage(self) -> Usage:
         return Usage.from_dict(self.usage)
-
-
-def shown_rows(prompt: PromptState) -> list[str]:
-    """The train rows `prompt` shows as demonstrations (none for a seed or hand-written prompt)."""
-    return list(PromptParts.of(prompt).demo_ids)
 
 
 def history_of(records: list[IterationRecord]) -> list[HistoryEntry]:
@@ -149,30 +141,15 @@ def propose_candidates(
     tried = tried_on_champion(records)
     if ranker is None:
         result = optimizer.propose(ctx, k, bandit, max_calls, tried)
-        proposed = {c.strategy for c in result.candidates}
-        return only_measured_count_as_tried(within_budget(result, left, screen_calls, val_calls), proposed)
+        return within_budget(result, left, screen_calls, val_calls)
     result = optimizer.propose(ctx, k * max(1, overgenerate), bandit, max_calls, tried)
     predicted = ranker(result.candidates)
-    # Strategies not yet measured on this incumbent first, the best predicted first among them:
-    # the model ranks, but it cannot keep a strategy from ever being measured.
     order = sorted(
         range(len(result.candidates)),
-        key=lambda i: (result.candidates[i].strategy in tried, -round(predicted[i], 9),
-                       len(result.candidates[i].prompt.system_prompt), i),
+        key=lambda i: (-round(predicted[i], 9), len(result.candidates[i].prompt.system_prompt), i),
     )[: max(1, keep or k)]
     for i in order:
         result.candidates[i].prompt.metadata["predicted_score"] = float(predicted[i])
-    proposed = {c.strategy for c in result.candidates}
     result.candidates = [result.candidates[i] for i in order]
     result.strategies = [result.strategies[i] for i in order] if result.strategies else []
-    return only_measured_count_as_tried(within_budget(result, left, screen_calls, val_calls), proposed)
-
-
-def only_measured_count_as_tried(result: ProposalResult, proposed: set[str]) -> ProposalResult:
-    """Keep in `attempted` (what patience counts as tried on the incumbent) the strategies with a
-    candidate going to screening and those that had nothing new to offer; a strategy whose every
-    candidate was ranked out or cut for the budget was never measured, so it stays untried and
-    goes first next iteration. `proposed`: the strategies with a candidate before any was cut."""
-    kept = {c.strategy for c in result.candidates}
-    result.attempted = [s for s in result.attempted if s in kept or s not in proposed]
-    return result
+    return within_budget(result, left, screen_calls, val_calls)

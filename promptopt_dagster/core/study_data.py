@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from promptopt_dagster.core.budget import min_iteration_calls
-from promptopt_dagster.core.dataset import ROW_ID, load_dataset, minibatch, split_dataset
+from promptopt_dagster.core.dataset import load_dataset, minibatch, split_dataset
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.errors import DatasetError, StudyConfigError
 from promptopt_dagster.redaction import redact
@@ -30,15 +29,9 @@ class StudyData:
     splits: dict[str, pd.DataFrame]
     warnings: list[str] = field(default_factory=list)
 
-    def iteration_rows(self, iteration: int, shown: Collection[str] = ()) -> pd.DataFrame:
-        """The rows an incumbent is measured on: this iteration's train minibatch, and val. The
-        minibatch leaves out `shown`, the train rows the incumbent shows as demonstrations: a
-        prompt scored on its own examples looks better than it is, and candidates without them
-        could not match it there."""
-        train = self.splits["train"]
-        unseen = train[~train[ROW_ID].astype(str).isin(set(shown))]
-        pool = unseen if len(unseen) else train
-        mb = minibatch(pool, self.study.minibatch_size, self.study.seed, iteration)
+    def iteration_rows(self, iteration: int) -> pd.DataFrame:
+        """The rows an incumbent is measured on: this iteration's train minibatch, and val."""
+        mb = minibatch(self.splits["train"], self.study.minibatch_size, self.study.seed, iteration)
         return pd.concat(
             [mb.assign(split="train"), self.splits["val"].assign(split="val")], ignore_index=True
         )

@@ -27,10 +27,7 @@ class Combine:
         parts = ctx.parts
         instruction = _best(ctx.tried, lambda t: t.strategy in ("reflect", "seed"))
         template = _best(ctx.tried, lambda t: t.strategy in ("restate_task", "seed"))
-        # a demonstration set with a row of this minibatch would be scored on its own examples
-        demos = _best(
-            ctx.tried, lambda t: bool(t.parts.demo_ids) and not ctx.minibatch_ids & set(t.parts.demo_ids)
-        )
+        demos = _best(ctx.tried, lambda t: bool(t.parts.demo_ids))
         parser = _best(ctx.tried, lambda t: t.parts.answer_parser != "raw")
         new = parts
         if instruction is not None:
