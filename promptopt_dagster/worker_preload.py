@@ -26,7 +26,6 @@ from google import genai  # noqa: F401
 
 import promptopt_dagster.definitions  # noqa: F401
 import promptopt_dagster.llm.vertex  # noqa: F401
-import promptopt_dagster.tracking.client  # noqa: F401
 from promptopt_dagster.core.metrics import available_metrics, load_metric
 
 for _name in available_metrics():
