@@ -17,7 +17,8 @@ share one engine per database URL and process:
   checkout instead of failing the query;
 - a forked child forgets the parent's connections (SQLAlchemy's rule for pools across fork);
 - the tables are checked (and created on a fresh database) once per URL and process, as
-  dagster-postgres does for every instance.
+  dagster-postgres does for every instance;
+- a dynamic partition found is remembered for a few seconds (`partition_membership.py`).
 
 Select it in `dagster.yaml` (the CLI writes this when DAGSTER_PG_URL is set)::
 
@@ -42,7 +43,12 @@ from typing import Any
 import sqlalchemy as sa
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import DagsterPostgresStorage
+from dagster_postgres.event_log import PostgresEventLogStorage
+from dagster_postgres.run_storage import PostgresRunStorage
+from dagster_postgres.schedule_storage import PostgresScheduleStorage
 from dagster_postgres.utils import create_pg_engine, get_token_provider_from_config, pg_url_from_config
+
+from promptopt_dagster.partition_membership import PartitionMembershipCache
 
 POOL_SIZE = 2
 MAX_OVERFLOW = 8
@@ -84,6 +90,11 @@ def _forget_engines_in_child() -> None:
 os.register_at_fork(after_in_child=_forget_engines_in_child)
 
 
+class PooledPostgresEventLogStorage(PartitionMembershipCache, PostgresEventLogStorage):
+    def membership_scope(self) -> str:
+        return self.postgres_url
+
+
 class PooledPostgresStorage(DagsterPostgresStorage):
     """`DagsterPostgresStorage` on this process's pooled engine for its URL (module docstring)."""
 
@@ -100,7 +111,15 @@ class PooledPostgresStorage(DagsterPostgresStorage):
         engine = shared_engine(postgres_url)
         # dagster-postgres checks (and creates) the tables in every new instance; once per
         # process and URL is enough.
-        super().__init__(postgres_url, should_autocreate_tables and postgres_url not in _checked, inst_data)
+        create = should_autocreate_tables and postgres_url not in _checked
+        # DagsterPostgresStorage.__init__'s fields, with the event log storage above
+        self.postgres_url = postgres_url
+        self.should_autocreate_tables = should_autocreate_tables
+        self._inst_data = inst_data
+        self._run_storage = PostgresRunStorage(postgres_url, create)
+        self._event_log_storage = PooledPostgresEventLogStorage(postgres_url, create)
+        self._schedule_storage = PostgresScheduleStorage(postgres_url, create)
+        super(DagsterPostgresStorage, self).__init__()
         if should_autocreate_tables:
             _checked.add(postgres_url)
         for storage in (self._run_storage, self._event_log_storage, self._schedule_storage):

@@ -214,3 +214,45 @@ def test_wipe_drops_the_engines_before_deleting_the_files(home: Path) -> None:
         assert not any(run_id in conn for conn, _ in sqlite_storage._engines)  # its file is gone
         materialize(instance, "b")
         assert partitions_materialized(instance) == {"b"}
+
+
+def schema_of(path: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str]]]:
+    """A SQLite file's tables and indexes, and its migration revision."""
+    with sqlite3.connect(path) as conn:
+        objects = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name").fetchall()
+        revision = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    return objects, revision
+
+
+def test_a_new_runs_event_file_is_a_copy_of_the_one_dagster_makes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, statements: list[str]
+) -> None:
+    """Dagster creates every table and stamps the revision in each new run's file (about 33 ms);
+    the CLI's storage copies an empty file Dagster's code made once in this process."""
+    files = {}
+    for cached in (False, True):
+        home = tmp_path / str(cached)
+        home.mkdir()
+        monkeypatch.setenv("DAGSTER_HOME", str(home))
+        with open_home(home, cached) as instance:
+            materialize(instance, "a")
+            statements.clear()
+            run_id = materialize(instance, "b")
+            created = [s for s in statements if s.startswith("CREATE TABLE")]
+            assert (created == []) if cached else created, created
+            assert len(instance.all_logs(run_id)) > 5
+        files[cached] = home / "history" / "runs" / f"{run_id}.db"
+    assert schema_of(files[True]) == schema_of(files[False])
+
+
+def test_a_run_file_another_process_made_first_is_kept(home: Path) -> None:
+    with open_home(home, cached=True) as instance:
+        storage = instance.event_log_storage
+        assert isinstance(storage, sqlite_storage.CachedEngineEventLogStorage)
+        path = Path(storage.path_for_shard("theirs"))
+        path.write_bytes(b"")
+        assert not storage._create_from_template("theirs")
+        assert path.read_bytes() == b""
+        assert storage._create_from_template("mine")
+        assert schema_of(Path(storage.path_for_shard("mine")))[1] != []
+        assert not list(path.parent.glob("*.tmp"))
