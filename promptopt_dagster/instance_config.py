@@ -89,6 +89,16 @@ def sqlite_storage() -> dict[str, Any]:
     }
 
 
+def compute_logs() -> dict[str, Any]:
+    """The `compute_logs:` entry: Dagster's files in DAGSTER_HOME/storage, filled by a thread of
+    the run's process rather than `tail` processes (compute_logs.py)."""
+    return {
+        "module": "promptopt_dagster.compute_logs",
+        "class": "ThreadedComputeLogManager",
+        "config": {"dagster_home": {"env": "DAGSTER_HOME"}},
+    }
+
+
 def instance_config(settings: Settings) -> dict[str, Any]:
     """The `dagster.yaml` content as a dict: SQLite files in DAGSTER_HOME, or PostgreSQL with
     DAGSTER_PG_URL; without LLM_POOL_LIMIT the "llm" pool has no limit."""
@@ -98,6 +108,7 @@ def instance_config(settings: Settings) -> dict[str, Any]:
         config["storage"] = postgres_storage({"env": PG_URL_ENV})
     else:
         config["storage"] = sqlite_storage()
+    config["compute_logs"] = compute_logs()
     if settings.LLM_POOL_LIMIT is not None:
         # default_limit applies to every pool without a limit of its own, and "llm" is the only
         # pool; granularity "op": a step holds a slot while it runs (the run's other steps do not).

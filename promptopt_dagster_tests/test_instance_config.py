@@ -19,12 +19,14 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventL
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
 
 from promptopt_dagster import cli
+from promptopt_dagster.compute_logs import ThreadedComputeLogManager
 from promptopt_dagster.definitions import build_definitions
 from promptopt_dagster.errors import SettingsError
 from promptopt_dagster.instance_config import (
     LLM_POOL,
     MARKER,
     InstanceFile,
+    compute_logs,
     instance_config,
     plan_instance_file,
     postgres_url,
@@ -96,13 +98,15 @@ def test_the_embedded_default_is_sqlite_with_no_pool_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = instance_config(settings(tmp_path))
-    assert config == {"storage": sqlite_storage(), "telemetry": {"enabled": False}}
+    expected = {"storage": sqlite_storage(), "compute_logs": compute_logs(), "telemetry": {"enabled": False}}
+    assert config == expected
     with load(config, tmp_path / "dagster") as instance:
         monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))  # what a child process has
         assert isinstance(instance.get_ref().storage, CachedEngineSqliteStorage)
         assert isinstance(instance.event_log_storage, SqliteEventLogStorage)
         assert instance.event_log_storage.supports_global_concurrency_limits
         assert instance.get_concurrency_config().pool_config.default_pool_limit is None
+        assert isinstance(instance.compute_log_manager, ThreadedComputeLogManager)
 
 
 def test_llm_pool_limit_becomes_the_default_pool_limit_at_op_granularity(tmp_path: Path) -> None:
@@ -152,10 +156,13 @@ def pooled_step() -> int:
     return 1
 
 
-def test_a_changed_limit_reaches_the_pool_and_a_limit_set_by_hand_wins(tmp_path: Path) -> None:
+def test_a_changed_limit_reaches_the_pool_and_a_limit_set_by_hand_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Dagster copies default_limit to the pool when a step claims a slot; the CLI's rewritten
     file therefore changes the limit of an existing instance, unless someone set it by hand."""
     home = tmp_path / "dagster"
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # as for every run the CLI starts
 
     def run_with(limit: int) -> int | None:
         with load(instance_config(settings(tmp_path, LLM_POOL_LIMIT=limit)), home) as instance:
