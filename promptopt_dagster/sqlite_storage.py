@@ -185,7 +185,9 @@ class CachedEngineEventLogStorage(PartitionMembershipCache, SqliteEventLogStorag
 
     def _create_from_template(self, shard: str) -> bool:
         """Put a copy of the empty run file at the shard's path, whole or not at all (a hard
-        link of a finished temporary file); False if the file exists already."""
+        link of a finished temporary file). False if the file exists already (another process
+        may have made it first) or the filesystem refuses hard links: Dagster's `_initdb` then
+        checks or creates it as usual."""
         path = self.path_for_shard(shard)
         if os.path.exists(path):
             return False
@@ -194,7 +196,7 @@ class CachedEngineEventLogStorage(PartitionMembershipCache, SqliteEventLogStorag
             with open(tmp, "wb") as handle:
                 handle.write(self._run_file_template())
             os.link(tmp, path)
-        except FileExistsError:  # another process created it first
+        except OSError:  # FileExistsError included
             return False
         finally:
             if os.path.exists(tmp):

@@ -256,3 +256,16 @@ def test_a_run_file_another_process_made_first_is_kept(home: Path) -> None:
         assert storage._create_from_template("mine")
         assert schema_of(Path(storage.path_for_shard("mine")))[1] != []
         assert not list(path.parent.glob("*.tmp"))
+
+
+def test_without_hard_links_a_run_file_is_made_by_dagster(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(src: str, dst: str) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(sqlite_storage.os, "link", refuse)
+    with open_home(home, cached=True) as instance:
+        run_id = materialize(instance, "a")
+        assert len(instance.all_logs(run_id)) > 5
+        assert not list((home / "history" / "runs").glob("*.tmp"))
