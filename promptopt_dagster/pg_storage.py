@@ -18,7 +18,9 @@ share one engine per database URL and process:
 - a forked child forgets the parent's connections (SQLAlchemy's rule for pools across fork);
 - the tables are checked (and created on a fresh database) once per URL and process, as
   dagster-postgres does for every instance;
-- a dynamic partition found is remembered for a few seconds (`partition_membership.py`).
+- a dynamic partition found is remembered for a few seconds (`partition_membership.py`);
+- two processes that set up a concurrency pool's limit at once both succeed
+  (`PooledPostgresEventLogStorage.initialize_concurrency_limit_to_default`).
 
 Select it in `dagster.yaml` (the CLI writes this when DAGSTER_PG_URL is set)::
 
@@ -40,7 +42,9 @@ import os
 import threading
 from typing import Any
 
+import psycopg2.errors
 import sqlalchemy as sa
+from dagster._core.storage.event_log.schema import ConcurrencyLimitsTable
 from dagster._serdes import ConfigurableClassData
 from dagster_postgres import DagsterPostgresStorage
 from dagster_postgres.event_log import PostgresEventLogStorage
@@ -93,6 +97,36 @@ os.register_at_fork(after_in_child=_forget_engines_in_child)
 class PooledPostgresEventLogStorage(PartitionMembershipCache, PostgresEventLogStorage):
     def membership_scope(self) -> str:
         return self.postgres_url
+
+    def initialize_concurrency_limit_to_default(self, concurrency_key: str) -> bool:
+        """Dagster's, safe when another process sets up the same pool at the same moment.
+
+        The first step of a run to claim a slot in a pool without a limit row writes the
+        instance's default limit: an insert, and on a unique violation an update in the same
+        transaction. PostgreSQL has aborted that transaction at the violation, so the update
+        fails (InFailedSqlTransaction) and the run with it: of eight studies started at once on a
+        fresh instance, one failed that way. The update and the slots then go in a new
+        transaction.
+        """
+        try:
+            return super().initialize_concurrency_limit_to_default(concurrency_key)
+        except sa.exc.InternalError as error:
+            default_limit = self._instance.global_op_concurrency_default_limit
+            if not isinstance(error.orig, psycopg2.errors.InFailedSqlTransaction) or default_limit is None:
+                raise
+        with self.index_transaction() as conn:
+            conn.execute(
+                ConcurrencyLimitsTable.update()
+                .values(limit=default_limit)
+                .where(
+                    sa.and_(
+                        ConcurrencyLimitsTable.c.concurrency_key == concurrency_key,
+                        ConcurrencyLimitsTable.c.limit != default_limit,
+                    )
+                )
+            )
+            self._allocate_concurrency_slots(conn, concurrency_key, default_limit)
+        return True
 
 
 class PooledPostgresStorage(DagsterPostgresStorage):

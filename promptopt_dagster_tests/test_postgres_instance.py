@@ -157,3 +157,26 @@ def test_a_forked_child_opens_its_own_connections(
         assert answer == ["from-parent"] and exitcode == 0
         instance.add_dynamic_partitions(studies.name, ["after-fork"])  # the parent's pool still works
         assert sorted(instance.get_dynamic_partitions(studies.name)) == ["after-fork", "from-parent"]
+
+
+@pytest.mark.parametrize("second_limit", [3, 5])
+def test_a_pool_set_up_by_two_processes_at_once_gets_the_default_limit(
+    postgres_db_url: str,  # noqa: F811
+    tmp_path: Path,
+    second_limit: int,
+) -> None:
+    """The second of two runs that both found no limit row for the pool (each saw none before
+    the other wrote it) inserts after the first committed: dagster-postgres then fails the run
+    with InFailedSqlTransaction. The pooled storage ends with the second's default in force."""
+
+    def pools(limit: int) -> dict:
+        return {"concurrency": {"pools": {"default_limit": limit, "granularity": "op"}}}
+
+    with (
+        postgres_instance(postgres_db_url, tmp_path / "first", pools(3)) as first,
+        postgres_instance(postgres_db_url, tmp_path / "second", pools(second_limit)) as second,
+    ):
+        assert first.event_log_storage.initialize_concurrency_limit_to_default("llm")
+        assert second.event_log_storage.initialize_concurrency_limit_to_default("llm")
+        info = second.event_log_storage.get_concurrency_info("llm")
+        assert (info.limit, info.slot_count) == (second_limit, second_limit)
