@@ -41,34 +41,37 @@ Measured on a loaded 2-core machine (a CPU-heavy model benchmark running alongsi
     celery x2             67.5       216     2.70        25.0      1.27    0.64          8 / 8  yes
 
 8 studies at 1 s a call (Gemini-like), pool limit 8 so the workers, not the quota, are the
-limit; 2 cores with nothing else running, 2026-11-30, about 13 minutes, with the pooled Postgres
-storage, VertexLLM's shared TLS context and the workers' preload
-(benchmarks/results/scale-out-8-studies-preload-2026-11-30.txt)::
+limit; 2 cores with nothing else running, 2026-12-01, about 12 minutes, with the pooled Postgres
+storage, VertexLLM's shared TLS context, the workers' preload and the compute logs copied by a
+thread (benchmarks/results/scale-out-8-studies-compute-logs-2026-12-01.txt)::
 
     8 studies at once, latency 1000 ms, quota 8 x 4 = 32 in flight
     executor            wall s  requests  bound s  wall/bound  speed-up  linear  max in flight   ok
-    celery x1            346.0       880    27.50        12.6      1.00    1.00         4 / 32  yes
-    celery x2            195.9       880    27.50         7.1      1.77    0.88         8 / 32  yes
-    celery x4            136.7       880    27.50         5.0      2.53    0.63        16 / 32  yes
+    celery x1            328.1       880    27.50        11.9      1.00    1.00         4 / 32  yes
+    celery x2            186.5       880    27.50         6.8      1.76    0.88         8 / 32  yes
+    celery x4            121.0       880    27.50         4.4      2.71    0.68        16 / 32  yes
 
     executor   steps  celery workers  drivers  ours CPU s/step  machine busy
-    celery x1     80            33.3     53.7             1.09          0.17
-    celery x4     80            47.5     53.4             1.26          0.46
+    celery x1     80            24.4     42.2             0.83          0.13
+    celery x4     80            35.2     44.5             1.00          0.38
 
     executor   steps   handoff   waiting    set-up   running  workers busy
-    celery x1     80      0.47     27.23      0.04      3.94          0.92
-    celery x4     80      0.45      6.15      0.08      5.23          0.78
+    celery x1     80      0.41     25.57      0.02      3.81          0.94
+    celery x4     80      0.45      5.30      0.03      4.78          0.79
 
+With Dagster's compute logs (a `tail` and a Python watcher process per stream for every step),
+the day before: 346.0, 195.9 and 136.7 s (0.63 of linear), the four workers using 47.5 CPU s and
+a step running 5.2 s on four workers (benchmarks/results/scale-out-8-studies-preload-2026-11-30.txt).
 Before the TLS context and the preload: 368.8, 222.4 and 158.8 s, the four workers using 93.6
-CPU s; without the preload alone, right after: 347.2 and 139.4 s on one and four workers, 67.2
 CPU s. Before the pooled storage (dagster-postgres' own, a connection per query): 431.2, 255.7
-and 175.6 s. Four workers reach only 0.63 of linear, short of the 0.8 goal, with the two cores
-less than half busy: the workers are busy 78% of the wall time (the last chains leave some
-idle), and a step runs 5.2 s instead of 3.9 s; the handoff between two steps of a study stays
-at 0.4-0.5 s. Why the steps run slower is not measured (four workers and eight drivers share
-two cores). The CPU table counts this script's own descendants only (sampled twice a second, so
-a process that lives less than that is missed); "ours CPU s/step" is the drivers' and workers'
-CPU per succeeded step.
+and 175.6 s. Four workers reach 0.68 of linear, short of the 0.8 goal. A study is a chain of ten
+steps, so four workers run two chains each: with the one-worker step (3.8 s) and handoff
+(0.4 s) that is about 84 s, and the steps still run 1 s longer on four workers. The eight
+drivers spend about 36 CPU s starting at once, which holds the first steps back on two cores.
+The CPU table counts this script's own descendants only (sampled twice a second, so a process
+that lives less than that is missed); "ours CPU s/step" is the drivers' and workers' CPU per
+succeeded step. A first run of this round lost one study to dagster-postgres' race when two
+runs set up the "llm" pool's limit at once (pg_storage.py now rides through it).
 
 That figure is mostly start-up, not per step. A worker's pool process that imported the code
 location and its libraries itself spent about 8 CPU s on its first steps; the workers now import
