@@ -67,7 +67,8 @@ CPU s. Before the pooled storage (dagster-postgres' own, a connection per query)
 and 175.6 s. Four workers reach 0.68 of linear, short of the 0.8 goal. A study is a chain of ten
 steps, so four workers run two chains each: with the one-worker step (3.8 s) and handoff
 (0.4 s) that is about 84 s, and the steps still run 1 s longer on four workers. The eight
-drivers spend about 36 CPU s starting at once, which holds the first steps back on two cores.
+drivers use 42-44 CPU s a round, about three quarters of it starting at once (below), which
+holds the first steps back on two cores.
 The CPU table counts this script's own descendants only (sampled twice a second, so a process
 that lives less than that is missed); "ours CPU s/step" is the drivers' and workers' CPU per
 succeeded step. A first run of this round lost one study to dagster-postgres' race when two
