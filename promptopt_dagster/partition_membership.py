@@ -50,10 +50,8 @@ class PartitionMembershipCache:
         return exists
 
     def delete_dynamic_partition(self, partitions_def_name: str, partition_key: str) -> None:
-        with _lock:
-            _seen.pop((self.membership_scope(), partitions_def_name, partition_key), None)
         super().delete_dynamic_partition(partitions_def_name, partition_key)  # type: ignore[misc]
-        with _lock:  # a lookup that raced the delete may have put it back
+        with _lock:  # after the delete: a lookup that ran during it may have kept a yes
             _seen.pop((self.membership_scope(), partitions_def_name, partition_key), None)
 
     def wipe(self) -> None:
