@@ -93,7 +93,7 @@ def run_child(mode: str, csv_path: Path, out_dir: Path, chunk_rows: int) -> dict
     if mode == "chunked":
         info = evaluation_catalog.inspect_dataset(csv_path.name, str(csv_path))
         evaluation = sharded_evaluation.Evaluation("bench:seed", s, prompt, info, str(out_dir))
-        summary = sharded_evaluation.evaluate_dataset(llm, evaluator, evaluation, chunk_rows)
+        summary = sharded_evaluation.evaluate_dataset(llm, evaluator, evaluation, chunk_rows=chunk_rows)
         rows, score = summary.rows, summary.scores["exact_match"]
     else:
         rows_frame = load_dataset(str(csv_path), s.input_columns, s.reference_column, s.id_column)

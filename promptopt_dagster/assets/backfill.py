@@ -13,6 +13,7 @@ core/evaluation_catalog.py and core/sharded_evaluation.py; this file only transl
 """
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 
@@ -60,8 +61,13 @@ def _evaluation(
     )
 
 
-def _failure(exc: PromptoptError) -> dg.Failure:
-    return dg.Failure(description=str(exc), allow_retries=False)
+@contextmanager
+def _failing_cleanly() -> Iterator[None]:
+    """A PromptoptError (bad dataset or prompt version) fails the step with its message, unretried."""
+    try:
+        yield
+    except PromptoptError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
 
 
 @dg.op(out=dg.DynamicOut(sharded_evaluation.Shard))
@@ -70,13 +76,11 @@ def plan_evaluation_shards(
 ) -> Iterator[dg.DynamicOutput[sharded_evaluation.Shard]]:
     """Row ranges of `DatasetsResource.shard_rows` rows, one step each (a prompt version the
     dataset does not fit: one empty shard, so the evaluation still records why)."""
-    try:
+    with _failing_cleanly():
         evaluation = _evaluation(context.partition_key, prompt_store, datasets)
         shards = sharded_evaluation.shards_for(
             evaluation.prompt, evaluation.study, evaluation.info, datasets.shard_rows
         )
-    except PromptoptError as exc:
-        raise _failure(exc) from exc
     context.log.info(f"{evaluation.info.name}: {len(shards)} shard(s) of at most {datasets.shard_rows} rows")
     for shard in shards:
         yield dg.DynamicOutput(shard, mapping_key=f"shard_{shard.index}")
@@ -91,12 +95,10 @@ def evaluate_evaluation_shard(
     datasets: DatasetsResource,
 ) -> sharded_evaluation.ShardResult:
     """The shard's rows through the prompt version, streamed in chunks into its part file."""
-    try:
+    with _failing_cleanly():
         evaluation = _evaluation(context.partition_key, prompt_store, datasets)
         if not evaluation.applicable:
-            return sharded_evaluation.ShardResult(
-                shard=shard, rows=0, failed_rows=0, sums={}, usage={}, chunks=0, seconds=0.0
-            )
+            return sharded_evaluation.ShardResult(shard=shard)
         return sharded_evaluation.evaluate_shard(
             llm.primary(evaluation.study),
             evaluator_for(evaluation.study),
@@ -105,8 +107,6 @@ def evaluate_evaluation_shard(
             chunk_rows=datasets.chunk_rows,
             progress=context.log.info,
         )
-    except PromptoptError as exc:
-        raise _failure(exc) from exc
 
 
 @dg.op
@@ -117,7 +117,7 @@ def merge_evaluation_shards(
     datasets: DatasetsResource,
 ) -> sharded_evaluation.EvaluationSummary:
     """The shards' results as the evaluation's summary (or its not-applicable record)."""
-    try:
+    with _failing_cleanly():
         evaluation = _evaluation(context.partition_key, prompt_store, datasets)
         if not evaluation.applicable:
             summary = sharded_evaluation.record_not_applicable(evaluation)
@@ -125,8 +125,6 @@ def merge_evaluation_shards(
             context.add_output_metadata(_not_applicable_metadata(summary))
             return summary
         summary = sharded_evaluation.merge_shards(evaluation, results)
-    except PromptoptError as exc:
-        raise _failure(exc) from exc
     context.add_output_metadata(
         {
             "applicable": True,

@@ -49,7 +49,18 @@ PREDICTIONS_DIR = "predictions"
 Progress = Callable[[str], None]
 
 
-class EvaluationSummary(BaseModel):
+class Tally(BaseModel):
+    """What a shard, or a whole evaluation, counted: rows, rows whose call failed, LLM usage,
+    chunks read and seconds spent. Shards' tallies add up to the evaluation's."""
+
+    rows: int = 0
+    failed_rows: int = 0
+    usage: dict[str, float] = Field(default_factory=dict)
+    chunks: int = 0
+    seconds: float = 0.0
+
+
+class EvaluationSummary(Tally):
     """What one (prompt version, dataset) evaluation measured; scores are per-row means.
     A prompt version not applicable to the dataset has no rows and no scores, and names the
     columns it needs that the dataset lacks."""
@@ -58,14 +69,9 @@ class EvaluationSummary(BaseModel):
     study: str
     prompt_id: str
     dataset: str
-    rows: int
-    failed_rows: int
     target_metric: str
     scores: dict[str, float]
-    usage: dict[str, float]
     predictions_uri: str
-    seconds: float
-    chunks: int
     applicable: bool = True
     missing_columns: list[str] = Field(default_factory=list)
     dataset_columns: list[str] = Field(default_factory=list)
@@ -134,16 +140,11 @@ class Shard(BaseModel):
         return join(out_dir, PREDICTIONS_DIR, f"part-{self.index:05d}-of-{self.count:05d}.parquet")
 
 
-class ShardResult(BaseModel):
+class ShardResult(Tally):
     """What one shard measured: metric sums (not means, so shards add up), rows and usage."""
 
     shard: Shard
-    rows: int
-    failed_rows: int
-    sums: dict[str, float]
-    usage: dict[str, float]
-    chunks: int
-    seconds: float
+    sums: dict[str, float] = Field(default_factory=dict)
 
 
 def _check_applicable(evaluation: Evaluation) -> None:
@@ -315,16 +316,12 @@ def merge_shards(evaluation: Evaluation, results: list[ShardResult]) -> Evaluati
 
 
 def evaluate_dataset(
-    llm: LLMClient,
-    evaluator: EvaluatorService,
-    evaluation: Evaluation,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    progress: Progress | None = None,
+    llm: LLMClient, evaluator: EvaluatorService, evaluation: Evaluation, **chunking: Any
 ) -> EvaluationSummary:
     """Run the prompt over every row of the dataset in one shard, chunk by chunk, into
-    ``<out_dir>/predictions/``; writes ``summary.json`` there and returns it."""
-    whole = Shard(index=0, count=1)
-    result = evaluate_shard(llm, evaluator, evaluation, whole, chunk_rows, progress)
+    ``<out_dir>/predictions/``; writes ``summary.json`` there and returns it. `chunking`:
+    `chunk_rows` and `progress`, as for `evaluate_shard`."""
+    result = evaluate_shard(llm, evaluator, evaluation, Shard(index=0, count=1), **chunking)
     return merge_shards(evaluation, [result])
 
 
@@ -352,13 +349,8 @@ def record_not_applicable(evaluation: Evaluation) -> EvaluationSummary:
         raise ValueError(f"prompt version {evaluation.prompt_version} is applicable to dataset {info.name}")
     return _write_summary(
         evaluation,
-        rows=0,
-        failed_rows=0,
         scores={},
-        usage={},
         predictions_uri="",
-        seconds=0.0,
-        chunks=0,
         applicable=False,
         missing_columns=missing,
         dataset_columns=info.columns,
