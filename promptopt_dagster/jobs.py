@@ -9,6 +9,7 @@ driver's `execute_in_process` always runs in its own process."""
 from __future__ import annotations
 
 import dagster as dg
+from dagster import AssetSelection
 
 from promptopt_dagster.errors import ExecutorSettingsError
 from promptopt_dagster.partitions import evaluation_partitions, study_iteration_partitions, study_partitions
@@ -16,36 +17,32 @@ from promptopt_dagster.settings import Settings
 
 ITERATION_JOB = "iteration_job"
 REPORT_JOB = "report_job"
-
-iteration_job = dg.define_asset_job(
-    ITERATION_JOB,
-    selection=dg.AssetSelection.groups("iteration"),
-    partitions_def=study_iteration_partitions,
-    description="The five steps of one iteration of one study.",
-)
-report_job = dg.define_asset_job(
-    REPORT_JOB,
-    selection=dg.AssetSelection.assets("study_report"),
-    partitions_def=study_partitions,
-    description="Scores the seed and the final prompt on the held-out test split.",
-)
-
 # Evaluations over other datasets (assets/backfill.py). Backfills from the UI run the asset
 # directly; these jobs are what the sensors request.
 EVALUATION_JOB = "evaluation_job"
 COMPARISON_JOB = "comparison_job"
 
-evaluation_job = dg.define_asset_job(
-    EVALUATION_JOB,
-    selection=dg.AssetSelection.assets("prompt_evaluation"),
-    partitions_def=evaluation_partitions,
-    description="Scores one prompt version on one dataset file (a prompt version x dataset partition).",
-)
-comparison_job = dg.define_asset_job(
-    COMPARISON_JOB,
-    selection=dg.AssetSelection.assets("evaluation_comparison"),
-    description="Gathers every evaluation into the prompt version x dataset x metric table.",
-)
+
+JOB_DESCRIPTIONS = {
+    ITERATION_JOB: "The five steps of one iteration of one study.",
+    REPORT_JOB: "Scores the seed and the final prompt on the held-out test split.",
+    EVALUATION_JOB: "Scores one prompt version on one dataset file (a prompt version x dataset partition).",
+    COMPARISON_JOB: "Gathers every evaluation into the prompt version x dataset x metric table.",
+}
+
+
+def _asset_job(
+    name: str, selection: AssetSelection, partitions: dg.PartitionsDefinition | None = None
+) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        name, selection=selection, partitions_def=partitions, description=JOB_DESCRIPTIONS[name]
+    )
+
+
+iteration_job = _asset_job(ITERATION_JOB, AssetSelection.groups("iteration"), study_iteration_partitions)
+report_job = _asset_job(REPORT_JOB, AssetSelection.assets("study_report"), study_partitions)
+evaluation_job = _asset_job(EVALUATION_JOB, AssetSelection.assets("prompt_evaluation"), evaluation_partitions)
+comparison_job = _asset_job(COMPARISON_JOB, AssetSelection.assets("evaluation_comparison"))
 
 WORKERS_EXTRA = "pip install 'promptopt_dagster[workers]'"
 STEP_START_LIMIT = "promptopt_dagster.step_starts:StepStartLimit"
