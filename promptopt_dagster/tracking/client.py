@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import pandas as pd
 import requests
@@ -44,6 +44,16 @@ from promptopt_dagster.tracking.outbox import PENDING_PREFIX, Outbox, default_ou
 from promptopt_dagster.tracking.registry import RegisteredPrompt
 from promptopt_dagster.tracking.run_contents import default_pip_requirements
 from promptopt_dagster.tracking.store import LiveStore
+
+
+class RunOptions(TypedDict, total=False):
+    """What a run call may set besides the run's identity: params and tags (made MLflow-safe
+    here), and `start_time_ms`, when the run's work started (epoch milliseconds; used only when
+    the run is created, default now)."""
+
+    params: Mapping[str, Any] | None
+    tags: Mapping[str, Any] | None
+    start_time_ms: int | None
 
 
 class MlflowTracker:
@@ -178,7 +188,9 @@ class MlflowTracker:
 
     @staticmethod
     def _run_args(
-        params: Mapping[str, Any] | None, tags: Mapping[str, Any] | None, start_time_ms: int | None = None
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, Any] | None = None,
+        start_time_ms: int | None = None,
     ) -> dict[str, Any]:
         """What every run call sends along: MLflow-safe params and tags, and the start if given."""
         args: dict[str, Any] = {
@@ -189,51 +201,24 @@ class MlflowTracker:
             args["start_time_ms"] = int(start_time_ms)
         return args
 
-    def iteration_run(
-        self,
-        study: str,
-        iteration: int,
-        params: Mapping[str, Any] | None = None,
-        tags: Mapping[str, Any] | None = None,
-        start_time_ms: int | None = None,
-    ) -> str:
-        """The parent run of `study`'s iteration (created on first call, found by tag afterwards);
-        `start_time_ms` (epoch milliseconds) is when the iteration's work started, used when
-        the run is created (default: now)."""
+    def iteration_run(self, study: str, iteration: int, **run: Unpack[RunOptions]) -> str:
+        """The parent run of `study`'s iteration (created on first call, found by tag afterwards)."""
         check_id("study", study)
-        args = {"study": study, "iteration": int(iteration), **self._run_args(params, tags, start_time_ms)}
+        args = {"study": study, "iteration": int(iteration), **self._run_args(**run)}
         return self._call("iteration_run", args, create_key=[study, int(iteration)])
 
-    def candidate_run(
-        self,
-        parent_run_id: str,
-        candidate_id: str,
-        params: Mapping[str, Any] | None = None,
-        tags: Mapping[str, Any] | None = None,
-        start_time_ms: int | None = None,
-    ) -> str:
-        """A nested run for one candidate prompt under an iteration run (idempotent by candidate
-        id); `start_time_ms` as for `iteration_run`."""
+    def candidate_run(self, parent_run_id: str, candidate_id: str, **run: Unpack[RunOptions]) -> str:
+        """A nested run for one candidate prompt under an iteration run (idempotent by candidate id)."""
         check_id("candidate_id", candidate_id)
-        args = {
-            "parent_run_id": parent_run_id,
-            "candidate_id": candidate_id,
-            **self._run_args(params, tags, start_time_ms),
-        }
+        args = {"parent_run_id": parent_run_id, "candidate_id": candidate_id, **self._run_args(**run)}
         return self._call("candidate_run", args, create_key=[self.resolve(parent_run_id), candidate_id])
 
-    def keyed_run(
-        self,
-        study: str,
-        key: str,
-        params: Mapping[str, Any] | None = None,
-        tags: Mapping[str, Any] | None = None,
-    ) -> str:
+    def keyed_run(self, study: str, key: str, **run: Unpack[RunOptions]) -> str:
         """A top-level run named `key` in `study`'s experiment (created once, found by tag after),
         for what is neither an iteration nor a candidate, e.g. a meta-model fit."""
         check_id("study", study)
         check_id("key", key)
-        args = {"study": study, "key": key, **self._run_args(params, tags)}
+        args = {"study": study, "key": key, **self._run_args(**run)}
         return self._call("keyed_run", args, create_key=[study, key])
 
     def end_run(self, run_id: str, status: str = "FINISHED", end_time_ms: int | None = None) -> None:

@@ -37,7 +37,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from promptopt_dagster.core.prompt_store import iteration_key
 from promptopt_dagster.tracking.errors import TrackingError
@@ -91,6 +91,15 @@ def _creation_order(run: Any) -> tuple[int, str]:
         int(stamp) if stamp and stamp.isdigit() else int(run.info.start_time or 0) * 1_000_000,
         run.info.run_id,
     )
+
+
+class RunFields(TypedDict, total=False):
+    """What a run call sets besides the run's identity: MLflow-safe params and tags, and when the
+    run's work started (epoch milliseconds; used only when the run is created)."""
+
+    params: dict[str, str]
+    tags: dict[str, str]
+    start_time_ms: int
 
 
 class LiveStore(RunContents, PromptRegistry):
@@ -238,21 +247,22 @@ class LiveStore(RunContents, PromptRegistry):
         exp_id: str,
         ident: dict[str, str],
         run_name: str,
-        params: dict[str, str],
-        tags: dict[str, str],
+        run: RunFields,
         inherited: Mapping[str, str] | None = None,
-        start_time_ms: int | None = None,
     ) -> str:
-        """The run tagged `ident` (created with `inherited`, `tags` and `ident`, starting at
-        `start_time_ms` or now, if missing); `tags` are set and new `params` logged either way.
+        """The run tagged `ident` (created with `inherited`, the run's tags and `ident`, starting at
+        its `start_time_ms` or now, if missing); its tags are set and new params logged either way.
         MLflow cannot move the start of an existing run, so `start_time_ms` applies at creation.
         Atomic on local stores, convergent on servers (module docstring)."""
+        params, tags = run.get("params") or {}, run.get("tags") or {}
         with self.creating():
             run_id = self._find_run(exp_id, ident)
             ours = False
             if run_id is None:
                 tags_at_creation = {**(inherited or {}), **tags, **ident}
-                run_id, ours = self._create_run(exp_id, ident, run_name, tags_at_creation, start_time_ms)
+                run_id, ours = self._create_run(
+                    exp_id, ident, run_name, tags_at_creation, run.get("start_time_ms")
+                )
         if not ours and tags:
             self.set_tags(run_id, tags)
         self.run_experiments[run_id] = exp_id
@@ -260,43 +270,21 @@ class LiveStore(RunContents, PromptRegistry):
             self.log_params(run_id, params)
         return run_id
 
-    def iteration_run(
-        self,
-        study: str,
-        iteration: int,
-        params: dict[str, str],
-        tags: dict[str, str],
-        start_time_ms: int | None = None,
-    ) -> str:
+    def iteration_run(self, study: str, iteration: int, **run: Unpack[RunFields]) -> str:
         key = iteration_key(iteration)
         ident = {TAG_KIND: "iteration", TAG_STUDY: study, TAG_ITERATION: key}
-        return self._find_or_create_run(
-            self.experiment_id(study), ident, f"iteration-{key}", params, tags, start_time_ms=start_time_ms
-        )
+        return self._find_or_create_run(self.experiment_id(study), ident, f"iteration-{key}", run)
 
-    def keyed_run(self, study: str, key: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    def keyed_run(self, study: str, key: str, **run: Unpack[RunFields]) -> str:
         ident = {TAG_KIND: "keyed", TAG_STUDY: study, TAG_KEY: key}
-        return self._find_or_create_run(self.experiment_id(study), ident, key, params, tags)
+        return self._find_or_create_run(self.experiment_id(study), ident, key, run)
 
-    def candidate_run(
-        self,
-        parent_run_id: str,
-        candidate_id: str,
-        params: dict[str, str],
-        tags: dict[str, str],
-        start_time_ms: int | None = None,
-    ) -> str:
+    def candidate_run(self, parent_run_id: str, candidate_id: str, **run: Unpack[RunFields]) -> str:
         parent = self.client.get_run(parent_run_id)
         ident = {TAG_KIND: "candidate", "mlflow.parentRunId": parent_run_id, TAG_CANDIDATE: candidate_id}
         inherited = {k: v for k, v in parent.data.tags.items() if k in (TAG_STUDY, TAG_ITERATION)}
         return self._find_or_create_run(
-            parent.info.experiment_id,
-            ident,
-            f"candidate-{candidate_id}",
-            params,
-            tags,
-            inherited,
-            start_time_ms=start_time_ms,
+            parent.info.experiment_id, ident, f"candidate-{candidate_id}", run, inherited
         )
 
     def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
