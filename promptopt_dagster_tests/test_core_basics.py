@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.stopping import decide_stop
+from promptopt_dagster.core.stopping import StopRules, decide_stop
 from promptopt_dagster.core.study import load_study, parse_study
 from promptopt_dagster.errors import StudyConfigError
 
@@ -78,19 +78,14 @@ def test_missing_study_file(tmp_path: Path) -> None:
         load_study(tmp_path / "nope.yaml")
 
 
+RULES = StopRules(target_threshold=0.9, patience=2, max_iterations=5, budget_calls=100)
+
+
 def _stop(**kw: object) -> tuple[bool, str | None]:
-    args = dict(
-        best_score=0.5,
-        iterations_done=1,
-        iterations_without_improvement=0,
-        calls_spent=10,
-        target_threshold=0.9,
-        patience=2,
-        max_iterations=5,
-        budget_calls=100,
-    )
-    args.update(kw)
-    d = decide_stop(**args)  # type: ignore[arg-type]
+    rules = RULES.model_copy(update={k: kw.pop(k) for k in list(kw) if k in StopRules.model_fields})
+    args: dict[str, object] = {"best_score": 0.5, "iterations_done": 1, "calls_spent": 10}
+    args = {"iterations_without_improvement": 0, **args, **kw}
+    d = decide_stop(rules, **args)  # type: ignore[arg-type]
     return d.stop, d.reason
 
 
@@ -107,8 +102,8 @@ def test_budget_stops_when_what_is_left_cannot_pay_for_the_next_iteration() -> N
     assert _stop(calls_spent=60, next_iteration_calls=40) == (False, None)
     assert _stop(calls_spent=61, next_iteration_calls=40) == (True, "budget")
     d = decide_stop(
-        best_score=0.5, iterations_done=1, iterations_without_improvement=0, calls_spent=75,
-        target_threshold=0.9, patience=2, max_iterations=5, budget_calls=100, next_iteration_calls=40,
+        RULES, best_score=0.5, iterations_done=1, iterations_without_improvement=0, calls_spent=75,
+        next_iteration_calls=40,
     )
     assert d.message == (
         "budget of 100 LLM calls: 75 spent, 25 left, fewer than the 40 the next iteration may need"

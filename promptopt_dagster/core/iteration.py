@@ -27,7 +27,7 @@ from promptopt_dagster.core.prompt_state import PromptState
 from promptopt_dagster.core.proposal import BANDIT_STRATEGIES, tried_on_champion
 from promptopt_dagster.core.records import Candidate, CandidateScore, IterationRecord
 from promptopt_dagster.core.scoring import score_of, score_predictions
-from promptopt_dagster.core.stopping import decide_stop
+from promptopt_dagster.core.stopping import StopRules, decide_stop
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.core.study_data import StudyData
 from promptopt_dagster.llm.base import LLMClient, Usage
@@ -196,15 +196,12 @@ def decide(
         tried = list(dict.fromkeys([*tried_on_champion(records), *(attempted or [])]))
     unexplored = [name for name in STRATEGY_NAMES if name not in tried]
     stop = decide_stop(
+        StopRules.model_validate(study, from_attributes=True),
         unexplored=unexplored,
         best_score=best,
         iterations_done=iteration + 1,
         iterations_without_improvement=streak,
         calls_spent=total_calls,
-        target_threshold=study.target_threshold,
-        patience=study.patience,
-        max_iterations=study.max_iterations,
-        budget_calls=study.budget_calls,
         # the next iteration measures on as many rows as this one's incumbent did
         next_iteration_calls=min_iteration_calls(
             int(baseline_aggregates["train"].get("n", 0)), int(baseline_aggregates["val"].get("n", 0))

@@ -26,16 +26,22 @@ class StopDecision(BaseModel):
     message: str = "continue"
 
 
+class StopRules(BaseModel):
+    """A study's stop settings (`StopRules.model_validate(study, from_attributes=True)`)."""
+
+    target_threshold: float
+    patience: int
+    max_iterations: int
+    budget_calls: int | None = None
+
+
 def decide_stop(
+    rules: StopRules,
     *,
     best_score: float,
     iterations_done: int,
     iterations_without_improvement: int,
     calls_spent: int,
-    target_threshold: float,
-    patience: int,
-    max_iterations: int,
-    budget_calls: int | None,
     next_iteration_calls: int = 0,
     unexplored: list[str] | None = None,
 ) -> StopDecision:
@@ -49,21 +55,19 @@ def decide_stop(
     Patience ends a study only when no strategy is left `unexplored` on its champion: a study
     stuck at a low score goes on (within max_iterations and the budget) until every way of
     proposing has had its turn."""
-    left = None if budget_calls is None else budget_calls - calls_spent
+    left = None if rules.budget_calls is None else rules.budget_calls - calls_spent
     params = {
-        "patience": patience,
-        "max_iterations": max_iterations,
-        "budget_calls": budget_calls,
+        **rules.model_dump(),
         "calls_spent": calls_spent,
         "left": left,
         "next_iteration_calls": next_iteration_calls,
     }
     reason: StopReason | None = None
-    if best_score >= target_threshold:
+    if best_score >= rules.target_threshold:
         reason = "target_reached"
-    elif iterations_without_improvement >= patience and not unexplored:
+    elif iterations_without_improvement >= rules.patience and not unexplored:
         reason = "patience"
-    elif iterations_done >= max_iterations:
+    elif iterations_done >= rules.max_iterations:
         reason = "max_iterations"
     elif left is not None and (left <= 0 or left < next_iteration_calls):
         reason = "budget"
@@ -73,5 +77,5 @@ def decide_stop(
     if reason == "budget" and left is not None and left > 0:
         message = BUDGET_SHORT.format(**params)
     if reason == "target_reached":
-        message = f"target reached: {best_score:.3f} >= {target_threshold:.3f}"
+        message = f"target reached: {best_score:.3f} >= {rules.target_threshold:.3f}"
     return StopDecision(stop=True, reason=reason, message=message)
