@@ -64,7 +64,8 @@ def candidate_predictions(
     candidate_prompts: CandidateSet,
     baseline_metrics: EvaluationMetrics,
 ) -> dg.MaterializeResult:
-    """Every candidate on the train minibatch; the best that matches the incumbent there, on val."""
+    """Every candidate on the train minibatch, each stopped once it can neither match the
+    incumbent there nor enter the best few; the best few that match it go on to validation."""
     study, iteration = study_iteration(context, prompt_store)
     data = study_data(study)
     preds = screen_and_confirm(

@@ -68,13 +68,13 @@ def iteration_tracking(
     mlflow: MlflowTrackerResource,
     llm: LLMResource,
     prompt_store: PromptStoreResource,
-    current_prompt: PromptState,
-    baseline_predictions: pd.DataFrame,
-    baseline_metrics: EvaluationMetrics,
-    candidate_prompts: CandidateSet,
-    candidate_predictions: pd.DataFrame,
-    candidate_metrics: CandidateMetrics,
     iteration_decision: IterationRecord,
+    current_prompt: PromptState,
+    candidate_prompts: CandidateSet,
+    baseline_predictions: pd.DataFrame,
+    candidate_predictions: pd.DataFrame,
+    baseline_metrics: EvaluationMetrics,
+    candidate_metrics: CandidateMetrics,
 ) -> TrackingOutcome:
     """The iteration's MLflow run (nested runs per candidate) and the accepted prompt's version
     in the Prompt Registry; the metadata links to the run."""
