@@ -1,6 +1,6 @@
-"""VertexLLM against a local server speaking the Vertex REST protocol (and the GCS emulator for
-batch jobs): request shape, retries, Retry-After, rejection, ordering, concurrency and rate
-bounds, partial failure with checkpoints, JSON mode, usage and cost, batch jobs, secrets."""
+"""VertexLLM online against a local server speaking the Vertex REST protocol: request shape,
+retries, Retry-After, rejection, ordering, concurrency and rate bounds, partial failure with
+checkpoints, JSON mode, usage and cost, secrets. Batch jobs: test_llm_vertex_batch.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import re
 import sqlite3
 import time
 import traceback
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,21 +24,21 @@ from promptopt_dagster.errors import DatasetError, ModelError
 from promptopt_dagster.llm.base import ChatRequest, ChatResponse, LLMClient
 from promptopt_dagster.llm.ratelimit import SlidingWindowLimiter
 from promptopt_dagster.llm.vertex import VertexLLM
-from promptopt_dagster.llm.vertex_batch import BatchProgress
 from promptopt_dagster.llm.vertex_errors import retry_after_seconds
 from promptopt_dagster.llm.vertex_options import VertexOptions
 from promptopt_dagster.llm.vertex_prices import estimate_cost
-from promptopt_dagster.storage import list_files, read_text
 from promptopt_dagster_tests.support.gcs_emulator import (
-    GcsEmulator,
     gcs_emulator,  # noqa: F401
+)
+from promptopt_dagster_tests.support.vertex_client import (
+    MODEL,
+    TOKEN,
+    ask,
+    make_llm,
 )
 from promptopt_dagster_tests.support.vertex_faults import Fault
 from promptopt_dagster_tests.support.vertex_requests import count_tokens, user_text
 from promptopt_dagster_tests.support.vertex_server import VertexServer
-
-TOKEN = "test-token-5ecret-b1d3"
-MODEL = "gemini-2.0-flash"
 
 
 @pytest.fixture
@@ -47,19 +46,6 @@ def server() -> Iterator[VertexServer]:
     with VertexServer() as srv:
         yield srv
 
-
-def make_llm(server: VertexServer, **options: Any) -> VertexLLM:
-    """A client of the test server: VertexOptions from `options`, the rest (checkpoint_path,
-    progress) passed to VertexLLM itself."""
-    client_args = {k: options.pop(k) for k in ("checkpoint_path", "progress") if k in options}
-    values: dict[str, Any] = {"project_id": "proj", "api_endpoint": server.base_url, "access_token": TOKEN,
-                              "backoff_initial_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 5.0}
-    values.update(options)
-    return VertexLLM(VertexOptions(**values), MODEL, **client_args)
-
-
-def ask(text: str, **params: Any) -> ChatRequest:
-    return ChatRequest.of([{"role": "user", "content": text}], **params)
 
 
 @pytest.mark.e2e
@@ -311,6 +297,7 @@ def test_partial_failure_keeps_good_rows_and_checkpoint_resends_only_missing(
     assert sum(r.cached for r in second) == 8
 
 
+@pytest.mark.e2e
 def test_online_replies_are_reported_as_they_arrive(server: VertexServer) -> None:
     """What lets the response cache store a reply before its batch is done: the slow first row
     is reported last, every row once, with the reply `generate` returns for it."""
@@ -402,59 +389,3 @@ def test_token_never_in_errors_logs_or_stored_rows(
         assert TOKEN not in text
     with sqlite3.connect(checkpoint) as conn:
         assert all(TOKEN not in str(row) for row in conn.execute("SELECT * FROM responses"))
-
-
-# --- batch prediction jobs ----------------------------------------------------------------------
-
-
-@pytest.mark.e2e
-def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
-    def responder(body: dict[str, Any]) -> str:
-        text = user_text(body)
-        if text == "q2":
-            raise ValueError("content blocked for row q2")
-        return f"batch: {text}"
-
-    server.responder = responder
-    prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])
-    progress: list[BatchProgress] = []
-    llm = make_llm(server, batch_threshold=4, batch_gcs_prefix=prefix, batch_poll_s=0.05,
-                   progress=progress.append, prices={MODEL: (1.0, 1.0)})
-    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
-    requests = [ask(f"q{i}") for i in range(5)] + [ask("json", json_schema=schema)]
-    replies = llm.generate(requests)
-
-    assert [r.text for r in replies[:5]] == ["batch: q0", "batch: q1", "", "batch: q3", "batch: q4"]
-    assert "content blocked for row q2" in (replies[2].error or "")
-    assert replies[5].text == "batch: json"
-    assert all(r.prompt_tokens > 0 for r in replies if r.ok)
-    assert not server.generate_requests()  # nothing went online
-    # the job: input written to GCS, created with src/dest, polled to a terminal state
-    [job_request] = [r for r in server.requests if r.method == "POST" and r.kind == "batch"]
-    src = job_request.body["inputConfig"]["gcsSource"]["uris"][0]  # type: ignore[index]
-    assert src.startswith(prefix) and src.endswith("/requests.jsonl")
-    lines = [json.loads(line) for line in read_text(src).splitlines()]
-    assert [line["key"] for line in lines] == [f"row-{i:07d}" for i in range(6)]
-    assert lines[5]["request"]["generationConfig"]["responseMimeType"] == "application/json"
-    assert list_files(job_request.body["outputConfig"]["gcsDestination"]["outputUriPrefix"], "**/*.jsonl")  # type: ignore[index]
-    states = [p.state for p in progress]
-    assert states[0] == "JOB_STATE_PENDING" and "JOB_STATE_RUNNING" in states
-    assert states[-1] == "JOB_STATE_SUCCEEDED"
-    assert progress[-1].completed == 5 and progress[-1].failed == 1
-    usage = llm.usage(replies, batch=True)
-    assert usage.cost_usd == pytest.approx(usage.tokens / 1e6 * 0.5)
-
-    # below the threshold the same client goes online
-    assert llm.generate([ask("small")])[0].text == "batch: small"
-    assert len(server.generate_requests()) == 1
-
-
-@pytest.mark.e2e
-def test_batch_job_that_fails_as_a_whole_raises(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
-    server.fail_batch_jobs_with = "quota for batch prediction exceeded"
-    prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])
-    llm = make_llm(server, batch_mode="batch", batch_gcs_prefix=prefix, batch_poll_s=0.05)
-    with pytest.raises(ModelError, match="JOB_STATE_FAILED: .*quota for batch prediction exceeded"):
-        llm.generate([ask("a")])
-    with pytest.raises(ModelError, match="batch_gcs_prefix"):
-        make_llm(server, batch_mode="batch")
