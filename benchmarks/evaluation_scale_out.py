@@ -1,47 +1,15 @@
 """One big evaluation over Celery workers: rows per second with 1, 2, 4 workers against the same
 evaluation in one process, and each worker's peak memory.
 
-A study's seed prompt is evaluated over a generated dataset of R rows (`prompt_evaluation`, split
-into shards of S rows, one step each) through the real Vertex client against the fake Vertex
-server (support/vertex_server.py, answering every call after a fixed latency L), with a shared
-PostgreSQL instance, the GCS emulator as the bucket and, for the Celery rounds, a real Redis
-broker and W `dagster-celery` workers of concurrency 1 (the pieces of scale_out.py). The
-baseline round runs every shard in the orchestrating process (DAGSTER_EXECUTOR=in_process).
-
-Each step keeps VERTEX_CONCURRENCY requests in flight and holds one slot of the "llm" pool
-(LLM_POOL_LIMIT), so the quota is Q = LLM_POOL_LIMIT x VERTEX_CONCURRENCY requests at once and
-rows per second cannot exceed Q / L; "max in flight" is the server's count and must stay <= Q.
-"peak MB" is the largest peak RSS (VmHWM) of any process of a worker (or of the baseline's
-orchestrating process): bounded by the chunk size, not by R.
+A study's seed prompt is evaluated over a generated dataset of R rows in shards of S rows (one
+step each) against the fake Vertex server, with a fixed latency L per call.
 
     python benchmarks/evaluation_scale_out.py                 # 100,000 rows, 1, 2 and 4 workers
     python benchmarks/evaluation_scale_out.py --rows 20000 --shard-rows 2500 --latency-ms 20
 
-Measured on 2 cores, 2026-11-30 (``--rows 20000 --shard-rows 2500 --workers 1,2,4 --latency-ms 100``,
-about 26 minutes; benchmarks/results/evaluation-scale-out-2026-11-30.txt)::
-
-    20000 rows in shards of 2500, latency 100 ms, quota 4 x 4 = 16 in flight (at most 160 rows/s)
-    executor        wall s  rows/s  speed-up  linear  requests  max in flight  peak MB   ok
-    in_process       537.2    37.2         -       -     20000         4 / 16      388  yes
-    celery x1        547.8    36.5      1.00    1.00     20000         4 / 16      416  yes
-    celery x2        283.2    70.6      1.93    0.97     20000         8 / 16      413  yes
-    celery x4        162.6   123.0      3.37    0.84     20000        16 / 16      408  yes
-
-100,000 rows at 25 ms a call, in 8 shards (``--rows 100000 --shard-rows 12500 --latency-ms 25
---no-baseline``, about 23 minutes; benchmarks/results/evaluation-scale-out-100k-2026-11-30.txt)::
-
-    100000 rows in shards of 12500, latency 25 ms, quota 4 x 4 = 16 in flight (at most 640 rows/s)
-    executor        wall s  rows/s  speed-up  linear  requests  max in flight  peak MB   ok
-    celery x1        748.9   133.5      1.00    1.00    100000         4 / 16      455  yes
-    celery x2        378.8   264.0      1.98    0.99    100000         8 / 16      443  yes
-    celery x4        204.2   489.8      3.67    0.92    100000        16 / 16      440  yes
-
-Peak memory per worker: 399-408 MB at 2,000 rows, 408-416 MB at 20,000, 440-455 MB at 100,000
-with 5 times larger shards (chunks of 1000 rows in every case).
-
-Run with this checkout first on PYTHONPATH (the workers import it):
-``PYTHONPATH=$PWD .venv/bin/python benchmarks/evaluation_scale_out.py ...``. Needs redis-server
-and PostgreSQL binaries (``make redis``; ``make test`` installs postgresql).
+Run with this checkout first on PYTHONPATH (``PYTHONPATH=$PWD .venv/bin/python ...``). Needs
+redis-server and PostgreSQL binaries (``make redis``; ``make test`` installs postgresql).
+Method and measured results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,88 +1,15 @@
 """Scale-out of N studies at once over Celery workers: wall time against the latency bound.
 
-N scripted studies start at once, each a `promptopt run` process, against the fake Vertex server
-(support/vertex_server.py, answering every generateContent call after a fixed latency L with
-support/scripted.py's `gemini_responder`), a shared PostgreSQL Dagster instance, the GCS emulator
-as the bucket, and, for DAGSTER_EXECUTOR=celery, a real Redis broker and W `dagster-celery`
-workers of concurrency 1 each (the pieces of support/celery_study.py). The baseline is the same
-N studies with the in-process executor (every step in its driver's process).
-
-The LLM-calling assets share the Dagster pool "llm" (LLM_POOL_LIMIT) and each process's client
-keeps at most VERTEX_CONCURRENCY requests in flight, so the quota is
-Q = LLM_POOL_LIMIT x VERTEX_CONCURRENCY requests in flight at once.
-
-Latency bound: R generateContent requests (counted at the server in that round), each held L by
-the server, with at most Q in flight, cannot finish before R x L / Q. It is a lower bound on the
-wall time that counts only the quota; Dagster's per-run and per-step overhead (process starts,
-Celery hops, storage reads and writes) comes on top, so wall / bound >= 1 and the gap is the
-orchestration's cost. "linear" is speed-up / (W / smallest W measured): 1.0 is perfect scaling.
-"max in flight" is the fake server's `max_in_flight`; it must never exceed Q.
+N scripted studies (`promptopt run` processes) start at once against the fake Vertex server with
+a fixed latency L per call, with W `dagster-celery` workers, and against the same studies on the
+in-process executor; the table compares wall time with R x L / Q (Q: requests allowed in flight).
 
     python benchmarks/scale_out.py                      # 8 studies, 1, 2 and 4 workers, L=100 ms
     python benchmarks/scale_out.py --studies 2 --workers 1,2 --latency-ms 100   # smoke run
 
-Run with this checkout first on PYTHONPATH (the workers and drivers import it):
-``PYTHONPATH=$PWD .venv/bin/python benchmarks/scale_out.py ...``. Needs redis-server and
-PostgreSQL binaries (``make redis``; ``make test`` installs postgresql).
-
-Wall time runs from launching the N drivers until the last exits: it includes each driver's
-start (imports, study validation, MLflow's SQLite set-up), not the workers' start. The Celery
-executor's loop honours the "llm" pool (dagster_celery's InstanceConcurrencyContext), so with
-more workers than LLM_POOL_LIMIT the extra workers can only run the steps that call no LLM.
-
-Measured on a loaded 2-core machine (a CPU-heavy model benchmark running alongside), 2026-11-29,
-``--studies 2 --workers 1,2 --latency-ms 100`` (pool limit 2, VERTEX_CONCURRENCY 4), about 5 min::
-
-    2 studies at once, latency 100 ms, quota 2 x 4 = 8 in flight
-    executor            wall s  requests  bound s  wall/bound  speed-up  linear  max in flight   ok
-    -----------------------------------------------------------------------------------------------
-    in_process            48.3       216     2.70        17.9         -       -          8 / 8  yes
-    celery x1             85.7       216     2.70        31.7      1.00    1.00          4 / 8  yes
-    celery x2             67.5       216     2.70        25.0      1.27    0.64          8 / 8  yes
-
-8 studies at 1 s a call (Gemini-like), pool limit 8 so the workers, not the quota, are the
-limit; 2 cores with nothing else running, 2026-12-01, about 12 minutes, with the pooled Postgres
-storage, VertexLLM's shared TLS context, the workers' preload and the compute logs copied by a
-thread (benchmarks/results/scale-out-8-studies-compute-logs-2026-12-01.txt)::
-
-    8 studies at once, latency 1000 ms, quota 8 x 4 = 32 in flight
-    executor            wall s  requests  bound s  wall/bound  speed-up  linear  max in flight   ok
-    celery x1            328.1       880    27.50        11.9      1.00    1.00         4 / 32  yes
-    celery x2            186.5       880    27.50         6.8      1.76    0.88         8 / 32  yes
-    celery x4            121.0       880    27.50         4.4      2.71    0.68        16 / 32  yes
-
-    executor   steps  celery workers  drivers  ours CPU s/step  machine busy
-    celery x1     80            24.4     42.2             0.83          0.13
-    celery x4     80            35.2     44.5             1.00          0.38
-
-    executor   steps   handoff   waiting    set-up   running  workers busy
-    celery x1     80      0.41     25.57      0.02      3.81          0.94
-    celery x4     80      0.45      5.30      0.03      4.78          0.79
-
-With Dagster's compute logs (a `tail` and a Python watcher process per stream for every step),
-the day before: 346.0, 195.9 and 136.7 s (0.63 of linear), the four workers using 47.5 CPU s and
-a step running 5.2 s on four workers (benchmarks/results/scale-out-8-studies-preload-2026-11-30.txt).
-Before the TLS context and the preload: 368.8, 222.4 and 158.8 s, the four workers using 93.6
-CPU s. Before the pooled storage (dagster-postgres' own, a connection per query): 431.2, 255.7
-and 175.6 s. Four workers reach 0.68 of linear, short of the 0.8 goal. A study is a chain of ten
-steps, so four workers run two chains each: with the one-worker step (3.8 s) and handoff
-(0.4 s) that is about 84 s, and the steps still run 1 s longer on four workers. The eight
-drivers use 42-44 CPU s a round, about three quarters of it starting at once (below), which
-holds the first steps back on two cores.
-The CPU table counts this script's own descendants only (sampled twice a second, so a process
-that lives less than that is missed); "ours CPU s/step" is the drivers' and workers' CPU per
-succeeded step. A first run of this round lost one study to dagster-postgres' race when two
-runs set up the "llm" pool's limit at once (pg_storage.py now rides through it).
-
-That figure is mostly start-up, not per step. A worker's pool process that imported the code
-location and its libraries itself spent about 8 CPU s on its first steps; the workers now import
-them before forking the pool (promptopt_dagster/worker_preload.py), outside the round. Each
-driver spends about three quarters of its 4.5 CPU s starting (imports, the study's validation).
-A step of a warm worker costs about 0.3 CPU s (0.44 before the shared TLS context of VertexLLM;
-per-task figures in benchmarks/results/scale-out-step-cpu-2026-11-30.txt).
-
-At 100 ms and ~100 calls a study the LLM time is small next to Dagster's per-step cost, so
-those figures measure orchestration overhead more than the latency bound.
+Run with this checkout first on PYTHONPATH (``PYTHONPATH=$PWD .venv/bin/python ...``). Needs
+redis-server and PostgreSQL binaries (``make redis``; ``make test`` installs postgresql).
+Method and measured results: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,39 +1,13 @@
 """Dagster's PostgreSQL storage with pooled connections, shared by every instance of a process.
 
-dagster-postgres opens a new connection for every query (SQLAlchemy `NullPool`). With password
-authentication a connect costs about 4 ms of client CPU and 10 ms of wall time on one machine,
-against 0.1 ms for a pooled connection, and an iteration makes hundreds of queries: one
-scripted iteration costs 7.6 s of orchestration that way and 1.5 s pooled
-(`benchmarks/orchestration_overhead.py --postgres`, 2 idle cores). A Celery worker pays it in
-every step it runs.
-
+dagster-postgres opens a new connection for every query, and an iteration makes hundreds.
 `PooledPostgresStorage` is `DagsterPostgresStorage` whose run, event-log and schedule storages
-share one engine per database URL and process:
+share one engine per database URL and process (at most `POOL_SIZE` idle connections, `MAX_OVERFLOW`
+more under concurrency). Its config is `storage: postgres:`'s. The CLI selects it in `dagster.yaml`
+(``module: promptopt_dagster.pg_storage``, ``class: PooledPostgresStorage``) when DAGSTER_PG_URL is
+set.
 
-- at most `POOL_SIZE` idle connections per process, however many `DagsterInstance`s it creates
-  (a Celery worker creates one per step); `MAX_OVERFLOW` more are opened under concurrency and
-  closed when returned;
-- `pool_pre_ping`: a connection the server dropped (a PostgreSQL restart) is replaced on
-  checkout instead of failing the query;
-- a forked child forgets the parent's connections (SQLAlchemy's rule for pools across fork);
-- the tables are checked (and created on a fresh database) once per URL and process, as
-  dagster-postgres does for every instance;
-- a dynamic partition found is remembered for a few seconds (`partition_membership.py`);
-- two processes that set up a concurrency pool's limit at once both succeed
-  (`PooledPostgresEventLogStorage.initialize_concurrency_limit_to_default`).
-
-Select it in `dagster.yaml` (the CLI writes this when DAGSTER_PG_URL is set)::
-
-    storage:
-      custom:
-        module: promptopt_dagster.pg_storage
-        class: PooledPostgresStorage
-        config:
-          postgres_url:
-            env: DAGSTER_PG_URL
-
-Its config is `storage: postgres:`'s. With a `token_provider` (IAM authentication) it behaves
-exactly as dagster-postgres: tokens expire, so those connections are not pooled.
+Details: docs/architecture.md, 'Inside the rooms'.
 """
 
 from __future__ import annotations

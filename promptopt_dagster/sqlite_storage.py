@@ -1,44 +1,13 @@
 """Dagster's SQLite storage with pooled connections: one engine per database file and process.
 
-Dagster's SQLite storages create a new engine for every use (a run's events, the event index,
-runs, schedules), open a new SQLite connection with it, and dispose of both after one
-transaction: an iteration of the scripted study opens and closes about 500 connections and
-compiles every statement again (a new engine starts with an empty statement cache).
-`CachedEngineSqliteStorage` is `DagsterSqliteStorage` whose three storages take their engines
-from a per-process cache:
+Dagster's own SQLite storages create an engine and a connection for every transaction.
+`CachedEngineSqliteStorage` is `DagsterSqliteStorage` whose run, event-log and schedule storages
+take their engines from a per-process cache (at most `MAX_ENGINES`, each keeping up to `POOL_SIZE`
+idle connections). The files, tables and layout under `base_dir` are Dagster's own. The CLI selects
+it in `dagster.yaml` (``module: promptopt_dagster.sqlite_storage``,
+``class: CachedEngineSqliteStorage``) unless DAGSTER_PG_URL is set.
 
-- one engine per database file (a run's events have their own file), at most `MAX_ENGINES`;
-  the least recently used is dropped, and its connections close once nothing uses it;
-- each engine keeps up to `POOL_SIZE` idle connections (SQLAlchemy's `QueuePool`, its default
-  for SQLite files), so a use is one transaction on an open connection. A connection is used by
-  one thread at a time, and committed (or rolled back) before it goes back to the pool, so an
-  idle one holds no lock and no snapshot: other processes (the daemon, the webserver, other
-  runs) read and write the same files as they do with Dagster's storage;
-- a forked child drops the parent's connections and opens its own;
-- `wipe` drops the engines of the files it deletes before deleting them;
-- schema checks Dagster repeats before most statements are answered once per file (below), and
-  commits in WAL mode do not wait for the disk (`_wal_with_normal_sync`);
-- a new run's event file is a copy of an empty one Dagster's own code made once per process
-  (`_run_file_template`): Dagster creates its tables and stamps its migration revision for
-  every run, about 33 ms each;
-- a dynamic partition found is remembered for a few seconds (`partition_membership.py`);
-- the files, tables and layout under `base_dir` are Dagster's own: a home written by either
-  class is read by the other.
-
-With this storage and the compute logs of `compute_logs.py`, Dagster adds 0.36-0.37 s to a
-scripted iteration over a plain loop (0.39-0.48 s before the copied run files, the partitions
-remembered and those compute logs); an iteration costs 1.7-2.0 s on Dagster's own storage
-(`benchmarks/orchestration_overhead.py`, 2 idle cores).
-
-Select it in `dagster.yaml` (the CLI writes this unless DAGSTER_PG_URL is set)::
-
-    storage:
-      custom:
-        module: promptopt_dagster.sqlite_storage
-        class: CachedEngineSqliteStorage
-        config:
-          base_dir:
-            env: DAGSTER_HOME
+Details: docs/architecture.md, 'Inside the rooms'.
 """
 
 from __future__ import annotations

@@ -2,35 +2,13 @@
 PostgreSQL database.
 
 Re-running an iteration, a backfill or a test must not pay for the same call twice, whichever
-worker runs it. Replies are kept in one table keyed by `ChatRequest.cache_key(backend, model)`:
+worker runs it. Replies are kept in one table keyed by `ChatRequest.cache_key(backend, model)`: in
+a SQLite file (a path, by default ``<PROMPTOPT_HOME>/cache/llm_responses.sqlite``, or
+``sqlite:///...``) or in a PostgreSQL database (``postgresql://...``, ``LLM_CACHE_URL``). Each
+successful reply is stored as soon as it arrives. A cache that cannot be opened raises
+`StorageError`; once open, an outage of it logs a warning and the calls go on without it.
 
-- a path (the default, ``<PROMPTOPT_HOME>/cache/llm_responses.sqlite``) or ``sqlite:///...``: a
-  SQLite file in WAL mode with a busy timeout, shared by the threads and processes of one machine;
-- ``postgresql://...`` (``LLM_CACHE_URL``): a table in that database, shared by every worker on
-  every machine that reaches it.
-
-Both go through SQLAlchemy Core: one table definition, one query per lookup chunk, and an
-insert-or-ignore (``INSERT ... ON CONFLICT (key) DO NOTHING`` in both dialects), so two workers
-storing the same reply at once both succeed and the first row stays. Only successful replies are
-stored: a failed call is retried next time.
-
-When: each reply is stored as soon as it arrives, not when its batch is done, so a process killed
-in the middle of a batch (an iteration's inference is dozens of rows, and the embedded model
-answers them one after another) is asked again only for the rows it had no reply to. A backend
-whose `generate` takes `on_reply` (base.LLMClient) reports each reply as it comes; the cache
-stores it there, and stores the rest (a backend without it, a Vertex batch job) when the batch
-returns. Why not send the misses in chunks instead: a chunk boundary leaves Vertex's concurrency
-idle while the chunk's slowest calls finish, and a chunk below VERTEX_BATCH_THRESHOLD would go
-online instead of as one batch job. The price is one insert per reply (about 0.2 ms on SQLite on 2
-busy cores), against a model call of a few hundred milliseconds or more. While the cache is
-unreachable (below), replies are kept for one store attempt when the batch returns.
-
-Outages: opening the cache (creating its table) raises `StorageError` at once, before any call is
-paid for, because a cache that cannot be opened then is a setting to fix (a wrong URL, password or
-folder). Once open, a failed lookup or store logs a warning and the call goes on without the cache
-(lookups count as misses, a reply that cannot be stored is still returned): the cache only saves
-calls, so an outage of it must not fail a step and lose the replies already paid for. The warning
-is logged when the cache becomes unreachable and again when it is back, not at every call.
+Details: docs/architecture.md, 'Inside the rooms'.
 """
 
 from __future__ import annotations

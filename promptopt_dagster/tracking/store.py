@@ -4,31 +4,11 @@ once. Its other parts: the client and the creation lock (`connection.py`), the w
 (`run_contents.py`), the Prompt Registry (`registry.py`), traces (`traces.write_trace`).
 
 These operations run when MLflow answers and again when the outbox replays a queued call, so
-every argument is JSON-friendly (or has a JSON form) and every run creation is idempotent: runs
-are found again by tag before one is created.
+every argument is JSON-friendly (or has a JSON form) and every run creation is idempotent.
+Processes that log the same run at once end up with one run: a file lock beside a local store,
+and on every store a convergent rule (tag ``promptopt.created_ns``).
 
-Several processes may log the same run or prompt version at once (two workers re-running an
-iteration, a retried step racing a slow first attempt, two `promptopt run` of one study). MLflow
-has no "create if absent" for runs, so find-then-create alone lets both create. Two measures:
-
-- Local stores (``sqlite:///`` file, ``file:`` folder) can only be shared by processes of one
-  machine, so a file lock beside the store makes find-or-create atomic: nothing duplicated.
-- Every store, a server shared by machines included, then applies one convergent rule: after
-  creating, search again by identity and keep the canonical one; a process whose own creation
-  is not canonical deletes it and uses the canonical one, and finding picks the canonical one
-  too. Prompt versions: the smallest version number (`registry.py`). Runs: MLflow has no such
-  number, so a run is created with tag ``promptopt.created_ns`` = ``pending``, then stamped with
-  the time read right after the creation returned, and the canonical run is the smallest
-  (stamp, run id); a search that shows a pending run waits for its stamp. A run a search does
-  not show yet becomes visible later and so gets a later stamp: the rule never moves away from a
-  run some process already uses (a stamp read *before* creating does not have that property: a
-  slow creation request can then end up canonical after another process took its own run).
-  Exact on one machine's clock; across machines it assumes their clocks agree to within the
-  time between a creation and a search. MLflow cannot create a run under a chosen id, so
-  nothing stronger is available without a lock service.
-
-The store itself refuses one of two simultaneous inserts of the same experiment tag, param or
-alias (a unique-key error); those writes check what is there and retry.
+Details: docs/architecture.md, 'Inside the rooms'.
 """
 
 from __future__ import annotations

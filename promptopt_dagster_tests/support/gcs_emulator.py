@@ -8,33 +8,7 @@ Usage::
 
 or, in a test module, ``from promptopt_dagster_tests.support.gcs_emulator import gcs_emulator``
 (a session-scoped fixture that sets the environment for the whole session and yields the
-`GcsEmulator`).
-
-How clients reach the emulator anonymously (checked with gcsfs 2026.10 and
-google-cloud-storage 3.17):
-
-- Both read ``STORAGE_EMULATOR_HOST``; it must include the scheme (``http://127.0.0.1:PORT``).
-  gcsfs reads it on every request, google-cloud-storage when the ``Client`` is built.
-- gcsfs: ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false`` must be set *before* the first
-  ``import gcsfs`` in the process (importing this module sets it if unset), else
-  ``gcsfs.GCSFileSystem`` is the experimental zonal/HNS class and every call first waits 60 s on
-  a gRPC path the emulator lacks. ``gcsfs.core.GCSFileSystem`` is never the experimental class.
-  gcsfs does not switch to anonymous access by itself when the emulator variable is set: pass
-  ``token="anon"`` (``gcsfs.GCSFileSystem(token="anon")``, ``UPath("gs://b/k", token="anon")``,
-  ``pd.read_csv(uri, storage_options={"token": "anon"})``); without it
-  gcsfs tries application-default credentials and the GCE metadata server first, which is
-  slow or fails on a laptop. ``promptopt_dagster.storage`` passes ``token="anon"``
-  whenever ``STORAGE_EMULATOR_HOST`` is set.
-- google-cloud-storage: ``storage.Client(project="test", credentials=AnonymousCredentials())``
-  (``from google.auth.credentials import AnonymousCredentials``). With the variable set, a bare
-  ``Client()`` also falls back to anonymous credentials, but being explicit avoids any lookup
-  of application-default credentials.
-- gcsfs caches filesystem instances (and their HTTP sessions) per class and arguments; clear
-  them (``GCSFileSystem.clear_instance_cache()``) when the endpoint changes, as the fixture does.
-
-By default data is kept in memory (``--in-memory``): `restart()` brings the server back on the
-same port with only the default bucket, empty. Pass ``data_dir=`` (a folder) to keep objects on
-disk instead, so they survive `restart()`: that is how a test shows what an outage left behind.
+`GcsEmulator`). How clients reach it: docs/architecture.md, 'Inside the rooms'.
 """
 
 from __future__ import annotations

@@ -1,39 +1,13 @@
 """A real PostgreSQL server (Debian's ``postgresql`` package) for tests, and Dagster instances on it.
 
-Its pytest fixtures are in support/postgres_fixtures.py. `postgres_instance(url, tmp_dir)` returns
-a ``dg.DagsterInstance`` whose run, event-log and schedule storages are dagster-postgres on ``url``
-(``storage: postgres:`` in a ``dagster.yaml`` written to ``tmp_dir``, which is the instance's
-DAGSTER_HOME: set ``DAGSTER_HOME=tmp_dir`` for a subprocess such as ``dagster dev`` or the daemon
+`PostgresServer` runs the server from a fresh temporary folder on 127.0.0.1 at a free port, with
+password authentication over TCP. Its pytest fixtures are in support/postgres_fixtures.py.
+`postgres_instance(url, tmp_dir)` returns a ``dg.DagsterInstance`` whose run, event-log and schedule
+storages are dagster-postgres on ``url``, pooled as the CLI configures; ``tmp_dir`` is its
+DAGSTER_HOME (set ``DAGSTER_HOME=tmp_dir`` for a subprocess such as ``dagster dev`` or the daemon
 to get the same instance). Use it as a context manager so its storages are disposed.
 
-How the server runs (checked with Debian 12's PostgreSQL 15):
-
-- The binaries come from ``/usr/lib/postgresql/<version>/bin`` (the newest version there), or
-  from ``$PROMPTOPT_PG_BINDIR``. ``make test`` installs Debian's ``postgresql`` when missing.
-- PostgreSQL refuses to run as root: as root, ``initdb`` and ``postgres`` run as the
-  ``postgres`` system user that the Debian package creates (the child process switches user
-  itself, ``subprocess.Popen(user=...)``, so the pid we hold is the postmaster's); as any other
-  user they run as that user.
-- Everything lives in a fresh temporary folder (``promptopt-pg-*`` under the system temp dir):
-  the data directory, the log and the unix socket directory. The server listens on 127.0.0.1 at a
-  free port, never on 5432 nor in /var/run/postgresql, so a Debian cluster that may be running
-  does not matter. Durability is off (``fsync``, ``synchronous_commit``, ``full_page_writes``):
-  a crash loses the data, a clean `stop`/`restart` does not.
-- Password authentication (scram-sha-256) over TCP, as a real deployment would use; trust over
-  the unix socket inside the temporary folder.
-- The postmaster is a `ServerProcess` (support/server_process.py). Readiness is awaited with
-  ``pg_isready`` in a bounded polling loop. `stop` sends SIGINT (PostgreSQL's fast shutdown) to
-  its process group by its pid, SIGKILL if it is still alive after 30 s. On Linux the postmaster
-  also gets SIGQUIT (immediate shutdown) when the thread that started it dies, so a killed pytest
-  leaves no server behind (its temporary folder stays, though).
-- URLs name the driver, ``postgresql+psycopg2://``: SQLAlchemy 2.1 (installed here, 2.1.9) maps a
-  bare ``postgresql://`` to psycopg 3, which is not installed (dagster-postgres 0.29.27 depends on
-  psycopg2-binary), so Dagster fails with ``No module named 'psycopg'``. A ``dagster.yaml`` using
-  ``postgres_db:`` needs ``scheme: postgresql+psycopg2`` for the same reason. `PostgresServer.dsn`
-  gives the plain libpq form for psycopg2.connect or psql.
-- dagster-postgres alone opens a new connection for every storage call (SQLAlchemy ``NullPool``);
-  `postgres_instance` uses the pooled storage the CLI configures (at most 2 idle connections per
-  process and database). The server allows 300 connections.
+Details: docs/architecture.md, 'Inside the rooms'.
 """
 
 from __future__ import annotations

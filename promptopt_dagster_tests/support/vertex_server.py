@@ -1,44 +1,13 @@
 """A local HTTP server that speaks the Vertex AI REST protocol the google-genai client uses.
 
-What google-genai 2.34 sends in Vertex mode with ``http_options.base_url`` set to this server
-(checked by recording it):
+`VertexServer` answers generateContent and batch prediction job requests as recorded from
+google-genai 2.34, with replies from its ``responder`` and faults injected by `inject` or by
+``server.schedule = FaultSchedule(...)`` (support/vertex_faults.py). It counts what a quota would
+see (`max_in_flight`, `max_requests_in_window`). It runs an aiohttp application on its own event
+loop in a daemon thread, bound to 127.0.0.1 on a free port. Batch jobs (support/vertex_batch.py)
+need ``STORAGE_EMULATOR_HOST`` pointing at a GCS emulator.
 
-- ``POST /v1beta1/projects/{p}/locations/{l}/publishers/google/models/{model}:generateContent``
-  with ``{"contents": [...], "systemInstruction": {...}, "generationConfig": {"temperature",
-  "maxOutputTokens", "responseMimeType", "responseSchema"}}`` and ``Authorization: Bearer ...``;
-  the sync client (httpx) and the async one (``client.aio``, aiohttp) send the same.
-- ``POST /v1beta1/projects/{p}/locations/{l}/batchPredictionJobs`` with ``{"model":
-  "publishers/google/models/{model}", "inputConfig": {"instancesFormat": "jsonl", "gcsSource":
-  {"uris": [...]}}, "outputConfig": {"predictionsFormat": "jsonl", "gcsDestination":
-  {"outputUriPrefix": ...}}, "displayName": ...}``; ``GET .../batchPredictionJobs/{id}``.
-- Errors: a non-200 status with ``{"error": {"code", "message", "status"}}`` becomes
-  ``google.genai.errors.ClientError`` (4xx) or ``ServerError`` (5xx) whose ``.response.headers``
-  carries ``Retry-After``.
-
-Usage (tests)::
-
-    with VertexServer(responder=lambda body: "yes") as server:
-        server.inject(Fault("status", status=429, retry_after=0.2, times=2))
-        client = genai.Client(vertexai=True, project="p", location="l",
-                              credentials=Credentials(token="test-token"),
-                              http_options=types.HttpOptions(base_url=server.base_url))
-        ...
-        assert len(server.generate_requests()) == 3
-
-For a whole run, ``server.schedule = FaultSchedule(rate=0.3)`` fails a deterministic share of
-all generateContent attempts with a mix of faults (support/vertex_faults.py).
-
-The server runs an aiohttp application on its own event loop in a daemon thread (one thread, no
-thread per connection, so hundreds of requests in flight stay cheap), bound to 127.0.0.1 on a free
-port. `stop()` wakes any request held by a "hang" fault or by `hold()` and joins the thread.
-`max_in_flight` is the most generateContent requests it had in flight at once, and
-`max_requests_in_window(s)` the most that arrived within any `s` seconds: what a quota would see.
-support/vertex_process.py runs it in a child process instead, for benchmarks that must not share
-the client's GIL.
-
-Batch jobs (support/vertex_batch.py) read their input from GCS and write predictions to GCS with
-google-cloud-storage and anonymous credentials, so ``STORAGE_EMULATOR_HOST`` must point at a GCS
-emulator.
+Details (protocol, usage, mechanisms): docs/architecture.md, 'Inside the rooms'.
 """
 
 from __future__ import annotations
