@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import dagster as dg
 
 from promptopt_dagster.assets.backfill import BACKFILL_ASSETS, DatasetsResource
@@ -45,6 +47,9 @@ ASSETS = [
 # MLflow logging and the meta-model: steps of the iteration job (group "iteration") that need the
 # `mlflow` and `meta_model_policy` resources; kept apart so a graph without tracking stays valid.
 TRACKING_ASSETS = [iteration_tracking, meta_model]
+# Evaluations over other datasets: what starts them and gathers their table.
+EVALUATION_JOBS = [evaluation_job, comparison_job]
+EVALUATION_SENSORS = [new_dataset_sensor, new_prompt_version_sensor, evaluation_comparison_sensor]
 
 
 def build_tracking_resources(settings: Settings) -> dict[str, object]:
@@ -90,19 +95,22 @@ def build_resources(settings: Settings) -> dict[str, object]:
     }
 
 
-def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+def build_definitions(
+    settings: Settings | None = None,
+    *,
+    resources: Mapping[str, object] | None = None,
+    tracking: bool = True,
+    evaluations: bool = True,
+) -> dg.Definitions:
+    """The code location: every asset, job and sensor with the resources `settings` pick.
+    `resources` replace built ones by key (tests: the scripted LLM); `tracking=False` leaves out
+    MLflow logging and the meta-model, `evaluations=False` the evaluations over other datasets."""
     settings = settings or get_settings()
     return dg.Definitions(
-        assets=[*ASSETS, *TRACKING_ASSETS, *BACKFILL_ASSETS],
-        jobs=[iteration_job, report_job, evaluation_job, comparison_job, start_study_job],
-        sensors=[
-            new_study_sensor,
-            continue_study_sensor,
-            new_dataset_sensor,
-            new_prompt_version_sensor,
-            evaluation_comparison_sensor,
-        ],
-        resources=build_resources(settings),
+        assets=[*ASSETS, *(TRACKING_ASSETS if tracking else []), *(BACKFILL_ASSETS if evaluations else [])],
+        jobs=[iteration_job, report_job, start_study_job, *(EVALUATION_JOBS if evaluations else [])],
+        sensors=[new_study_sensor, continue_study_sensor, *(EVALUATION_SENSORS if evaluations else [])],
+        resources={**build_resources(settings), **(resources or {})},
         executor=executor_for(settings),  # every job's: DAGSTER_EXECUTOR (jobs.py)
     )
 

@@ -3,10 +3,9 @@ resources (`build_resources`) for a temporary PROMPTOPT_HOME, the LLM resource s
 scripted one, on a Dagster instance the caller brings; one sensor tick as the daemon runs it; one
 iteration materialized.
 
-The asset graph is `ASSETS` without the tracking assets (they need MLflow, and a new MLflow store
-costs seconds per test: `with_tracking` adds them for the tests that want them) and without the
-backfill assets (test_backfill.py runs them with their own resources); `build_definitions` has them
-all."""
+The definitions are `build_definitions` without the tracking assets (they need MLflow, and a new
+MLflow store costs seconds per test: `with_tracking` adds them for the tests that want them) and
+without the evaluations over other datasets (test_backfill.py runs them with their own resources)."""
 
 from __future__ import annotations
 
@@ -18,12 +17,10 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from promptopt_dagster.core.prompt_store import PromptStore
 from promptopt_dagster.core.study import StudyConfig
-from promptopt_dagster.definitions import ASSETS, TRACKING_ASSETS, build_resources
+from promptopt_dagster.definitions import ASSETS, build_definitions
 from promptopt_dagster.driver import apply_partition_requests
-from promptopt_dagster.jobs import iteration_job, report_job
 from promptopt_dagster.partitions import study_iteration_key
 from promptopt_dagster.resources import MetaModelResource, MlflowTrackerResource, PromptStoreResource
-from promptopt_dagster.sensors import continue_study_sensor, new_study_sensor
 from promptopt_dagster.settings import Settings
 from promptopt_dagster_tests.support.scripted import (
     ScriptedLLMResource,
@@ -58,6 +55,7 @@ class Pipeline:
     llm: ScriptedLLMResource
     study: StudyConfig
     root: Path
+    settings: Settings
 
     def resources(self) -> dict[str, object]:
         return dict(self.defs.resources)
@@ -77,17 +75,11 @@ def make_pipeline(
         PROMPTOPT_HOME=tmp_path, LLM_CACHE_ENABLED=cache_enabled, LLM_CACHE_URL=cache_url
     )
     llm = scripted_llm_resource(settings)
-    resources = {**build_resources(settings), "llm": llm}
-    defs = dg.Definitions(
-        assets=ASSETS,
-        jobs=[iteration_job, report_job],
-        sensors=[new_study_sensor, continue_study_sensor],
-        resources=resources,
-    )
-    store_resource = resources["prompt_store"]
+    defs = build_definitions(settings, resources={"llm": llm}, tracking=False, evaluations=False)
+    store_resource = defs.resources["prompt_store"]
     assert isinstance(store_resource, PromptStoreResource)
     study = scripted_study(tmp_path, **study_overrides)
-    return Pipeline(defs, instance, store_resource.store, llm, study, Path(settings.storage_root))
+    return Pipeline(defs, instance, store_resource.store, llm, study, Path(settings.storage_root), settings)
 
 
 def with_tracking(p: Pipeline, tracking_uri: str, outbox: Path, **policy: object) -> Pipeline:
@@ -100,14 +92,7 @@ def with_tracking(p: Pipeline, tracking_uri: str, outbox: Path, **policy: object
         ),
         "meta_model_policy": MetaModelResource(**policy),  # type: ignore[arg-type]
     }
-    defs = dg.Definitions(
-        assets=[*ASSETS, *TRACKING_ASSETS],
-        jobs=[iteration_job, report_job],
-        sensors=[new_study_sensor, continue_study_sensor],
-        resources=resources,
-        executor=dg.in_process_executor,  # as definitions.py with the default DAGSTER_EXECUTOR
-    )
-    return replace(p, defs=defs)
+    return replace(p, defs=build_definitions(p.settings, resources=resources, evaluations=False))
 
 
 def tick(p: Pipeline, sensor: dg.SensorDefinition) -> dg.SensorResult:
