@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 pytest.register_assert_rewrite("promptopt_dagster_tests.support")
 
 from promptopt_dagster_tests.support.pipeline import Pipeline, make_pipeline  # noqa: E402
+from promptopt_dagster_tests.support.vertex_server import VertexServer  # noqa: E402
 
 # No test uses credentials from a GCE metadata server. Without this, gcsfs asks it for a token
 # (with back-off: ~15 s where there is none) whenever a gs:// filesystem is built without the
@@ -39,6 +40,13 @@ def _sqlite_without_fsync(dbapi_connection: Any, connection_record: Any) -> None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA synchronous=OFF")
         cursor.close()
+
+
+@pytest.fixture
+def vertex_server() -> Iterator[VertexServer]:
+    """The fake Vertex server (support/vertex_server.py), started for the test and stopped after."""
+    with VertexServer() as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,25 +25,20 @@ from promptopt_dagster_tests.support.vertex_requests import user_text
 from promptopt_dagster_tests.support.vertex_server import VertexServer
 
 
-@pytest.fixture
-def server() -> Iterator[VertexServer]:
-    with VertexServer() as srv:
-        yield srv
-
-
-
 @pytest.mark.e2e
-def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
+def test_batch_job_round_trip_with_a_failed_row(
+    vertex_server: VertexServer, gcs_emulator: GcsEmulator  # noqa: F811
+) -> None:
     def responder(body: dict[str, Any]) -> str:
         text = user_text(body)
         if text == "q2":
             raise ValueError("content blocked for row q2")
         return f"batch: {text}"
 
-    server.responder = responder
+    vertex_server.responder = responder
     prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])
     progress: list[BatchProgress] = []
-    llm = make_llm(server, batch_threshold=4, batch_gcs_prefix=prefix, batch_poll_s=0.05,
+    llm = make_llm(vertex_server, batch_threshold=4, batch_gcs_prefix=prefix, batch_poll_s=0.05,
                    progress=progress.append, prices={MODEL: (1.0, 1.0)})
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     requests = [ask(f"q{i}") for i in range(5)] + [ask("json", json_schema=schema)]
@@ -54,9 +48,9 @@ def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulat
     assert "content blocked for row q2" in (replies[2].error or "")
     assert replies[5].text == "batch: json"
     assert all(r.prompt_tokens > 0 for r in replies if r.ok)
-    assert not server.generate_requests()  # nothing went online
+    assert not vertex_server.generate_requests()  # nothing went online
     # the job: input written to GCS, created with src/dest, polled to a terminal state
-    [job_request] = [r for r in server.requests if r.method == "POST" and r.kind == "batch"]
+    [job_request] = [r for r in vertex_server.requests if r.method == "POST" and r.kind == "batch"]
     src = job_request.body["inputConfig"]["gcsSource"]["uris"][0]  # type: ignore[index]
     assert src.startswith(prefix) and src.endswith("/requests.jsonl")
     lines = [json.loads(line) for line in read_text(src).splitlines()]
@@ -72,15 +66,17 @@ def test_batch_job_round_trip_with_a_failed_row(server: VertexServer, gcs_emulat
 
     # below the threshold the same client goes online
     assert llm.generate([ask("small")])[0].text == "batch: small"
-    assert len(server.generate_requests()) == 1
+    assert len(vertex_server.generate_requests()) == 1
 
 
 @pytest.mark.e2e
-def test_batch_job_that_fails_as_a_whole_raises(server: VertexServer, gcs_emulator: GcsEmulator) -> None:  # noqa: F811
-    server.fail_batch_jobs_with = "quota for batch prediction exceeded"
+def test_batch_job_that_fails_as_a_whole_raises(
+    vertex_server: VertexServer, gcs_emulator: GcsEmulator  # noqa: F811
+) -> None:
+    vertex_server.fail_batch_jobs_with = "quota for batch prediction exceeded"
     prefix = gcs_emulator.uri("vertex-batch", uuid.uuid4().hex[:8])
-    llm = make_llm(server, batch_mode="batch", batch_gcs_prefix=prefix, batch_poll_s=0.05)
+    llm = make_llm(vertex_server, batch_mode="batch", batch_gcs_prefix=prefix, batch_poll_s=0.05)
     with pytest.raises(ModelError, match="JOB_STATE_FAILED: .*quota for batch prediction exceeded"):
         llm.generate([ask("a")])
     with pytest.raises(ModelError, match="batch_gcs_prefix"):
-        make_llm(server, batch_mode="batch")
+        make_llm(vertex_server, batch_mode="batch")
