@@ -41,8 +41,9 @@ CAPTURE = textwrap.dedent(
 
 def run_capture(tmp_path: Path, kind: str) -> tuple[list[str], str, str, dict]:
     """(console lines, captured stdout file, captured stderr file, what the script saw)."""
+    # Dagster's manager waits up to 30 s for each of its tail and watcher processes to end.
     done = subprocess.run(
-        [sys.executable, "-c", CAPTURE, str(tmp_path), kind], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", CAPTURE, str(tmp_path), kind], capture_output=True, text=True, timeout=180
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
