@@ -84,10 +84,10 @@ def iteration_tracking(
         iteration_decision,
         current_prompt,
         baseline_predictions,
-        baseline_metrics.model_dump(mode="json"),
-        candidate_prompts.model_dump(mode="json"),
+        baseline_metrics,
+        candidate_prompts,
         candidate_predictions,
-        candidate_metrics.model_dump(mode="json"),
+        candidate_metrics,
         models={
             "primary": model_name(llm, study.primary_model, "primary"),
             "optimizer": model_name(llm, study.optimizer_model, "optimizer"),

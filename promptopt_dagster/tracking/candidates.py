@@ -54,8 +54,8 @@ def _candidate_metrics(
 def candidate_run_logs(v: IterationValues) -> list[CandidateLog]:
     """A `CandidateLog` per proposed candidate, in proposal order."""
     record, predictions = v.record, v.candidate_predictions
-    cand_rows = list(v.candidate_metrics.get("rows", []))
-    cand_aggs = v.candidate_metrics.get("aggregates", {})
+    cand_rows = v.candidate_metrics.rows
+    cand_aggs = v.candidate_metrics.aggregates
     scores = {s.candidate_id: s for s in record.candidates}
     logs = []
     for cand in v.candidates:

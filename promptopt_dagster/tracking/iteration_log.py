@@ -12,7 +12,9 @@ from typing import Any
 import pandas as pd
 
 from promptopt_dagster.core.prompt_state import PromptState
-from promptopt_dagster.core.records import Candidate, IterationRecord
+from promptopt_dagster.core.proposal import CandidateSet
+from promptopt_dagster.core.records import IterationRecord
+from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.tracking.candidates import CandidateLog, candidate_run_logs, log_candidates
 from promptopt_dagster.tracking.client import MlflowTracker
@@ -51,10 +53,10 @@ def build_iteration_log(
     record: IterationRecord,
     incumbent: PromptState,
     baseline_predictions: pd.DataFrame,
-    baseline_metrics: Mapping[str, Any],
-    candidate_prompts: Mapping[str, Any],
+    baseline_metrics: EvaluationMetrics,
+    candidate_prompts: CandidateSet,
     candidate_predictions: pd.DataFrame,
-    candidate_metrics: Mapping[str, Any],
+    candidate_metrics: CandidateMetrics,
     models: Mapping[str, str],
     tags: Mapping[str, str],
     started_at: float | None = None,
@@ -68,7 +70,7 @@ def build_iteration_log(
         study=study,
         record=record,
         incumbent=incumbent,
-        candidates=[Candidate.model_validate(c) for c in candidate_prompts["candidates"]],
+        candidates=list(candidate_prompts.candidates),
         baseline_predictions=baseline_predictions,
         baseline_metrics=baseline_metrics,
         candidate_prompts=candidate_prompts,

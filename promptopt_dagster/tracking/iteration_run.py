@@ -64,9 +64,9 @@ def iteration_run_log(v: IterationValues) -> RunLog:
         },
     )
     winner = next((s for s in record.candidates if s.candidate_id == record.accepted_id), None)
-    optimizer_usage = v.candidate_prompts.get("usage", {})
+    optimizer_usage = v.candidate_prompts.usage
     parent.metrics = {
-        **split_metrics(v.baseline_metrics["aggregates"], "incumbent."),
+        **split_metrics(v.baseline_metrics.aggregates, "incumbent."),
         **_iteration_usage(v.baseline_predictions, v.candidate_predictions, optimizer_usage),
         "optimizer_calls": float(optimizer_usage.get("calls", 0)),
         "total_llm_calls": float(record.total_calls),
@@ -88,9 +88,7 @@ def iteration_run_log(v: IterationValues) -> RunLog:
             parent.metrics[f"bandit.{strategy}.mean_reward"] = float(stats["mean_reward"])
         parent.texts["bandit.json"] = json.dumps(record.bandit, indent=2)
 
-    scored = with_scores(
-        v.baseline_predictions, list(v.baseline_metrics.get("rows", [])), ["row_id", "split"]
-    )
+    scored = with_scores(v.baseline_predictions, v.baseline_metrics.rows, ["row_id", "split"])
     parent.tables["predictions.json"] = scored
     train = scored[scored["split"] == "train"]
     failures = (
@@ -103,7 +101,7 @@ def iteration_run_log(v: IterationValues) -> RunLog:
                 {"candidate_id": c.prompt.id, "strategy": c.strategy, "rationale": c.rationale}
                 for c in candidates
             ],
-            "warnings": list(v.candidate_prompts.get("warnings", [])),
+            "warnings": v.candidate_prompts.warnings,
         },
         indent=2,
         default=str,

@@ -12,7 +12,9 @@ from typing import Any
 import pandas as pd
 
 from promptopt_dagster.core.prompt_state import PromptState
+from promptopt_dagster.core.proposal import CandidateSet
 from promptopt_dagster.core.records import Candidate, IterationRecord
+from promptopt_dagster.core.scoring import CandidateMetrics, EvaluationMetrics
 from promptopt_dagster.core.study import StudyConfig
 from promptopt_dagster.tracking.client import MlflowTracker
 
@@ -37,10 +39,10 @@ class IterationValues:
     incumbent: PromptState
     candidates: list[Candidate]
     baseline_predictions: pd.DataFrame
-    baseline_metrics: Mapping[str, Any]
-    candidate_prompts: Mapping[str, Any]
+    baseline_metrics: EvaluationMetrics
+    candidate_prompts: CandidateSet
     candidate_predictions: pd.DataFrame
-    candidate_metrics: Mapping[str, Any]
+    candidate_metrics: CandidateMetrics
     common_params: Mapping[str, Any]  # the models and temperatures (`model_params`)
     run_tags: Mapping[str, str]  # added to every run
 
