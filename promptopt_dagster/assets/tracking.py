@@ -81,13 +81,10 @@ def iteration_tracking(
     study = study_iteration(context, prompt_store).study
     log = build_iteration_log(
         study,
-        record=iteration_decision,
-        incumbent=current_prompt,
-        baseline_predictions=baseline_predictions,
-        baseline_metrics=baseline_metrics,
-        candidate_prompts=candidate_prompts,
-        candidate_predictions=candidate_predictions,
-        candidate_metrics=candidate_metrics,
+        iteration_decision,
+        (current_prompt, candidate_prompts),
+        (baseline_predictions, candidate_predictions),
+        (baseline_metrics, candidate_metrics),
         models={
             "primary": model_name(llm, study.primary_model, "primary"),
             "optimizer": model_name(llm, study.optimizer_model, "optimizer"),

@@ -51,21 +51,21 @@ class LoggedIteration:
 def build_iteration_log(
     study: StudyConfig,
     record: IterationRecord,
-    incumbent: PromptState,
-    baseline_predictions: pd.DataFrame,
-    baseline_metrics: EvaluationMetrics,
-    candidate_prompts: CandidateSet,
-    candidate_predictions: pd.DataFrame,
-    candidate_metrics: CandidateMetrics,
+    prompts: tuple[PromptState, CandidateSet],
+    predictions: tuple[pd.DataFrame, pd.DataFrame],
+    metrics: tuple[EvaluationMetrics, CandidateMetrics],
     models: Mapping[str, str],
     tags: Mapping[str, str],
     started_at: float | None = None,
 ) -> IterationLog:
-    """Everything to log for `record`, from the values of the iteration's assets. `models` maps
+    """Everything to log for `record`, from the values of the iteration's assets: `prompts`,
+    `predictions` and `metrics` each pair the incumbent's with the candidates'. `models` maps
     ``primary`` / ``optimizer`` to the model names actually used; `tags` are added to every run
     (the orchestrator's run id, partition and asset key). `started_at` (epoch seconds) is when
     the iteration's work started: the iteration run spans from it to the decision,
     ``started_at + record.wall_seconds``."""
+    (incumbent, candidate_prompts), (baseline_predictions, candidate_predictions) = prompts, predictions
+    baseline_metrics, candidate_metrics = metrics
     values = IterationValues(
         study=study,
         record=record,
