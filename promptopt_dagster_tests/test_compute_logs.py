@@ -41,9 +41,8 @@ CAPTURE = textwrap.dedent(
 
 def run_capture(tmp_path: Path, kind: str) -> tuple[list[str], str, str, dict]:
     """(console lines, captured stdout file, captured stderr file, what the script saw)."""
-    # Dagster's manager waits up to 30 s for each of its tail and watcher processes to end.
     done = subprocess.run(
-        [sys.executable, "-c", CAPTURE, str(tmp_path), kind], capture_output=True, text=True, timeout=180
+        [sys.executable, "-c", CAPTURE, str(tmp_path), kind], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -53,16 +52,16 @@ def run_capture(tmp_path: Path, kind: str) -> tuple[list[str], str, str, dict]:
     return lines, (data.stdout or b"").decode(), (data.stderr or b"").decode(), json.loads(lines[-1])
 
 
-@pytest.mark.parametrize("kind", ["threaded", "dagster"])
-def test_python_native_and_child_output_reach_the_file_and_the_console(tmp_path: Path, kind: str) -> None:
-    console, stdout, stderr, seen = run_capture(tmp_path, kind)
+def test_python_native_and_child_output_reach_the_file_and_the_console(tmp_path: Path) -> None:
+    console, stdout, stderr, seen = run_capture(tmp_path, "threaded")
     for line in ("from python", "from native code", "from a child process"):
         assert line in stdout.splitlines()
         assert line in console
     assert "after the capture" in console and "after the capture" not in stdout
     assert stderr.splitlines() == ["to stderr"]
-    # Dagster's manager starts a tail and a watcher per stream; this one starts none
-    assert seen["children"] == (0 if kind == "threaded" else 4)
+    # Dagster's LocalComputeLogManager starts a tail and a watcher process per stream (4 here,
+    # `kind` "dagster" in CAPTURE); this one starts none
+    assert seen["children"] == 0
 
 
 def test_a_run_on_the_cli_instance_keeps_its_output_for_the_ui(
