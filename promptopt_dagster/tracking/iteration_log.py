@@ -70,7 +70,6 @@ def build_iteration_log(
         study=study,
         record=record,
         incumbent=incumbent,
-        candidates=list(candidate_prompts.candidates),
         baseline_predictions=baseline_predictions,
         baseline_metrics=baseline_metrics,
         candidate_prompts=candidate_prompts,

@@ -37,7 +37,6 @@ class IterationValues:
     study: StudyConfig
     record: IterationRecord
     incumbent: PromptState
-    candidates: list[Candidate]
     baseline_predictions: pd.DataFrame
     baseline_metrics: EvaluationMetrics
     candidate_prompts: CandidateSet
@@ -45,6 +44,10 @@ class IterationValues:
     candidate_metrics: CandidateMetrics
     common_params: Mapping[str, Any]  # the models and temperatures (`model_params`)
     run_tags: Mapping[str, str]  # added to every run
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return self.candidate_prompts.candidates
 
 
 def log_run(tracker: MlflowTracker, run_id: str, log: RunLog, step: int) -> None:
