@@ -54,8 +54,12 @@ class Pipeline:
     store: PromptStore
     llm: ScriptedLLMResource
     study: StudyConfig
-    root: Path
     settings: Settings
+
+    @property
+    def root(self) -> Path:
+        """The study's storage root (assets, prompt store) under its PROMPTOPT_HOME."""
+        return Path(self.settings.storage_root)
 
     def resources(self) -> dict[str, object]:
         return dict(self.defs.resources)
@@ -79,7 +83,7 @@ def make_pipeline(
     store_resource = defs.resources["prompt_store"]
     assert isinstance(store_resource, PromptStoreResource)
     study = scripted_study(tmp_path, **study_overrides)
-    return Pipeline(defs, instance, store_resource.store, llm, study, Path(settings.storage_root), settings)
+    return Pipeline(defs, instance, store_resource.store, llm, study, settings)
 
 
 def with_tracking(p: Pipeline, tracking_uri: str, outbox: Path, **policy: object) -> Pipeline:
