@@ -21,12 +21,9 @@ CAPTURE = textwrap.dedent(
     """
     import json, os, subprocess, sys
     import psutil
-    from dagster._core.storage.local_compute_log_manager import LocalComputeLogManager
     from promptopt_dagster.compute_logs import ThreadedComputeLogManager
 
-    folder, kind = sys.argv[1], sys.argv[2]
-    manager = (ThreadedComputeLogManager(folder) if kind == "threaded"
-               else LocalComputeLogManager(os.path.join(folder, "storage")))
+    manager = ThreadedComputeLogManager(sys.argv[1])
     with manager.capture_logs(["run", "step"]):
         print("from python", flush=True)
         os.write(1, b"from native code\\n")
@@ -39,10 +36,10 @@ CAPTURE = textwrap.dedent(
 )
 
 
-def run_capture(tmp_path: Path, kind: str) -> tuple[list[str], str, str, dict]:
+def run_capture(tmp_path: Path) -> tuple[list[str], str, str, dict]:
     """(console lines, captured stdout file, captured stderr file, what the script saw)."""
     done = subprocess.run(
-        [sys.executable, "-c", CAPTURE, str(tmp_path), kind], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", CAPTURE, str(tmp_path)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -53,14 +50,14 @@ def run_capture(tmp_path: Path, kind: str) -> tuple[list[str], str, str, dict]:
 
 
 def test_python_native_and_child_output_reach_the_file_and_the_console(tmp_path: Path) -> None:
-    console, stdout, stderr, seen = run_capture(tmp_path, "threaded")
+    console, stdout, stderr, seen = run_capture(tmp_path)
     for line in ("from python", "from native code", "from a child process"):
         assert line in stdout.splitlines()
         assert line in console
     assert "after the capture" in console and "after the capture" not in stdout
     assert stderr.splitlines() == ["to stderr"]
-    # Dagster's LocalComputeLogManager starts a tail and a watcher process per stream (4 here,
-    # `kind` "dagster" in CAPTURE); this one starts none
+    # Dagster's LocalComputeLogManager starts a tail and a watcher process per stream (4 for
+    # this capture); this one starts none
     assert seen["children"] == 0
 
 
