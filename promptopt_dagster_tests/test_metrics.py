@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -151,7 +153,22 @@ def test_scoring_200_rows_is_fast_after_loading() -> None:
 
 def test_modules_are_cached_per_process() -> None:
     assert load_metric("f1") is load_metric("f1")
-    assert EvaluatorService(["f1"])._modules["f1"] is load_metric("f1")
+
+
+def test_a_service_without_options_imports_evaluate_only_when_it_first_scores() -> None:
+    """`promptopt run` validates a study's metrics but scores nothing when its steps run on
+    Celery workers: the ~2 CPU s `evaluate` import is for the processes that score."""
+    probe = (
+        "import sys\n"
+        "from promptopt_dagster.core.metrics import EvaluatorService\n"
+        "svc = EvaluatorService(['exact_match', 'f1'])\n"
+        "print('evaluate' in sys.modules)\n"
+        "print(svc.evaluate(['a'], ['a']).aggregates)\n"
+        "print('evaluate' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.splitlines() == ["False", "{'exact_match': 1.0, 'f1': 1.0}", "True"]
 
 
 @pytest.mark.parametrize("name", available_metrics())

@@ -11,7 +11,9 @@ Conventions:
   frame (with one column per metric). A score of 0.0 for "nothing measured" would be a lie that
   decisions could act on, so callers that need a number must check ``n`` first;
 - loaded modules are cached per process, since `evaluate.load` costs tens of milliseconds and the
-  `evaluate` import about two seconds (done lazily, on first use).
+  `evaluate` import about two seconds; both wait for the first score (or an option check), so a
+  process that only validates a study, like `promptopt run` whose steps run on Celery workers,
+  never imports `evaluate`.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ class MetricResult:
 
 class EvaluatorService:
     """A fixed set of metrics with their options, keeping the original API's name EvaluatorService.
-    Unknown metrics and unknown options fail here, at construction, not mid-study."""
+    Unknown metrics and unknown options fail here, at construction, not mid-study; the modules
+    themselves load on the first `evaluate` (checking options loads the metrics that have some)."""
 
     def __init__(self, metric_names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None):
         names = list(dict.fromkeys(metric_names))
@@ -111,7 +114,6 @@ class EvaluatorService:
                 )
         self.metric_names = names
         self.options: dict[str, dict[str, Any]] = {k: dict(v) for k, v in options.items()}
-        self._modules = {name: load_metric(name) for name in names}
 
     def evaluate(self, predictions: Sequence[str | None], references: Sequence[Any]) -> MetricResult:
         """Score each prediction against its reference with every metric."""
@@ -127,7 +129,8 @@ class EvaluatorService:
             return MetricResult(aggregates={}, per_row=empty, n=0, metrics=list(self.metric_names))
         aggregates: dict[str, float] = {}
         per_row: dict[str, list[float]] = {}
-        for name, module in self._modules.items():
+        for name in self.metric_names:
+            module = load_metric(name)
             with _locks[name]:  # an evaluate module holds per-call state: one call at a time
                 out = module.compute(predictions=preds, references=refs, **self.options.get(name, {}))
             aggregates[name] = float(out[name])
