@@ -155,22 +155,23 @@ def fmt_score(entry: dict[str, Any] | None) -> str:
     return text + ("*" if entry.get("reused") else "")
 
 
-def ours_at_peer_calls(res: dict[str, Any]) -> str:
-    """The product's test score had its budget ended at the fewest calls a peer spent: the
-    champion it held then (its `trajectory`), scored on test after the study."""
-    peer_calls = [res[s]["calls"] for s in ("gepa", "miprov2") if (res.get(s) or {}).get("calls")]
+def ours_at_peer_calls(res: dict[str, Any], peer: str) -> str:
+    """The product's test score had its budget ended at the calls `peer` spent: the champion it
+    held then (its `trajectory`), scored on test after the study."""
+    peer_calls = (res.get(peer) or {}).get("calls")
     trajectory = ((res.get("ours") or {}).get("extra") or {}).get("trajectory")
     if not peer_calls or not trajectory:
         return "-"
-    score = score_at(trajectory, min(peer_calls))
-    return "-" if score is None else f"{score:.2f} @{min(peer_calls)}"
+    score = score_at(trajectory, peer_calls)
+    return "-" if score is None else f"{score:.2f} @{peer_calls}"
 
 
 def table_rows(tasks: dict[str, Any], systems: list[str]) -> tuple[list[str], list[list[str]]]:
     optimizers = [s for s in ("gepa", "miprov2", "ours") if s in systems]
+    peers = [s for s in optimizers if s != "ours"] if "ours" in systems else []
     header = ["task", "metric", "test n", *[s for s in SYSTEMS if s in systems],
               *[f"calls {s}" for s in optimizers],
-              *(["ours at peer calls"] if "ours" in systems and len(optimizers) > 1 else []), "wall s"]
+              *[f"ours at {p} calls" for p in peers], "wall s"]
     rows = []
     means: dict[str, list[float]] = {s: [] for s in SYSTEMS}
     for name, info in tasks.items():
@@ -186,8 +187,7 @@ def table_rows(tasks: dict[str, Any], systems: list[str]) -> tuple[list[str], li
             calls = entry.get("calls")
             refused = entry.get("refused") or 0
             row.append("-" if calls is None else f"{calls}" + (f" (+{refused} refused)" if refused else ""))
-        if "ours" in systems and len(optimizers) > 1:
-            row.append(ours_at_peer_calls(res))
+        row += [ours_at_peer_calls(res, p) for p in peers]
         wall = sum((e.get("seconds") or 0) + (e.get("test_seconds") or 0) for e in res.values()
                    if not e.get("reused"))
         row.append(f"{wall:.0f}")
