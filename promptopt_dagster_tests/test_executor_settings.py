@@ -77,7 +77,7 @@ def test_the_broker_password_is_not_in_what_dagster_shows(tmp_path: Path) -> Non
     for name in JOBS:
         snapshot = dg.serialize_value(JobSnap.from_job_def(defs.resolve_job_def(name)))
         assert '"name": "execution"' in snapshot
-        # the host and port, not "6379" alone: the snapshot's config-type hashes are random hex
+        # host and port, not "6379" alone: the config-type hashes change with tmp_path and can hold it
         assert "br0ker-pa55word" not in snapshot and "127.0.0.1:6379" not in snapshot, name
     repository = dg.serialize_value(RepositorySnap.from_def(defs.get_repository_def()))
     assert "br0ker-pa55word" not in repository
