@@ -4,8 +4,6 @@ with a message naming the fix, and a broker password never reaches what Dagster 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import dagster as dg
@@ -29,6 +27,7 @@ from promptopt_dagster.jobs import (
     executor_for,
 )
 from promptopt_dagster_tests.support.pipeline import IsolatedSettings
+from promptopt_dagster_tests.support.probe import probe_lines
 
 JOBS = [ITERATION_JOB, REPORT_JOB, EVALUATION_JOB, COMPARISON_JOB]
 BROKER = "redis://:br0ker-pa55word@127.0.0.1:6379/0"
@@ -117,18 +116,15 @@ def test_the_worker_preload_loads_the_steps_libraries_without_starting_a_thread(
     """The module a worker imports before forking its pool: afterwards the code location, the
     libraries steps load lazily and every metric are in memory, and the process still has one
     thread (a thread alive at a fork would be missing, with its locks held, in every child)."""
-    probe = (
-        "import sys, threading\n"
-        "import promptopt_dagster.worker_preload\n"
-        "from promptopt_dagster.core import metrics\n"
-        "print(threading.active_count())\n"
-        "print(sorted(metrics._modules) == metrics.available_metrics())\n"
+    threads, all_metrics, missing = probe_lines(
+        "import sys, threading",
+        "import promptopt_dagster.worker_preload",
+        "from promptopt_dagster.core import metrics",
+        "print(threading.active_count())",
+        "print(sorted(metrics._modules) == metrics.available_metrics())",
         "print(' '.join(m for m in ('promptopt_dagster.definitions', 'mlflow', 'evaluate',"
-        " 'sklearn.ensemble', 'google.genai', 'gcsfs') if m not in sys.modules))\n"
+        " 'sklearn.ensemble', 'google.genai', 'gcsfs') if m not in sys.modules))",
     )
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True,
-                          timeout=300, check=True)
-    threads, all_metrics, missing = done.stdout.splitlines()
     assert (threads, all_metrics, missing) == ("1", "True", "")
 
 

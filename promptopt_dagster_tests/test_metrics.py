@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 
 from promptopt_dagster.core.metrics import EvaluatorService, available_metrics, load_metric
 from promptopt_dagster.errors import MetricError
+from promptopt_dagster_tests.support.probe import probe_lines
 
 
 def test_available_metrics_lists_the_shipped_modules() -> None:
@@ -158,17 +157,15 @@ def test_modules_are_cached_per_process() -> None:
 def test_a_service_without_options_imports_evaluate_only_when_it_first_scores() -> None:
     """`promptopt run` validates a study's metrics but scores nothing when its steps run on
     Celery workers: the ~2 CPU s `evaluate` import is for the processes that score."""
-    probe = (
-        "import sys\n"
-        "from promptopt_dagster.core.metrics import EvaluatorService\n"
-        "svc = EvaluatorService(['exact_match', 'f1'])\n"
-        "print('evaluate' in sys.modules)\n"
-        "print(svc.evaluate(['a'], ['a']).aggregates)\n"
-        "print('evaluate' in sys.modules)\n"
+    printed = probe_lines(
+        "import sys",
+        "from promptopt_dagster.core.metrics import EvaluatorService",
+        "svc = EvaluatorService(['exact_match', 'f1'])",
+        "print('evaluate' in sys.modules)",
+        "print(svc.evaluate(['a'], ['a']).aggregates)",
+        "print('evaluate' in sys.modules)",
     )
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", probe], capture_output=True, text=True,
-                          timeout=300, check=True)
-    assert done.stdout.splitlines() == ["False", "{'exact_match': 1.0, 'f1': 1.0}", "True"]
+    assert printed == ["False", "{'exact_match': 1.0, 'f1': 1.0}", "True"]
 
 
 @pytest.mark.parametrize("name", available_metrics())
