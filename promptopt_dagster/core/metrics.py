@@ -51,7 +51,11 @@ def _unknown(name: str) -> MetricError:
 
 
 def load_metric(name: str) -> Any:
-    """The `evaluate` module for `name`, loaded once per process."""
+    """The `evaluate` module for `name`, loaded once per process. A loaded one is returned
+    before the metrics folder is listed again: every `EvaluatorService.evaluate` call asks."""
+    module = _modules.get(name)
+    if module is not None:
+        return module
     if name not in available_metrics():
         raise _unknown(name)
     with _load_lock:
